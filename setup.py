@@ -33,5 +33,6 @@ setup(
         extensions,
         compiler_directives=directives,
         annotate=DEBUG,
+        include_path=["src"],
     )
 )

@@ -1,0 +1,541 @@
+"""The socket I/O loop: one epoll thread per process reading frames, and gathered sends.
+
+Reads happen only on the loop thread, which hands complete frames to a Python
+handler and never runs user code. Writes happen on the thread that sends: it
+gathers prelude, body and out-of-band buffers into one `sendmsg` straight from
+their memory, and stays until the kernel holds every byte, so the caller may
+reuse an array as soon as its call returns. The loop thread itself only sends
+small control frames, and never waits for a busy connection (see `send_nowait`).
+The GIL is released exactly around `epoll_wait`, `recv`, `sendmsg` and `poll`.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport (
+    NOWAIT_LOCK,
+    WAIT_LOCK,
+    PyThread_acquire_lock,
+    PyThread_allocate_lock,
+    PyThread_free_lock,
+    PyThread_get_thread_ident,
+    PyThread_release_lock,
+)
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, malloc
+from posix.unistd cimport close as c_close, read as c_read, write as c_write
+
+from fastdist._core._wire cimport BUFLEN_NBYTES, PRELUDE_NBYTES, FrameReader, encode_prelude
+
+import os
+import sys
+import traceback
+
+from fastdist.exceptions import ProtocolError
+
+
+# EWOULDBLOCK equals EAGAIN on Linux, the only platform fastdist runs on.
+cdef extern from "<sys/epoll.h>" nogil:
+    cdef union epoll_data:
+        void* ptr
+        int fd
+        unsigned int u32
+        unsigned long long u64
+    cdef struct epoll_event:
+        unsigned int events
+        epoll_data data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum:
+        POLLOUT
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    cdef struct iovec:
+        void* iov_base
+        size_t iov_len
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    cdef struct msghdr:
+        void* msg_name
+        unsigned int msg_namelen
+        iovec* msg_iov
+        size_t msg_iovlen
+        void* msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int sockfd, const msghdr* msg, int flags)
+    ssize_t recv(int sockfd, void* buf, size_t len, int flags)
+    ssize_t send(int sockfd, const void* buf, size_t len, int flags)
+    int shutdown(int sockfd, int how)
+    enum:
+        MSG_DONTWAIT
+        MSG_NOSIGNAL
+        SHUT_RDWR
+
+
+cdef enum:
+    MAX_EVENTS = 64
+    # Writes gather at most this many segments per sendmsg (IOV_MAX is 1024 on Linux).
+    MAX_IOV = 256
+    # Reads per readable event before the loop serves the other connections.
+    MAX_READS_PER_WAKE = 16
+    HANDSHAKE_READ_MAX = 256
+
+
+def _report(where):
+    """Print an exception that escaped a callback; the loop must keep serving."""
+    print(f"fastdist: error in {where}:", file=sys.stderr)
+    traceback.print_exc()
+
+
+cdef class MessageLoop:
+    """An epoll loop over sockets (framed connections) and plain readable fds."""
+
+    def __cinit__(self, on_tick=None, int tick_ms=1000):
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, os.strerror(errno))
+        self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.wakefd < 0:
+            raise OSError(errno, os.strerror(errno))
+        self.conns = {}
+        self.readers = {}
+        self.on_tick = on_tick
+        self.tick_ms = tick_ms
+        self.running = True
+        self.thread_ident = None
+        self._watch(self.wakefd, EPOLLIN, EPOLL_CTL_ADD)
+
+    def __dealloc__(self):
+        if self.epfd >= 0:
+            c_close(self.epfd)
+        if self.wakefd >= 0:
+            c_close(self.wakefd)
+
+    cdef int _watch(self, int fd, unsigned int events, int op) except -1:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, op, fd, &ev) < 0:
+            raise OSError(errno, os.strerror(errno))
+        return 0
+
+    cdef int _set_write_interest(self, SocketConnection conn, bint want) except -1:
+        if conn.write_interest == want or conn.closed:
+            return 0
+        conn.write_interest = want
+        self._watch(conn.fd, EPOLLIN | EPOLLRDHUP | (EPOLLOUT if want else 0), EPOLL_CTL_MOD)
+        return 0
+
+    def add_connection(self, int fd, handler, handshake=None, peer=None):
+        """Serve the connected, non-blocking socket `fd`; return its SocketConnection."""
+        cdef SocketConnection conn = SocketConnection.__new__(SocketConnection)
+        conn.fd = fd
+        conn.loop = self
+        conn.reader = FrameReader()
+        conn.handler = handler
+        conn.handshake = handshake
+        conn.peer = peer
+        self.conns[fd] = conn
+        self._watch(fd, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_ADD)
+        return conn
+
+    def add_reader(self, int fd, callback):
+        """Call `callback()` on the loop thread whenever `fd` is readable."""
+        self.readers[fd] = callback
+        self._watch(fd, EPOLLIN, EPOLL_CTL_ADD)
+
+    def remove_reader(self, int fd):
+        if self.readers.pop(fd, None) is not None:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+
+    def connections(self):
+        return list(self.conns.values())
+
+    def wakeup(self):
+        """End the current epoll_wait early and run on_tick (safe from any thread, __del__ too)."""
+        cdef uint64_t one = 1
+        with nogil:
+            c_write(self.wakefd, &one, 8)
+
+    def stop(self):
+        self.running = False
+        self.wakeup()
+
+    def in_loop_thread(self):
+        return self.thread_ident == PyThread_get_thread_ident()
+
+    def run(self):
+        """Serve until stop(); call on the thread that is to be the I/O thread."""
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n, i, fd
+        cdef unsigned int ev
+        cdef uint64_t counter
+        cdef bint woken
+        cdef SocketConnection conn
+        self.thread_ident = PyThread_get_thread_ident()
+        while self.running:
+            with nogil:
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, self.tick_ms)
+            if n < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()
+                    continue
+                raise OSError(errno, os.strerror(errno))
+            woken = n == 0
+            for i in range(n):
+                fd = events[i].data.fd
+                ev = events[i].events
+                if fd == self.wakefd:
+                    c_read(self.wakefd, &counter, 8)
+                    woken = True
+                    continue
+                conn = self.conns.get(fd)
+                if conn is not None:
+                    try:
+                        if ev & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP):
+                            conn._on_readable()
+                        if ev & EPOLLOUT and not conn.closed:
+                            conn._try_flush_nowait()
+                    except BaseException as exc:
+                        conn.close(exc)
+                    continue
+                callback = self.readers.get(fd)
+                if callback is not None:
+                    try:
+                        callback()
+                    except Exception:
+                        _report("a reader callback")
+            if woken and self.on_tick is not None:
+                try:
+                    self.on_tick()
+                except Exception:
+                    _report("the loop tick")
+        self.thread_ident = None
+
+
+cdef class SocketConnection:
+    """One framed, authenticated (or authenticating) socket served by a MessageLoop."""
+
+    def __cinit__(self):
+        self.fd = -1
+        self.send_lock = PyThread_allocate_lock()
+        if self.send_lock == NULL:
+            raise MemoryError()
+        self.outq = []
+        self.pending = []
+        self.out_off = 0
+
+    def __dealloc__(self):
+        if self.send_lock != NULL:
+            PyThread_free_lock(self.send_lock)
+
+    @property
+    def is_closed(self):
+        return self.closed
+
+    cdef int _acquire(self) except -1:
+        cdef int ok
+        if PyThread_acquire_lock(self.send_lock, NOWAIT_LOCK):
+            return 0
+        # Wait without the GIL: the holder needs it to finish its sendmsg.
+        with nogil:
+            ok = PyThread_acquire_lock(self.send_lock, WAIT_LOCK)
+        return 0
+
+    cdef int _release(self) except -1:
+        if self.close_fd_pending and self.fd >= 0:
+            c_close(self.fd)
+            self.fd = -1
+            self.close_fd_pending = False
+        PyThread_release_lock(self.send_lock)
+        return 0
+
+    cdef int _move_pending(self) except -1:
+        if self.pending:
+            self.outq.extend(self.pending)
+            self.msgs_sent += len(self.pending)
+            self.pending = []
+        return 0
+
+    cdef Py_ssize_t _write_some(self) except -1:
+        """One gathered sendmsg of the queue head (send_lock held); bytes written, 0 if full."""
+        cdef iovec iov[MAX_IOV]
+        cdef Py_buffer views[MAX_IOV]
+        cdef msghdr msg
+        cdef Py_ssize_t niov = 0, i, written, off = self.out_off, seglen
+        cdef int err = 0
+        if not self.outq:
+            return 0
+        if self.fd < 0 or self.closed:
+            raise ConnectionResetError("connection closed")
+        try:
+            for seg in self.outq:
+                if niov == MAX_IOV:
+                    break
+                PyObject_GetBuffer(seg, &views[niov], PyBUF_SIMPLE)
+                iov[niov].iov_base = <char*>views[niov].buf + off
+                iov[niov].iov_len = views[niov].len - off
+                off = 0
+                niov += 1
+            msg.msg_name = NULL
+            msg.msg_namelen = 0
+            msg.msg_iov = iov
+            msg.msg_iovlen = niov
+            msg.msg_control = NULL
+            msg.msg_controllen = 0
+            msg.msg_flags = 0
+            with nogil:
+                while True:
+                    written = sendmsg(self.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+                    if written >= 0 or errno != EINTR:
+                        break
+                if written < 0:
+                    err = errno
+        finally:
+            for i in range(niov):
+                PyBuffer_Release(&views[i])
+        if written < 0:
+            if err == EAGAIN:
+                return 0
+            raise ConnectionResetError(err, os.strerror(err))
+        self.bytes_sent += written
+        # Drop the segments the kernel took whole; remember how far into the next.
+        cdef Py_ssize_t left = written
+        while self.outq:
+            seglen = len(memoryview(self.outq[0]).cast("B")) - self.out_off
+            if left < seglen:
+                self.out_off += left
+                break
+            left -= seglen
+            self.out_off = 0
+            del self.outq[0]
+        return written
+
+    cdef int _flush_blocking(self) except -1:
+        cdef pollfd pfd
+        cdef int r
+        while self.outq:
+            if self._write_some() == 0 and self.outq:
+                pfd.fd = self.fd
+                pfd.events = POLLOUT
+                pfd.revents = 0
+                with nogil:
+                    r = poll(&pfd, 1, 1000)
+                if r < 0 and errno == EINTR:
+                    PyErr_CheckSignals()
+                if self.closed:
+                    raise ConnectionResetError("connection closed")
+        return 0
+
+    cdef int _try_flush_nowait(self) except -1:
+        """Write what the loop thread queued, without ever waiting for send_lock."""
+        if not PyThread_acquire_lock(self.send_lock, NOWAIT_LOCK):
+            # A sender holds the lock; it drains `pending` before releasing, and
+            # EPOLLOUT brings us back here in case it released just before our append.
+            self.loop._set_write_interest(self, True)
+            return 0
+        try:
+            self._move_pending()
+            if self.outq:
+                self._write_some()
+            self.loop._set_write_interest(self, bool(self.outq))
+        finally:
+            self._release()
+        return 0
+
+    def send_frame(self, int kind, int flags, unsigned int aux, unsigned int whence,
+                   unsigned long long ref_id, body=b"", buffers=()):
+        """Send one frame; returns once the kernel holds all of it.
+
+        `body` and each of `buffers` may be any contiguous buffer-protocol object;
+        they are written from their own memory with one gathered sendmsg.
+        """
+        cdef Py_ssize_t nbufs = len(buffers), i
+        cdef Py_ssize_t* lens = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nbufs + 1))
+        if lens == NULL:
+            raise MemoryError()
+        cdef bytes prelude
+        try:
+            for i in range(nbufs):
+                lens[i] = memoryview(buffers[i]).nbytes
+            prelude = PyBytes_FromStringAndSize(NULL, PRELUDE_NBYTES + BUFLEN_NBYTES * nbufs)
+            encode_prelude(PyBytes_AS_STRING(prelude), <unsigned char>kind, <unsigned char>flags,
+                           aux, whence, ref_id, memoryview(body).nbytes, nbufs, lens)
+        finally:
+            free(lens)
+        self._acquire()
+        try:
+            if self.closed:
+                raise ConnectionResetError("connection closed")
+            self._move_pending()
+            self.outq.append(prelude)
+            if len(body):
+                self.outq.append(body)
+            for b in buffers:
+                if memoryview(b).nbytes:
+                    self.outq.append(b)
+            self.msgs_sent += 1
+            self._flush_blocking()
+            # Frames the loop thread queued while we held the lock go out now too.
+            while self.pending:
+                self._move_pending()
+                self._flush_blocking()
+        except BaseException:
+            # A half-written frame leaves the stream out of sync: this connection is done.
+            self.outq = []
+            self.out_off = 0
+            raise
+        finally:
+            self._release()
+
+    def send_nowait(self, int kind, int flags, unsigned int aux, unsigned int whence,
+                    unsigned long long ref_id, body=b""):
+        """Send a small control frame without blocking the loop thread.
+
+        On the loop thread the frame is queued and written when the socket and the
+        send lock allow; elsewhere this is `send_frame`.
+        """
+        if not self.loop.in_loop_thread():
+            self.send_frame(kind, flags, aux, whence, ref_id, body)
+            return
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        cdef Py_ssize_t body_n = len(body)
+        cdef bytes frame = PyBytes_FromStringAndSize(NULL, PRELUDE_NBYTES + body_n)
+        cdef char* p = PyBytes_AS_STRING(frame)
+        encode_prelude(p, <unsigned char>kind, <unsigned char>flags, aux, whence, ref_id,
+                       body_n, 0, NULL)
+        if body_n:
+            p[PRELUDE_NBYTES:PRELUDE_NBYTES + body_n] = body
+        self.pending.append(frame)
+        self._try_flush_nowait()
+
+    def send_raw_nowait(self, bytes data):
+        """Write handshake bytes (tiny; the socket buffer is empty at that point)."""
+        cdef Py_ssize_t n = len(data), r
+        cdef const char* p = data
+        with nogil:
+            r = send(self.fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if r != n:
+            raise ProtocolError("could not write the handshake")
+
+    cdef int _read_handshake(self) except -1:
+        cdef char buf[HANDSHAKE_READ_MAX]
+        cdef Py_ssize_t need = self.handshake.need, r
+        if need <= 0 or need > HANDSHAKE_READ_MAX:
+            raise ProtocolError("handshake asked for an impossible read")
+        with nogil:
+            r = recv(self.fd, buf, need, MSG_DONTWAIT)
+        if r == 0:
+            raise ConnectionResetError("peer closed the connection during the handshake")
+        if r < 0:
+            if errno == EAGAIN or errno == EINTR:
+                return 0
+            raise ConnectionResetError(errno, os.strerror(errno))
+        self.bytes_received += r
+        out = self.handshake.feed(PyBytes_FromStringAndSize(buf, r))
+        if out:
+            self.send_raw_nowait(out)
+        if self.handshake.done:
+            self.handshake = None
+            self.handler.on_authenticated(self)
+        return 0
+
+    cdef int _on_readable(self) except -1:
+        cdef char* ptr
+        cdef Py_ssize_t n, r
+        cdef int i, err
+        if self.closed:
+            return 0
+        if self.handshake is not None:
+            return self._read_handshake()
+        for i in range(MAX_READS_PER_WAKE):
+            self.reader.c_get_buffer(&ptr, &n)
+            with nogil:
+                r = recv(self.fd, ptr, n, MSG_DONTWAIT)
+                err = errno
+            if r > 0:
+                self.bytes_received += r
+                self.reader.c_buffer_updated(r)
+                if r < n:
+                    break
+            elif r == 0:
+                self._deliver()
+                self.close(ConnectionResetError("peer closed the connection"))
+                return 0
+            elif err == EINTR:
+                continue
+            elif err == EAGAIN:
+                break
+            else:
+                self._deliver()
+                self.close(ConnectionResetError(err, os.strerror(err)))
+                return 0
+        self._deliver()
+        return 0
+
+    def _deliver(self):
+        frames = self.reader.take_frames()
+        if frames:
+            self.msgs_received += len(frames)
+            self.handler.on_frames(self, frames)
+
+    def close(self, exc=None):
+        """Stop serving this connection and tell the handler (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.conns.pop(self.fd, None)
+        if self.fd >= 0:
+            epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.fd, NULL)
+            shutdown(self.fd, SHUT_RDWR)
+            # Close the fd only once no sender is inside sendmsg on it.
+            if PyThread_acquire_lock(self.send_lock, NOWAIT_LOCK):
+                c_close(self.fd)
+                self.fd = -1
+                PyThread_release_lock(self.send_lock)
+            else:
+                self.close_fd_pending = True
+        self.pending = []
+        try:
+            self.handler.on_close(self, exc)
+        except Exception:
+            _report("a connection close handler")
+
+    def stats(self):
+        return {
+            "msgs_sent": self.msgs_sent,
+            "bytes_sent": self.bytes_sent,
+            "msgs_received": self.msgs_received,
+            "bytes_received": self.bytes_received,
+        }
