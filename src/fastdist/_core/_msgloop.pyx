@@ -24,6 +24,7 @@ from cpython.pythread cimport (
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
 
 from fastdist._core._wire cimport BUFLEN_NBYTES, PRELUDE_NBYTES, FrameReader, encode_prelude
@@ -435,8 +436,10 @@ cdef class SocketConnection:
         cdef char* p = PyBytes_AS_STRING(frame)
         encode_prelude(p, <unsigned char>kind, <unsigned char>flags, aux, whence, ref_id,
                        body_n, 0, NULL)
+        cdef const unsigned char[::1] view
         if body_n:
-            p[PRELUDE_NBYTES:PRELUDE_NBYTES + body_n] = body
+            view = memoryview(body).cast("B")
+            memcpy(p + PRELUDE_NBYTES, &view[0], body_n)
         self.pending.append(frame)
         self._try_flush_nowait()
 
@@ -466,6 +469,9 @@ cdef class SocketConnection:
         out = self.handshake.feed(PyBytes_FromStringAndSize(buf, r))
         if out:
             self.send_raw_nowait(out)
+        error = getattr(self.handshake, "error", None)
+        if error is not None:
+            raise error
         if self.handshake.done:
             self.handshake = None
             self.handler.on_authenticated(self)

@@ -1,0 +1,117 @@
+"""fastdist: Julia's Distributed standard library for Python.
+
+Workers that talk over TCP (or a custom transport), remote calls, futures,
+remote channels, worker pools, pmap, `distributed`, `everywhere` and pluggable
+cluster managers, on a compiled core. See docs/ and the Julia-to-Python name map.
+
+Example:
+    >>> import fastdist as fd
+    >>> fd.addprocs(2)
+    [2, 3]
+    >>> fd.pmap(lambda x: x * x, range(5))
+    [0, 1, 4, 9, 16]
+"""
+
+from fastdist import _core  # noqa: F401 - fails with a build hint when the core is missing
+from fastdist.asyncmap import asyncmap
+from fastdist.channel import AbstractChannel, Channel
+from fastdist.cluster import (
+    addprocs,
+    cluster_cookie,
+    interrupt,
+    myid,
+    nprocs,
+    nworkers,
+    procs,
+    rmprocs,
+    worker_id_from_socket,
+    workers,
+)
+from fastdist.exceptions import (
+    CapturedException,
+    ChannelClosedError,
+    ClusterError,
+    CompositeException,
+    FutureAlreadySetError,
+    ProcessExitedException,
+    RemoteException,
+)
+from fastdist.managers import (
+    ClusterManager,
+    LocalManager,
+    WorkerConfig,
+    connect,
+    kill,
+    launch,
+    manage,
+)
+from fastdist.refs import RRID, Future, RemoteChannel, channel_from_id, remoteref_id
+from fastdist.remotecall import (
+    close,
+    fetch,
+    isready,
+    put,
+    remote_do,
+    remotecall,
+    remotecall_fetch,
+    remotecall_wait,
+    take,
+    wait,
+)
+from fastdist.stats import stats
+from fastdist.tasks import Task, run_async, sync
+from fastdist.workerproc import init_worker, process_messages, start_worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RRID",
+    "AbstractChannel",
+    "CapturedException",
+    "Channel",
+    "ChannelClosedError",
+    "ClusterError",
+    "ClusterManager",
+    "CompositeException",
+    "Future",
+    "FutureAlreadySetError",
+    "LocalManager",
+    "ProcessExitedException",
+    "RemoteChannel",
+    "RemoteException",
+    "Task",
+    "WorkerConfig",
+    "addprocs",
+    "asyncmap",
+    "channel_from_id",
+    "close",
+    "cluster_cookie",
+    "connect",
+    "fetch",
+    "init_worker",
+    "interrupt",
+    "isready",
+    "kill",
+    "launch",
+    "manage",
+    "myid",
+    "nprocs",
+    "nworkers",
+    "process_messages",
+    "procs",
+    "put",
+    "remote_do",
+    "remotecall",
+    "remotecall_fetch",
+    "remotecall_wait",
+    "remoteref_id",
+    "rmprocs",
+    "run_async",
+    "start_worker",
+    "stats",
+    "sync",
+    "take",
+    "wait",
+    "worker_id_from_socket",
+    "workers",
+]

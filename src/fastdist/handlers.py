@@ -1,0 +1,244 @@
+"""Message kind -> handler: what a process does with each frame it receives.
+
+Handlers run on the I/O thread, so they only route: anything that unpickles user
+data or runs user code (calls, fetch replies, log records) goes to the call
+threads. Frames from a connection that has not named itself are refused.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from fastdist.exceptions import FutureAlreadySetError, ProtocolError
+from fastdist.protocol import serialize
+from fastdist.protocol.messages import (
+    KNOWN_KINDS,
+    REF_RECORD,
+    Kind,
+)
+from fastdist.protocol.values import encode_error, encode_result
+from fastdist.refs import RRID, Future, RemoteValue
+
+# FETCH and PUT_FUTURE bodies start with the reference they are about.
+REF_HEADER = struct.Struct("<IQ")
+
+Handler = Callable[[Any, Any, Any], None]
+
+
+def dispatch(node: Any, conn: Any, frame: Any) -> None:
+    if conn.peer is None and frame.kind != Kind.IDENTIFY:
+        conn.close(ProtocolError("a connection must identify itself before anything else"))
+        return
+    handler = HANDLERS.get(frame.kind)
+    if handler is None:
+        _unknown_kind(node, conn, frame)
+        return
+    try:
+        handler(node, conn, frame)
+    except Exception as exc:  # noqa: BLE001 - one bad frame fails that frame only
+        _reply_error(node, conn, frame, exc)
+
+
+def _reply_error(node: Any, conn: Any, frame: Any, exc: BaseException) -> None:
+    """Fail the waiter a broken frame was addressed to, if it named one."""
+    if frame.id and frame.kind in (Kind.CALL, Kind.CALL_FETCH, Kind.FETCH, Kind.PUT_FUTURE):
+        flags, body, _ = encode_error(exc)
+        try:
+            conn.send_nowait(Kind.RESULT, flags, 0, frame.whence, frame.id, body)
+        except ConnectionError:
+            pass
+    else:
+        print(f"fastdist: dropped a bad frame (kind {frame.kind}) from process {conn.peer}: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _unknown_kind(node: Any, conn: Any, frame: Any) -> None:
+    _reply_error(node, conn, frame, ProtocolError(f"unknown message kind {frame.kind}"))
+
+
+# -- calls ----------------------------------------------------------------------------
+
+
+def _decode_call(node: Any, frame: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    f, args, kwargs = serialize.loads(frame.body, frame.buffers, what="call")
+    return f, args, kwargs
+
+
+def _run_call(node: Any, conn: Any, frame: Any, rv: RemoteValue | None) -> None:
+    """On a call thread: run the call and deliver what it produced."""
+    caller = frame.whence
+    kind = frame.kind
+    try:
+        f, args, kwargs = _decode_call(node, frame)
+        value = node.callpool.run_user(f, *args, **kwargs)
+        failed = False
+    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt from interrupt() too
+        value, failed = exc, True
+    if kind == Kind.REMOTE_DO:
+        if failed:
+            print(f"fastdist: error in remote_do on worker {node.myid}:", file=sys.stderr)
+            traceback.print_exception(type(value), value, value.__traceback__)
+        return
+    if kind == Kind.CALL and rv is not None:
+        # Keep the value as owner (others may fetch it) and push it to the caller.
+        fetchers = node.store.set_value(rv, obj=value, is_error=failed)
+        for pid, wid in fetchers:
+            send_value(node, pid, wid, rv)
+    flags, body, buffers = encode_error(value) if failed else encode_result(value, caller)
+    try:
+        conn.send_frame(Kind.RESULT, flags, 0, caller, frame.id, body, buffers)
+    except ConnectionError:
+        pass
+
+
+def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
+    """Answer a remote fetch of a stored value (on a call thread: pickling runs user code)."""
+    if rv.raw is not None:
+        flags, body, buffers = rv.raw
+    elif rv.is_error:
+        flags, body, buffers = encode_error(rv.obj)
+    else:
+        flags, body, buffers = encode_result(rv.obj, pid)
+    try:
+        node.send(pid, Kind.RESULT, flags, 0, pid, waiter_id, body, buffers)
+    except Exception:  # noqa: BLE001 - the fetcher died; nothing to tell
+        pass
+
+
+def handle_call(node: Any, conn: Any, frame: Any) -> None:
+    rv = node.store.lookup(RRID(frame.whence, frame.id)) if frame.kind == Kind.CALL else None
+    node.callpool.submit(lambda: _run_call(node, conn, frame, rv))
+
+
+def handle_result(node: Any, conn: Any, frame: Any) -> None:
+    raw = (frame.flags, frame.body, frame.buffers)
+    w = node.waiters.pop(frame.id, None)
+    if w is not None:
+        w.set(raw)
+        return
+    fut = node.live_refs.get(RRID(node.myid, frame.id))
+    if type(fut) is Future:
+        fut._deliver(raw)
+    # Otherwise the Future was dropped before its result came: nothing waits for it.
+
+
+def handle_fetch(node: Any, conn: Any, frame: Any) -> None:
+    whence, ref_id = REF_HEADER.unpack_from(frame.body)
+    rv = node.store.lookup(RRID(whence, ref_id))
+    with node.store.lock:
+        ready = rv.ready
+        if not ready:
+            rv.fetchers.append((frame.whence, frame.id))
+    if ready:
+        node.callpool.submit(lambda: send_value(node, frame.whence, frame.id, rv))
+
+
+def handle_put_future(node: Any, conn: Any, frame: Any) -> None:
+    whence, ref_id = REF_HEADER.unpack_from(frame.body)
+    rv = node.store.lookup(RRID(whence, ref_id))
+    value_body = memoryview(frame.body)[REF_HEADER.size:]
+    try:
+        fetchers = node.store.set_value(rv, raw=(0, value_body, frame.buffers))
+    except FutureAlreadySetError as exc:
+        flags, body, _ = encode_error(exc)
+        conn.send_nowait(Kind.RESULT, flags, 0, frame.whence, frame.id, body)
+        return
+    for pid, wid in fetchers:
+        node.callpool.submit(lambda p=pid, w=wid: send_value(node, p, w, rv))
+    flags, body, _ = encode_result(None, None)
+    conn.send_nowait(Kind.RESULT, flags, 0, frame.whence, frame.id, body)
+
+
+# -- references, liveness, cluster membership ---------------------------------------------
+
+
+def handle_refs(node: Any, conn: Any, frame: Any) -> None:
+    for whence, client, ref_id, delta in REF_RECORD.iter_unpack(frame.body):
+        node.store.change(RRID(whence, ref_id), client, delta)
+
+
+def handle_ping(node: Any, conn: Any, frame: Any) -> None:
+    conn.send_nowait(Kind.PONG, 0, 0, node.myid, 0)
+
+
+def handle_pong(node: Any, conn: Any, frame: Any) -> None:
+    """Arrival alone is the point: the heartbeat counts received bytes."""
+
+
+def handle_identify(node: Any, conn: Any, frame: Any) -> None:
+    from fastdist.cluster import on_identify
+
+    on_identify(node, conn, serialize.loads(frame.body, what="identity"))
+
+
+def handle_peers(node: Any, conn: Any, frame: Any) -> None:
+    from fastdist.cluster import on_peers
+
+    on_peers(node, serialize.loads(frame.body, what="peer list"))
+
+
+def handle_connect_back(node: Any, conn: Any, frame: Any) -> None:
+    target = frame.aux
+    if node.role == "master":
+        # Forward: ask the higher pid to open the link to the one that asked.
+        node.send(target, Kind.CONNECT_BACK, 0, conn.peer, node.myid, 0)
+        return
+
+    def connect() -> None:
+        try:
+            node.connection_to(target)
+        except Exception as exc:  # noqa: BLE001
+            print(f"fastdist: worker {node.myid} could not connect to worker {target}: {exc}",
+                  file=sys.stderr)
+
+    node.callpool.submit(connect)
+
+
+def handle_interrupt(node: Any, conn: Any, frame: Any) -> None:
+    node.callpool.interrupt()
+
+
+def handle_log(node: Any, conn: Any, frame: Any) -> None:
+    from fastdist.output import handle_log_record
+
+    pid = conn.peer
+    node.callpool.submit(lambda: handle_log_record(pid, frame.body))
+
+
+def handle_exit(node: Any, conn: Any, frame: Any) -> None:
+    from fastdist.node import _exit_worker
+
+    if node.role == "worker" and conn.peer == 1:
+        _exit_worker()
+
+
+def handle_forget_funcs(node: Any, conn: Any, frame: Any) -> None:
+    from fastdist.workerpool import forget_cached_functions
+
+    forget_cached_functions(node, conn.peer, frame.body)
+
+
+HANDLERS: dict[int, Handler] = {
+    Kind.IDENTIFY: handle_identify,
+    Kind.CALL: handle_call,
+    Kind.CALL_FETCH: handle_call,
+    Kind.REMOTE_DO: handle_call,
+    Kind.RESULT: handle_result,
+    Kind.FETCH: handle_fetch,
+    Kind.PUT_FUTURE: handle_put_future,
+    Kind.REFS: handle_refs,
+    Kind.PING: handle_ping,
+    Kind.PONG: handle_pong,
+    Kind.PEERS: handle_peers,
+    Kind.CONNECT_BACK: handle_connect_back,
+    Kind.INTERRUPT: handle_interrupt,
+    Kind.LOG: handle_log,
+    Kind.EXIT: handle_exit,
+    Kind.FORGET_FUNCS: handle_forget_funcs,
+}
+
+assert set(HANDLERS) == KNOWN_KINDS, "every message kind has exactly one handler"

@@ -1,0 +1,111 @@
+"""LocalManager: workers as child processes of the master, on this machine.
+
+Port of Distributed.jl `managers.jl` (`LocalManager`). Each worker runs the
+master's interpreter with the master's environment and `sys.path`, gets the
+cookie on its stdin (never on its command line), and keeps its stdout and
+stderr apart so that relayed output lands on the matching stream of the master.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any
+
+from fastdist.managers.base import ClusterManager, WorkerConfig
+
+# How long a worker asked to exit gets before SIGTERM, and SIGTERM before SIGKILL.
+EXIT_GRACE_SECONDS = 3.0
+TERM_GRACE_SECONDS = 2.0
+
+BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_environment(env: dict[str, str] | None, enable_threaded_blas: bool) -> dict[str, str]:
+    """The master's environment and import path, one BLAS thread each unless asked, plus `env`."""
+    environ = dict(os.environ)
+    path = [p if p else os.getcwd() for p in sys.path]
+    environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    if not enable_threaded_blas:
+        for var in BLAS_THREAD_VARS:
+            environ[var] = "1"
+    if env:
+        environ.update({str(k): str(v) for k, v in env.items()})
+    return environ
+
+
+def worker_command(exename: str, exeflags: Any, bind: str, separate_stderr: bool) -> list[str]:
+    flags = [exeflags] if isinstance(exeflags, str) else list(exeflags or ())
+    cmd = [str(exename), *flags, "-m", "fastdist.worker", "--bind-to", bind]
+    if separate_stderr:
+        cmd.append("--separate-stderr")
+    return cmd
+
+
+class LocalManager(ClusterManager):
+    """Launch `np` workers on this machine (bound to 127.0.0.1 when `restrict`)."""
+
+    def __init__(self, np: int, restrict: bool = True) -> None:
+        if int(np) < 0:
+            raise ValueError("the number of workers must be non-negative")
+        self.np = int(np)
+        self.restrict = restrict
+
+    def __repr__(self) -> str:
+        return f"LocalManager(np={self.np}, restrict={self.restrict})"
+
+    def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
+               launch_ntfy: threading.Condition) -> None:
+        from fastdist.cluster import cluster_cookie
+
+        bind = "127.0.0.1" if self.restrict else "0.0.0.0"
+        threaded = bool(params.get("enable_threaded_blas", False))
+        environ = worker_environment(params.get("env"), threaded)
+        cmd = worker_command(params.get("exename") or sys.executable, params.get("exeflags"),
+                             bind, separate_stderr=True)
+        cookie = (cluster_cookie() + "\n").encode()
+        for _ in range(self.np):
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=params.get("dir"), env=environ)
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(cookie)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it died at once; the framework reports its exit
+            config = WorkerConfig(io=proc.stdout, process=proc, ospid=proc.pid,
+                                  environ=params.get("env"), enable_threaded_blas=threaded,
+                                  exename=params.get("exename"), exeflags=params.get("exeflags"))
+            with launch_ntfy:
+                launched.append(config)
+                launch_ntfy.notify_all()
+
+    def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
+        """Local workers need nothing beyond what the framework does."""
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        """Ask the worker to exit; SIGTERM, then SIGKILL, if it does not."""
+        super().kill(pid, config)
+        proc = config.process
+        if proc is not None:
+            threading.Thread(target=escalate_exit, args=(proc,), daemon=True,
+                             name=f"fastdist-reap-{pid}").start()
+
+
+def escalate_exit(proc: subprocess.Popen[bytes], exit_grace: float = EXIT_GRACE_SECONDS,
+                  term_grace: float = TERM_GRACE_SECONDS) -> None:
+    """Wait for a child to exit, escalating to SIGTERM and SIGKILL; reap it."""
+    for sig, grace in ((None, exit_grace), (signal.SIGTERM, term_grace), (signal.SIGKILL, None)):
+        if sig is not None:
+            try:
+                proc.send_signal(sig)
+            except (ProcessLookupError, OSError):
+                pass
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue

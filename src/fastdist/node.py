@@ -1,0 +1,404 @@
+"""The process-local runtime: this process's pid, its peers and their connections,
+the I/O loop thread, the call threads, the store of owned values, and the
+housekeeping that runs on each loop tick (reference-count batches, heartbeats,
+handshake deadlines).
+
+Port of the process-group half of Distributed.jl `cluster.jl`. Every process —
+master or worker — runs one Node; the master is pid 1.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import resource
+import socket
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastdist._core._msgloop import MessageLoop
+from fastdist.callpool import CallPool
+from fastdist.exceptions import ProcessExitedException, ProtocolError
+from fastdist.protocol import serialize
+from fastdist.protocol.messages import REF_RECORD, Kind
+from fastdist.refs import RefStore, Waiter
+
+# Unauthenticated connections a process keeps at once; past this the oldest goes.
+MAX_PENDING_HANDSHAKES = 256
+
+
+def worker_timeout() -> float:
+    """FASTDIST_WORKER_TIMEOUT, read each time it is used (seconds, default 60)."""
+    return float(os.environ.get("FASTDIST_WORKER_TIMEOUT", "60"))
+
+
+def heartbeat_timeout() -> float:
+    """FASTDIST_HEARTBEAT_TIMEOUT, read each time it is used (seconds, default 30)."""
+    return float(os.environ.get("FASTDIST_HEARTBEAT_TIMEOUT", "30"))
+
+
+@dataclass
+class Peer:
+    """What this process knows of another one."""
+
+    pid: int
+    host: str = ""
+    port: int = 0
+    ident: Any = None
+    connect_idents: Any = None
+    conn: Any = None
+    config: Any = None  # WorkerConfig, on the master
+    manager: Any = None  # ClusterManager, on the master
+    connect_lock: threading.Lock = field(default_factory=threading.Lock)
+    connected: Waiter = field(default_factory=Waiter)
+    gone: Waiter = field(default_factory=Waiter)
+    last_rx: int = -1
+    last_seen: float = field(default_factory=time.monotonic)
+    last_ping: float = 0.0
+
+    def facts(self) -> dict[str, Any]:
+        return {"pid": self.pid, "host": self.host, "port": self.port, "ident": self.ident,
+                "connect_idents": self.connect_idents}
+
+
+class Node:
+    """One process's share of the cluster."""
+
+    def __init__(self, myid: int, role: str, cookie: str) -> None:
+        self.myid = myid
+        self.role = role  # "master" or "worker"
+        self.cookie = cookie
+        self.topology = "all_to_all"
+        self.lazy = True
+        self.store = RefStore()
+        self.live_refs: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
+        self.waiters: dict[int, Waiter] = {}
+        self.peers: dict[int, Peer] = {}
+        self.removed: set[int] = set()
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.listener: socket.socket | None = None
+        self.callpool = CallPool()
+        self.worker_removed_callbacks: list[Any] = []
+        self._ids = itertools.count(1)
+        self._ref_queue: collections.deque[tuple[int, int, int, int, int]] = collections.deque()
+        self._ref_backlog: dict[int, list[bytes]] = {}
+        self._ref_connecting: set[int] = set()
+        self._last_tick = 0.0
+        self._stream_conns: list[Any] = []
+        _raise_fd_limit()
+        self.loop = MessageLoop(on_tick=self._tick, tick_ms=1000)
+        self.loop_thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start_loop_thread(self) -> None:
+        self.loop_thread = threading.Thread(target=self.loop.run, name="fastdist-io", daemon=True)
+        self.loop_thread.start()
+
+    def start_listener(self, host: str, port: int = 0) -> tuple[str, int]:
+        from fastdist.transport import listen
+
+        self.listener = listen(host, port)
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.loop.add_reader(self.listener.fileno(), self._on_listener_readable)
+        return self.host, self.port
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # -- peers and connections -----------------------------------------------
+
+    def worker_pids(self) -> list[int]:
+        return sorted(p for p in self.peers if p != 1)
+
+    def peer(self, pid: int) -> Peer:
+        p = self.peers.get(pid)
+        if p is None:
+            if pid in self.removed:
+                raise ProcessExitedException(pid)
+            raise ValueError(f"no process with pid {pid} in this cluster")
+        return p
+
+    def connection_to(self, pid: int) -> Any:
+        """The connection to `pid`, opening a worker-to-worker link on first use."""
+        p = self.peers.get(pid)
+        if p is not None and p.conn is not None:
+            return p.conn
+        p = self.peer(pid)
+        return self._establish(p)
+
+    def _establish(self, p: Peer) -> Any:
+        from fastdist.transport import connect_socket
+
+        if self.topology == "master_worker" and self.myid != 1 and p.pid != 1:
+            raise RuntimeError(
+                f"worker {self.myid} cannot call worker {p.pid}: the cluster's topology is "
+                "'master_worker' (workers talk only to pid 1)")
+        if self.topology == "custom" and self.myid != 1 and p.pid != 1:
+            raise RuntimeError(
+                f"worker {self.myid} has no connection to worker {p.pid} in this custom topology "
+                "(see WorkerConfig.ident / connect_idents)")
+        with p.connect_lock:
+            if p.conn is not None:
+                return p.conn
+            if p.pid in self.removed:
+                raise ProcessExitedException(p.pid)
+            if self.myid > p.pid:
+                # Like Julia: the higher pid opens a worker-to-worker link ...
+                sock = connect_socket(p.host, p.port, self.cookie.encode(), worker_timeout())
+                conn = self.loop.add_connection(sock.detach(), self, None, p.pid)
+                body, _ = serialize.dumps({"pid": self.myid}, what="identity")
+                conn.send_frame(Kind.IDENTIFY, 0, 0, self.myid, 0, body)
+                self._attach(p, conn)
+                return conn
+        # ... and the lower one asks it to, through pid 1, then waits for it.
+        self.connection_to(1).send_frame(Kind.CONNECT_BACK, 0, p.pid, self.myid, 0)
+        if not p.connected.wait(worker_timeout()):
+            raise ProcessExitedException(p.pid)
+        if p.conn is None:
+            raise ProcessExitedException(p.pid)
+        return p.conn
+
+    def _attach(self, p: Peer, conn: Any) -> None:
+        conn.peer = p.pid
+        p.conn = conn
+        p.last_seen = time.monotonic()
+        p.connected.set(True)
+
+    def send(self, pid: int, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+             body: Any = b"", buffers: Any = ()) -> None:
+        """Send a frame to `pid`; a dead or unreachable peer is ProcessExitedException."""
+        conn = self.connection_to(pid)
+        try:
+            conn.send_frame(kind, flags, aux, whence, ref_id, body, buffers)
+        except ConnectionError as exc:
+            raise ProcessExitedException(pid) from exc
+
+    def add_stream_connection(self, instream: Any, outstream: Any, pid: int | None) -> Any:
+        from fastdist.transport import StreamConnection
+
+        conn = StreamConnection(self, instream, outstream, pid)
+        self._stream_conns.append(conn)
+        conn.start()
+        return conn
+
+    # -- handler protocol, called by the loop (or a stream reader) ------------
+
+    def on_frames(self, conn: Any, frames: list[Any]) -> None:
+        from fastdist.handlers import dispatch
+
+        for frame in frames:
+            dispatch(self, conn, frame)
+
+    def on_authenticated(self, conn: Any) -> None:
+        """The handshake passed; the peer names itself with its first frame (IDENTIFY)."""
+
+    def on_close(self, conn: Any, exc: BaseException | None) -> None:
+        pid = conn.peer
+        if pid is None:
+            return
+        p = self.peers.get(pid)
+        if p is not None and p.conn is conn:
+            self.peer_lost(pid, exc)
+
+    def peer_lost(self, pid: int, exc: BaseException | None = None) -> None:
+        """A process is gone: fail what waits on it and forget it."""
+        from fastdist.refs import fail_pushed_futures
+
+        p = self.peers.pop(pid, None)
+        self.removed.add(pid)
+        if self.role == "worker" and pid == 1:
+            _exit_worker()
+        if p is not None:
+            p.connected.fail(ProcessExitedException(pid))
+            p.gone.set(True)
+            if p.conn is not None and not p.conn.is_closed:
+                p.conn.close(exc)
+        err = ProcessExitedException(pid)
+        for wid, w in list(self.waiters.items()):
+            if w.peer == pid:
+                self.waiters.pop(wid, None)
+                w.fail(err)
+        fail_pushed_futures(self, pid)
+        self.store.drop_client(pid)
+        self._ref_backlog.pop(pid, None)
+        for callback in list(self.worker_removed_callbacks):
+            try:
+                callback(pid)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.role == "master" and p is not None:
+            from fastdist.cluster import on_worker_lost
+
+            on_worker_lost(self, p, exc)
+
+    def _on_listener_readable(self) -> None:
+        from fastdist.protocol.handshake import AcceptorHandshake
+        from fastdist.transport import accept_ready
+
+        assert self.listener is not None
+        for sock in accept_ready(self.listener):
+            self._shed_pending_handshakes()
+            self.loop.add_connection(sock.detach(), self, AcceptorHandshake(self.cookie.encode()))
+
+    def _shed_pending_handshakes(self) -> None:
+        pending = [c for c in self.loop.connections() if c.handshake is not None]
+        if len(pending) >= MAX_PENDING_HANDSHAKES:
+            oldest = min(pending, key=lambda c: c.handshake.deadline)
+            oldest.close(ProtocolError("too many unauthenticated connections"))
+
+    # -- reference counting ---------------------------------------------------
+
+    def queue_ref_change(self, owner: int, whence: int, ref_id: int, client: int, delta: int,
+                         urgent: bool = False) -> None:
+        """Queue a hold change for the owner; the loop tick sends them in order, batched.
+
+        Safe from __del__: an append and an eventfd write, no lock.
+        """
+        self._ref_queue.append((owner, whence, ref_id, client, delta))
+        if len(self._ref_queue) == 1 or urgent:
+            self.loop.wakeup()
+
+    def _flush_ref_changes(self) -> None:
+        """On the loop thread: apply local changes, send remote ones (FIFO per owner)."""
+        q = self._ref_queue
+        while q:
+            owner, whence, ref_id, client, delta = q.popleft()
+            if owner == self.myid:
+                from fastdist.refs import RRID
+
+                self.store.change(RRID(whence, ref_id), client, delta)
+            elif owner not in self.removed:
+                self._ref_backlog.setdefault(owner, []).append(
+                    REF_RECORD.pack(whence, client, ref_id, delta))
+        for owner in list(self._ref_backlog):
+            records = self._ref_backlog[owner]
+            p = self.peers.get(owner)
+            if p is None:
+                if owner in self.removed:
+                    del self._ref_backlog[owner]
+                continue
+            if p.conn is None:
+                if owner not in self._ref_connecting:
+                    self._ref_connecting.add(owner)
+                    self.callpool.submit(lambda o=owner: self._connect_for_refs(o))
+                continue
+            del self._ref_backlog[owner]
+            try:
+                p.conn.send_nowait(Kind.REFS, 0, len(records), self.myid, 0, b"".join(records))
+            except ConnectionError:
+                pass
+
+    def _connect_for_refs(self, owner: int) -> None:
+        try:
+            self.connection_to(owner)
+        except Exception:  # noqa: BLE001 - the owner is gone; its records are dropped
+            pass
+        finally:
+            self._ref_connecting.discard(owner)
+            self.loop.wakeup()
+
+    # -- housekeeping on the loop thread ------------------------------------------
+
+    def _tick(self) -> None:
+        self._flush_ref_changes()
+        now = time.monotonic()
+        if now - self._last_tick < 0.25:
+            return
+        self._last_tick = now
+        self._expire_handshakes(now)
+        self._heartbeat(now)
+
+    def _expire_handshakes(self, now: float) -> None:
+        for conn in self.loop.connections():
+            hs = conn.handshake
+            if hs is not None and now > hs.deadline:
+                conn.close(ProtocolError("handshake timed out"))
+
+    def _heartbeat(self, now: float) -> None:
+        timeout = heartbeat_timeout()
+        for p in list(self.peers.values()):
+            conn = p.conn
+            if conn is None or conn.is_closed:
+                continue
+            rx = conn.bytes_received
+            if rx != p.last_rx:
+                p.last_rx = rx
+                p.last_seen = now
+            elif now - p.last_seen > timeout:
+                conn.close(TimeoutError(f"no word from process {p.pid} for {timeout:g} s"))
+                continue
+            if now - p.last_seen > timeout / 4 and now - p.last_ping > timeout / 4:
+                p.last_ping = now
+                try:
+                    conn.send_nowait(Kind.PING, 0, 0, self.myid, 0)
+                except ConnectionError:
+                    pass
+
+    # -- observability --------------------------------------------------------
+
+    def local_stats(self) -> dict[str, Any]:
+        peers = {}
+        for pid, p in list(self.peers.items()):
+            if p.conn is not None:
+                peers[pid] = p.conn.stats()
+        return {"pid": self.myid, "peers": peers, "refs": len(self.store)}
+
+
+def _raise_fd_limit() -> None:
+    """Many workers and idle connections need more than the default 1024 fds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY
+                                                        else 65536, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _exit_worker() -> None:
+    """The master is gone: a worker never outlives it."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(0)
+
+
+# -- the process's node -----------------------------------------------------------
+
+_current: Node | None = None
+_current_lock = threading.Lock()
+
+
+def peek() -> Node | None:
+    return _current
+
+
+def current() -> Node:
+    """This process's Node; a process that has none yet becomes the master, pid 1."""
+    global _current
+    n = _current
+    if n is not None:
+        return n
+    with _current_lock:
+        if _current is None:
+            from fastdist.cluster import cluster_cookie
+
+            node = Node(1, "master", cluster_cookie())
+            node.start_loop_thread()
+            _current = node
+        return _current
+
+
+def install(node: Node) -> None:
+    global _current
+    with _current_lock:
+        _current = node

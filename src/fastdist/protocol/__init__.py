@@ -1,0 +1,1 @@
+"""What travels between processes: message kinds, serialization and the handshake."""

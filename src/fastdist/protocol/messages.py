@@ -1,0 +1,42 @@
+"""Message kinds and flags: one name per kind, the frame header fields each uses.
+
+A frame's header names the reference it is about as (whence, id) — the pid that
+made the reference and a counter on that pid — so that a result finds its
+waiter without unpickling anything (docs/PROTOCOL.md has the full table).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+
+class Kind(enum.IntEnum):
+    """The `kind` byte of a frame."""
+
+    IDENTIFY = 1  # first frame on a connection: body = pickled dict (pid, role, cluster facts)
+    CALL = 2  # run f(*a, **k); keep the result as owner of (whence, id) and push it to whence
+    CALL_FETCH = 3  # run f(*a, **k); reply RESULT to (whence, id), keep nothing
+    REMOTE_DO = 4  # run f(*a, **k); no reply
+    RESULT = 5  # the value (or error, FLAG_ERROR) for waiter (whence, id)
+    FETCH = 6  # send the value of ref (whence, id) owned here; aux = requester's waiter id
+    PUT_FUTURE = 7  # set the value of Future (whence, id) owned here; aux = requester's waiter id
+    REFS = 8  # batched reference-count changes, body = packed REF_RECORDs
+    PING = 9  # liveness probe; answered by PONG on the I/O thread
+    PONG = 10
+    PEERS = 11  # master -> worker: body = pickled list of peer facts (pid, host, port, ...)
+    CONNECT_BACK = 12  # ask a higher pid to open the worker-to-worker link to aux = pid
+    INTERRUPT = 13  # raise KeyboardInterrupt in the calls running on this process
+    LOG = 14  # worker -> master: body = pickled logging record dict
+    EXIT = 15  # master -> worker: finish and exit
+    FORGET_FUNCS = 16  # CachingPool: drop cached functions, body = packed u64 ids
+
+
+KNOWN_KINDS = frozenset(int(k) for k in Kind)
+
+# Flags.
+FLAG_ERROR = 0x01  # RESULT: the body is a pickled CapturedException (or a stand-in)
+
+# REFS body: one record per change, (whence u32, client pid u32, id u64, delta i64).
+REF_RECORD = struct.Struct("<IIqq")
+FUNC_ID = struct.Struct("<Q")

@@ -1,0 +1,84 @@
+"""Results on the wire: a value, or a failure carried so that it always arrives.
+
+A failure travels as plain data — pid, type name, message, traceback text — plus
+the pickled exception when it pickles. The receiver rebuilds
+`RemoteException(pid, CapturedException(ex, traceback))` with the original
+exception where it unpickles and a stand-in carrying type name and message
+where it does not, so an exception that cannot travel still reports itself.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+from fastdist.exceptions import CapturedException, RemoteException, RemoteExceptionStandIn
+from fastdist.protocol import serialize
+from fastdist.protocol.messages import FLAG_ERROR
+
+
+def encode_result(value: Any, dest: int | None) -> tuple[int, bytes, list[memoryview]]:
+    """(flags, body, buffers) for a successful value; an unpicklable value becomes an error."""
+    try:
+        body, buffers = serialize.dumps(value, dest=dest, what="result")
+        return 0, body, buffers
+    except serialize.SerializationError as exc:
+        return encode_error(exc)
+
+
+def encode_error(exc: BaseException, pid: int | None = None) -> tuple[int, bytes, list[memoryview]]:
+    """(FLAG_ERROR, body, []) for an exception raised here (or a RemoteException relayed)."""
+    if isinstance(exc, RemoteException):
+        captured = exc.captured
+        origin, ex, text = exc.pid, captured.ex, captured.traceback
+    else:
+        from fastdist import node as _node
+
+        n = _node.peek()
+        origin = pid if pid is not None else (n.myid if n is not None else 1)
+        ex = exc
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        ex_bytes: bytes | None = pickle.dumps(ex, protocol=5)
+    except Exception:  # noqa: BLE001 - the stand-in below carries it
+        ex_bytes = None
+    name = f"{type(ex).__module__}.{type(ex).__qualname__}"
+    if type(ex).__module__ == "builtins":
+        name = type(ex).__qualname__
+    body = pickle.dumps((origin, name, _safe_str(ex), text, ex_bytes), protocol=5)
+    return FLAG_ERROR, body, []
+
+
+def _safe_str(ex: BaseException) -> str:
+    try:
+        return str(ex)
+    except Exception:  # noqa: BLE001
+        return f"<unprintable {type(ex).__name__}>"
+
+
+def decode_error(body: Any) -> RemoteException:
+    origin, name, message, text, ex_bytes = pickle.loads(body)
+    ex: BaseException | None = None
+    if ex_bytes is not None:
+        try:
+            ex = pickle.loads(ex_bytes)
+        except Exception:  # noqa: BLE001 - a class this process lacks
+            ex = None
+    if not isinstance(ex, BaseException):
+        ex = RemoteExceptionStandIn(name, message)
+    return RemoteException(origin, CapturedException(ex, text))
+
+
+def decode_result(flags: int, body: Any, buffers: Any) -> tuple[Any, bool]:
+    """(value, is_error) from a RESULT; a value that will not unpickle here is an error."""
+    if flags & FLAG_ERROR:
+        return decode_error(body), True
+    try:
+        return serialize.loads(body, buffers, what="result"), False
+    except serialize.SerializationError as exc:
+        from fastdist import node as _node
+
+        n = _node.peek()
+        return RemoteException(n.myid if n is not None else 1,
+                               CapturedException.capture(exc)), True

@@ -1,0 +1,347 @@
+"""Remote calls and the generic functions on references (Julia's remotecall family,
+fetch, put, take, isready, wait, close).
+
+Port of the call half of Distributed.jl `remotecall.jl`. A call to this very
+process runs here without serialising, as in Julia: arguments and results are
+the same objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastdist import node as _node
+from fastdist.channel import AbstractChannel
+from fastdist.exceptions import (
+    CapturedException,
+    FutureAlreadySetError,
+    RemoteException,
+)
+from fastdist.protocol import serialize
+from fastdist.protocol.messages import Kind
+from fastdist.protocol.values import decode_result
+from fastdist.refs import _EMPTY, Future, Waiter
+
+__all__ = [
+    "close",
+    "fetch",
+    "isready",
+    "put",
+    "remote_do",
+    "remotecall",
+    "remotecall_fetch",
+    "remotecall_wait",
+    "take",
+    "wait",
+]
+
+
+def _is_pool(target: Any) -> bool:
+    from fastdist.workerpool import AbstractWorkerPool
+
+    return isinstance(target, AbstractWorkerPool)
+
+
+def _register_sync(obj: Any) -> None:
+    from fastdist.tasks import register_sync
+
+    register_sync(obj)
+
+
+def _encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pid: int) -> tuple[bytes, list[memoryview]]:
+    return serialize.dumps((f, args, kwargs), dest=pid, what="call (function and arguments)")
+
+
+def _run_local(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    n = _node.current()
+    try:
+        return n.callpool.run_user(f, *args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - Julia wraps local failures the same way
+        raise RemoteException(n.myid, CapturedException.capture(exc)) from exc
+
+
+def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
+    """Call `f(*args, **kwargs)` on a process and return at once with a Future.
+
+    Args:
+        f: the function; importable functions travel by name, lambdas, closures
+            and `__main__` functions by value.
+        pid_or_pool: a pid, or a worker pool (a free worker is taken from it and
+            given back when the call is done).
+
+    Returns:
+        A Future; `fetch` it for the result.
+
+    Raises:
+        ProcessExitedException: the process is dead or was removed.
+        SerializationError: the function or an argument cannot be pickled.
+
+    Example:
+        >>> fut = fd.remotecall(pow, 2, 2, 10)
+        >>> fd.fetch(fut)
+        1024
+    """
+    if _is_pool(pid_or_pool):
+        from fastdist.workerpool import pool_remotecall
+
+        return pool_remotecall(pid_or_pool, f, args, kwargs)
+    n = _node.current()
+    pid = int(pid_or_pool)
+    if pid == n.myid:
+        fut = Future()
+        rv = n.store.lookup(fut.rrid)
+
+        def run() -> None:
+            try:
+                value, failed = n.callpool.run_user(f, *args, **kwargs), False
+            except BaseException as exc:  # noqa: BLE001
+                value = RemoteException(n.myid, CapturedException.capture(exc))
+                value.__cause__, failed = exc, True
+            from fastdist.handlers import send_value
+
+            for p, wid in n.store.set_value(rv, obj=value, is_error=failed):
+                send_value(n, p, wid, rv)
+
+        n.callpool.submit(run)
+    else:
+        body, buffers = _encode_call(f, args, kwargs, pid)
+        fut = Future._for_call(n, pid)
+        n.send(pid, Kind.CALL, 0, 0, n.myid, fut.id, body, buffers)
+    _register_sync(fut)
+    return fut
+
+
+def remotecall_fetch(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call `f(*args, **kwargs)` on a process and return its result (one round trip).
+
+    Raises:
+        RemoteException: `f` raised; the original exception is its `__cause__`.
+        ProcessExitedException: the process died or was removed before answering.
+
+    Example:
+        >>> fd.remotecall_fetch(sum, 2, [1, 2, 3])
+        6
+    """
+    if _is_pool(pid_or_pool):
+        from fastdist.workerpool import pool_call
+
+        return pool_call(pid_or_pool, remotecall_fetch, f, args, kwargs)
+    n = _node.current()
+    pid = int(pid_or_pool)
+    if pid == n.myid:
+        return _run_local(f, args, kwargs)
+    body, buffers = _encode_call(f, args, kwargs, pid)
+    return call_and_wait(n, pid, Kind.CALL_FETCH, 0, body, buffers)
+
+
+def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: Any,
+                  timeout: float | None = None) -> Any:
+    """Send a request frame to `pid` and wait for its RESULT; return the value."""
+    wid = n.next_id()
+    w = Waiter(peer=pid)
+    n.waiters[wid] = w
+    try:
+        n.send(pid, kind, flags, 0, n.myid, wid, body, buffers)
+    except BaseException:
+        n.waiters.pop(wid, None)
+        raise
+    if not w.wait(timeout):
+        n.waiters.pop(wid, None)
+        raise TimeoutError(f"no answer from process {pid} within {timeout} s")
+    if w.error is not None:
+        raise w.error
+    value, is_error = decode_result(*w.value)
+    if is_error:
+        raise value
+    return value
+
+
+def remotecall_wait(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
+    """`remotecall` and wait until the call is done; returns the Future.
+
+    Raises:
+        RemoteException: `f` raised.
+    """
+    if _is_pool(pid_or_pool):
+        from fastdist.workerpool import pool_call
+
+        return pool_call(pid_or_pool, remotecall_wait, f, args, kwargs)  # type: ignore[no-any-return]
+    fut = remotecall(f, pid_or_pool, *args, **kwargs)
+    fut.wait()
+    return fut
+
+
+def remote_do(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> None:
+    """Run `f(*args, **kwargs)` on a process; no result, errors go to that process's stderr."""
+    if _is_pool(pid_or_pool):
+        from fastdist.workerpool import pool_call
+
+        pool_call(pid_or_pool, remote_do, f, args, kwargs)
+        return
+    n = _node.current()
+    pid = int(pid_or_pool)
+    if pid == n.myid:
+        def run() -> None:
+            try:
+                n.callpool.run_user(f, *args, **kwargs)
+            except BaseException:  # noqa: BLE001
+                import traceback
+
+                traceback.print_exc()
+
+        n.callpool.submit(run)
+        return
+    body, buffers = _encode_call(f, args, kwargs, pid)
+    n.send(pid, Kind.REMOTE_DO, 0, 0, n.myid, 0, body, buffers)
+
+
+# -- Future internals used by refs.Future ------------------------------------------------
+
+
+def _ref_header(fut: Any) -> bytes:
+    from fastdist.handlers import REF_HEADER
+
+    return REF_HEADER.pack(fut.whence, fut.id)
+
+
+def decode_value(raw: Any, where: int) -> tuple[Any, bool]:
+    return decode_result(*raw)
+
+
+def fetch_future(fut: Future, timeout: float | None) -> Any:
+    n = _node.current()
+    if fut._push is not None:
+        if not fut._push.wait(timeout):
+            raise TimeoutError(f"the value of {fut!r} did not arrive within {timeout} s")
+        if fut._push.error is not None and not fut._materialize():
+            raise fut._push.error
+        fut._materialize()
+        return fut._return()
+    if fut.where == n.myid:
+        rv = n.store.lookup(fut.rrid)
+        if not rv.waiter.wait(timeout):
+            raise TimeoutError(f"the value of {fut!r} was not set within {timeout} s")
+        if rv.raw is not None:
+            value, is_error = decode_result(*rv.raw)
+        else:
+            value, is_error = rv.obj, rv.is_error
+        fut._cache(value, is_error)
+        return fut._return()
+    value, is_error = _fetch_remote(n, fut, timeout)
+    fut._cache(value, is_error)
+    return fut._return()
+
+
+def _fetch_remote(n: Any, fut: Future, timeout: float | None) -> tuple[Any, bool]:
+    wid = n.next_id()
+    w = Waiter(peer=fut.where)
+    n.waiters[wid] = w
+    try:
+        n.send(fut.where, Kind.FETCH, 0, 0, n.myid, wid, _ref_header(fut))
+    except BaseException:
+        n.waiters.pop(wid, None)
+        raise
+    if not w.wait(timeout):
+        n.waiters.pop(wid, None)
+        raise TimeoutError(f"the value of {fut!r} did not arrive within {timeout} s")
+    if w.error is not None:
+        raise w.error
+    return decode_result(*w.value)
+
+
+def future_isready(fut: Future) -> bool:
+    n = _node.current()
+    if fut.where == n.myid:
+        rv = n.store.get(fut.rrid)
+        return rv is not None and rv.ready
+    return bool(remotecall_fetch(_isready_ref, fut.where, fut.whence, fut.id))
+
+
+def _isready_ref(whence: int, ref_id: int) -> bool:
+    from fastdist.refs import RRID
+
+    rv = _node.current().store.get(RRID(whence, ref_id))
+    return rv is not None and rv.ready
+
+
+def put_future(fut: Future, value: Any) -> None:
+    n = _node.current()
+    if fut._value is not _EMPTY or fut._raw is not None:
+        raise FutureAlreadySetError("Future can be set only once")
+    if fut.where == n.myid:
+        from fastdist.handlers import send_value
+
+        rv = n.store.lookup(fut.rrid)
+        for p, wid in n.store.set_value(rv, obj=value):
+            send_value(n, p, wid, rv)
+    else:
+        body, buffers = serialize.dumps(value, dest=fut.where, what="value put into the Future")
+        try:
+            call_and_wait(n, fut.where, Kind.PUT_FUTURE, 0, _ref_header(fut) + body, buffers)
+        except RemoteException as exc:
+            if isinstance(exc.captured.ex, FutureAlreadySetError):
+                raise FutureAlreadySetError("Future can be set only once") from exc
+            raise
+    fut._cache(value, False)
+
+
+async def await_future(fut: Future) -> Any:
+    """Wait for a Future inside an event loop without blocking the loop."""
+    if fut._value is not _EMPTY or fut._materialize():
+        return fut._return()
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, fut.fetch)
+
+
+# -- the generic functions ------------------------------------------------------------
+
+
+def fetch(x: Any, timeout: float | None = None) -> Any:
+    """The value of a Future, the first value of a channel; anything else as it is.
+
+    Raises:
+        TimeoutError: `timeout` seconds passed first (the call itself goes on).
+    """
+    if isinstance(x, (Future, AbstractChannel)):
+        return x.fetch(timeout) if timeout is not None else x.fetch()
+    from fastdist.tasks import Task
+
+    if isinstance(x, Task):
+        return x.result(timeout)
+    return x
+
+
+def put(x: Any, v: Any, timeout: float | None = None) -> Any:
+    """Put `v` into a Future (once), a channel (blocks while full) or a worker pool."""
+    if timeout is not None:
+        return x.put(v, timeout)
+    return x.put(v)
+
+
+def take(x: Any, timeout: float | None = None) -> Any:
+    """Remove and return a value from a channel, or a worker from a pool."""
+    return x.take(timeout) if timeout is not None else x.take()
+
+
+def isready(x: Any) -> bool:
+    """True when a fetch (or take) would not wait."""
+    return bool(x.isready())
+
+
+def wait(x: Any, timeout: float | None = None) -> Any:
+    """Wait for a Future's value, a channel's next value, or a Task to finish.
+
+    Raises:
+        TimeoutError: `timeout` seconds passed first.
+    """
+    if timeout is not None:
+        r = x.wait(timeout)
+    else:
+        r = x.wait()
+    return x if r is None else r
+
+
+def close(x: Any) -> None:
+    """Close a channel (local or remote)."""
+    x.close()

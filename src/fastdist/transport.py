@@ -1,0 +1,187 @@
+"""Connections: TCP sockets authenticated by the handshake, listeners, and framed
+connections over arbitrary byte streams for custom cluster managers.
+
+Sockets are served by the compiled `_msgloop`; a `StreamConnection` serves any
+pair of binary file-like objects with a reader thread and the same frame reader,
+so a custom transport gets the same protocol, just not the zero-syscall-overhead path.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+from typing import Any
+
+from fastdist._core import _wire
+from fastdist.protocol import handshake
+
+# The kernel queues this many not-yet-accepted connections per listener.
+LISTEN_BACKLOG = 1024
+
+
+def _tune(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def connect_socket(host: str, port: int, cookie: bytes, timeout: float) -> socket.socket:
+    """Open a TCP connection and run the connector handshake over it.
+
+    Returns a connected, authenticated, non-blocking socket.
+
+    Raises:
+        ClusterError: the peer failed the handshake (cookie, version, not fastdist).
+        OSError: the connection could not be made.
+    """
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        _tune(sock)
+        sock.settimeout(timeout)
+        handshake.connect_blocking(sock.recv, sock.sendall, cookie)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def listen(host: str, port: int = 0) -> socket.socket:
+    """A non-blocking listening TCP socket on (host, port); port 0 picks one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def accept_ready(listener: socket.socket) -> list[socket.socket]:
+    """Every connection waiting on a non-blocking listener, tuned and non-blocking."""
+    accepted = []
+    while True:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return accepted
+        except OSError:
+            # EMFILE and friends: the caller sheds idle connections and retries later.
+            return accepted
+        sock.setblocking(False)
+        _tune(sock)
+        accepted.append(sock)
+
+
+class StreamConnection:
+    """A framed connection over two binary streams (custom transports).
+
+    The handler protocol is the one `_msgloop.SocketConnection` uses:
+    `handler.on_frames(conn, frames)` and `handler.on_close(conn, exc)`.
+    """
+
+    def __init__(self, handler: Any, instream: Any, outstream: Any, peer: Any = None) -> None:
+        self.handler = handler
+        self.peer = peer
+        self.handshake = None
+        self._in = instream
+        self._out = outstream
+        self._send_lock = threading.Lock()
+        self._nowait: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self._closed = False
+        self.msgs_sent = self.bytes_sent = self.msgs_received = self.bytes_received = 0
+        self.fd = -1
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def start(self) -> None:
+        threading.Thread(target=self._read_loop, name="fastdist-stream-reader", daemon=True).start()
+        threading.Thread(target=self._write_loop, name="fastdist-stream-writer", daemon=True).start()
+
+    def send_frame(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+                   body: Any = b"", buffers: Any = ()) -> None:
+        lens = [memoryview(b).nbytes for b in buffers]
+        prelude = _wire.pack_prelude(kind, flags, aux, whence, ref_id, memoryview(body).nbytes, lens)
+        with self._send_lock:
+            if self._closed:
+                raise ConnectionResetError("connection closed")
+            try:
+                self._out.write(prelude)
+                if len(body):
+                    self._out.write(body)
+                for b in buffers:
+                    self._out.write(b)
+                self._out.flush()
+            except (OSError, ValueError) as exc:
+                self.close(ConnectionResetError(f"stream write failed: {exc}"))
+                raise ConnectionResetError(f"stream write failed: {exc}") from exc
+            self.msgs_sent += 1
+            self.bytes_sent += len(prelude) + memoryview(body).nbytes + sum(lens)
+
+    def send_nowait(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+                    body: Any = b"") -> None:
+        """Queue a small frame for the writer thread (the caller never blocks)."""
+        if self._closed:
+            raise ConnectionResetError("connection closed")
+        self._nowait.put((kind, flags, aux, whence, ref_id, bytes(body)))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._nowait.get()
+            if item is None:
+                return
+            try:
+                self.send_frame(*item)
+            except ConnectionError:
+                return
+
+    def _read_loop(self) -> None:
+        reader = _wire.FrameReader()
+        read = getattr(self._in, "readinto1", None) or self._in.readinto
+        exc: BaseException | None = None
+        try:
+            while not self._closed:
+                n = read(reader.get_buffer())
+                if not n:
+                    exc = ConnectionResetError("peer closed the stream")
+                    break
+                self.bytes_received += n
+                reader.buffer_updated(n)
+                frames = reader.take_frames()
+                if frames:
+                    self.msgs_received += len(frames)
+                    self.handler.on_frames(self, frames)
+        except BaseException as e:  # noqa: BLE001 - any failure ends this connection only
+            exc = e
+        self.close(exc)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._nowait.put(None)
+        for stream in (self._in, self._out):
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.handler.on_close(self, exc)
+
+    def stats(self) -> dict[str, int]:
+        return {"msgs_sent": self.msgs_sent, "bytes_sent": self.bytes_sent,
+                "msgs_received": self.msgs_received, "bytes_received": self.bytes_received}
+
+
+def stream_handshake(instream: Any, outstream: Any, cookie: bytes, incoming: bool) -> None:
+    """Run the handshake over two streams: as acceptor if `incoming`, else as connector."""
+
+    def write(data: bytes) -> None:
+        outstream.write(data)
+        outstream.flush()
+
+    if incoming:
+        handshake.accept_blocking(instream.read, write, cookie)
+    else:
+        handshake.connect_blocking(instream.read, write, cookie)

@@ -1,0 +1,114 @@
+"""Running as a worker: start_worker, init_worker, process_messages (`fastdist.worker` is the CLI).
+
+Port of Distributed.jl's `start_worker` / `init_worker`. The worker listens,
+prints `fastdist_worker:PORT#HOST`, reads the cookie from stdin when it is not
+given, and serves until its master goes away — it never outlives the master.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+from fastdist import node as _node
+from fastdist.node import Node, worker_timeout
+
+
+def init_worker(cookie: str, manager: Any = None) -> Node:
+    """Make this process a worker with the cluster's cookie (no listener yet).
+
+    Custom transports call this, then `process_messages` for each connection.
+    """
+    from fastdist.cluster import cluster_cookie
+
+    cluster_cookie(cookie)
+    n = Node(0, "worker", cookie)
+    n.manager = manager  # type: ignore[attr-defined]
+    _node.install(n)
+    return n
+
+
+def process_messages(r_stream: Any, w_stream: Any, incoming: bool = True) -> Any:
+    """Serve a connection over any pair of binary streams (custom transports).
+
+    Runs the handshake (as acceptor when `incoming`), then reads frames on a
+    thread of its own; returns the connection at once.
+    """
+    from fastdist.transport import stream_handshake
+
+    n = _node.current()
+    if n.loop_thread is None and not n.loop.in_loop_thread():
+        n.start_loop_thread()
+    stream_handshake(r_stream, w_stream, n.cookie.encode(), incoming=incoming)
+    return n.add_stream_connection(r_stream, w_stream, None)
+
+
+def advertised_host(bind_host: str) -> str:
+    """The address other processes should use to reach a worker bound to `bind_host`."""
+    if bind_host not in ("0.0.0.0", "", "::"):
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def parse_bind(bind_to: str | None) -> tuple[str, int]:
+    if not bind_to:
+        return "0.0.0.0", 0
+    if bind_to.startswith("["):
+        host, _, rest = bind_to[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 0
+    if bind_to.count(":") == 1:
+        host, port = bind_to.split(":")
+        return host, int(port)
+    return bind_to, 0
+
+
+def start_worker(out: Any = None, cookie: str | None = None, close_stdin: bool = True,
+                 stderr_to_stdout: bool = True, *, bind_to: str | None = None) -> None:
+    """Run this process as a worker until its master goes away; does not return."""
+    out = sys.stdout if out is None else out
+    if cookie is None:
+        cookie = sys.stdin.readline().strip()
+    if close_stdin:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    if stderr_to_stdout:
+        os.dup2(1, 2)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    n = init_worker(cookie)
+    host, port = parse_bind(bind_to)
+    n.start_listener(host, port)
+    n.host = advertised_host(host)
+    print(f"fastdist_worker:{n.port}#{n.host}", file=out, flush=True)
+    # Ctrl-C (or `kill -INT`) interrupts the running calls; the worker lives on.
+    signal.signal(signal.SIGINT, lambda *_: n.callpool.interrupt())
+    _exit_if_nobody_connects(n)
+    n.loop.run()
+    os._exit(0)
+
+
+def _exit_if_nobody_connects(n: Node) -> None:
+    timeout = worker_timeout()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if n.myid != 0:
+                return
+            time.sleep(0.1)
+        if n.myid == 0:
+            print(f"Master process (id 1) could not connect within {timeout:g} seconds.\n"
+                  "exiting.", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    threading.Thread(target=watch, name="fastdist-connect-watch", daemon=True).start()
