@@ -14,6 +14,7 @@ value is freed when every client's count is zero.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ from fastdist.exceptions import (
 )
 
 _allocate_lock = threading.Lock
+# Guards Waiter callback lists only; the set/wait fast path never takes it.
+_callbacks_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +42,7 @@ class RRID:
 class Waiter:
     """A one-shot event carrying a value or an error; many threads may wait on it."""
 
-    __slots__ = ("_lock", "_set", "value", "error", "peer", "__weakref__")
+    __slots__ = ("_lock", "_set", "value", "error", "peer", "_callbacks", "__weakref__")
 
     def __init__(self, peer: int = 0) -> None:
         self._lock = _allocate_lock()
@@ -48,18 +51,49 @@ class Waiter:
         self.value: Any = None
         self.error: BaseException | None = None
         self.peer = peer  # the process whose death fails this waiter
+        self._callbacks: list[Callable[[Waiter], object]] | None = None
 
     def set(self, value: Any) -> None:
         if not self._set:
             self._set = True
             self.value = value
             self._lock.release()
+            if self._callbacks is not None:
+                self._run_callbacks()
 
     def fail(self, error: BaseException) -> None:
         if not self._set:
             self._set = True
             self.error = error
             self._lock.release()
+            if self._callbacks is not None:
+                self._run_callbacks()
+
+    def add_done_callback(self, fn: Callable[[Waiter], object]) -> None:
+        """Call `fn(self)` once set or failed: at once if it is already, else on the
+        setting thread (often the I/O thread: `fn` must be quick and never block).
+
+        Lets `await` and the Executor follow a result without a thread per wait.
+        """
+        with _callbacks_lock:
+            pending = not self._set
+            if pending:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+        if not pending:
+            fn(self)
+        elif self._set:
+            self._run_callbacks()  # set() ran between our check and our append
+
+    def _run_callbacks(self) -> None:
+        with _callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            try:
+                fn(self)
+            except Exception:  # noqa: BLE001 - a callback must not break the setter
+                pass
 
     def done(self) -> bool:
         return self._set

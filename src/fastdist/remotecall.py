@@ -9,6 +9,7 @@ the same objects.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastdist import node as _node
@@ -233,7 +234,8 @@ def fetch_future(fut: Future, timeout: float | None) -> Any:
     return fut._return()
 
 
-def _fetch_remote(n: Any, fut: Future, timeout: float | None) -> tuple[Any, bool]:
+def _send_fetch(n: Any, fut: Future) -> tuple[int, Waiter]:
+    """Ask the owner of `fut` for its value; the answer will set the returned Waiter."""
     wid = n.next_id()
     w = Waiter(peer=fut.where)
     n.waiters[wid] = w
@@ -242,6 +244,11 @@ def _fetch_remote(n: Any, fut: Future, timeout: float | None) -> tuple[Any, bool
     except BaseException:
         n.waiters.pop(wid, None)
         raise
+    return wid, w
+
+
+def _fetch_remote(n: Any, fut: Future, timeout: float | None) -> tuple[Any, bool]:
+    wid, w = _send_fetch(n, fut)
     if not w.wait(timeout):
         n.waiters.pop(wid, None)
         raise TimeoutError(f"the value of {fut!r} did not arrive within {timeout} s")
@@ -286,12 +293,62 @@ def put_future(fut: Future, value: Any) -> None:
     fut._cache(value, False)
 
 
+def when_ready(fut: Future, callback: Callable[[], object]) -> bool:
+    """Run `callback()` once `fut.fetch()` would not wait (value or failure is here).
+
+    It runs at once, or on the thread that delivers the value (often the I/O
+    thread: it must be quick). Returns False, arranging nothing, for a Future
+    owned by another process whose value is not pushed here.
+    """
+    if fut._value is not _EMPTY or fut._raw is not None:
+        callback()
+        return True
+    if fut._push is not None:
+        fut._push.add_done_callback(lambda _w: callback())
+        return True
+    n = _node.current()
+    if fut.where == n.myid:
+        n.store.lookup(fut.rrid).waiter.add_done_callback(lambda _w: callback())
+        return True
+    return False
+
+
 async def await_future(fut: Future) -> Any:
-    """Wait for a Future inside an event loop without blocking the loop."""
+    """Wait for a Future inside an event loop: the loop never blocks, no thread waits.
+
+    The value's arrival wakes the loop through `call_soon_threadsafe`; the value
+    is unpickled on the loop's thread.
+    """
     if fut._value is not _EMPTY or fut._materialize():
         return fut._return()
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, fut.fetch)
+    arrived = loop.create_future()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(_resolve, arrived)
+        except RuntimeError:  # the loop was closed while we waited
+            pass
+
+    if when_ready(fut, wake):
+        await arrived
+        return fut.fetch()
+    n = _node.current()
+    wid, w = _send_fetch(n, fut)
+    w.add_done_callback(lambda _w: wake())
+    try:
+        await arrived
+    finally:
+        n.waiters.pop(wid, None)
+    if w.error is not None:
+        raise w.error
+    fut._cache(*decode_result(*w.value))
+    return fut._return()
+
+
+def _resolve(arrived: asyncio.Future[None]) -> None:
+    if not arrived.done():
+        arrived.set_result(None)
 
 
 # -- the generic functions ------------------------------------------------------------
