@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import threading
 from typing import Any
 
@@ -55,6 +56,54 @@ class _Pickler(cloudpickle.CloudPickler):
         return super().reducer_override(obj)
 
 
+class _BytesOutOfBandPickler(_Pickler):
+    """Also sends large bytes and bytearrays out of band (the C pickler writes those
+    in-band before any hook but persistent_id sees them)."""
+
+    def __init__(self, *args: Any, oob: list[memoryview], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._oob = oob
+
+    def persistent_id(self, obj: Any) -> Any:
+        t = type(obj)
+        if (t is bytes or t is bytearray) and len(obj) >= OOB_THRESHOLD:
+            self._oob.append(memoryview(obj).cast("B"))
+            return (t is bytearray, len(self._oob) - 1)
+        return None
+
+
+class _BytesOutOfBandUnpickler(pickle.Unpickler):
+    """Pickle-5 buffers come first in the list, the persistent bytes after them."""
+
+    def __init__(self, body: Any, buffers: list[Any], npickle: int) -> None:
+        super().__init__(io.BytesIO(body), buffers=buffers[:npickle])
+        self._bytes = buffers[npickle:]
+
+    def persistent_load(self, pid: Any) -> Any:
+        is_bytearray, index = pid
+        buf = self._bytes[index]
+        return bytearray(buf) if is_bytearray else bytes(buf)
+
+
+# A body that starts with 0 used persistent ids for bytes (a pickle stream of
+# protocol 5 starts with 0x80); a u32 after it counts the pickle-5 buffers.
+_PERSISTENT_HEADER = struct.Struct("<BI")
+
+
+def _has_large_bytes(obj: Any, depth: int = 3) -> bool:
+    """A shallow look for large bytes/bytearray (arguments are rarely nested deeper)."""
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return len(obj) >= OOB_THRESHOLD
+    if depth == 0:
+        return False
+    if t is tuple or t is list:
+        return len(obj) <= 64 and any(_has_large_bytes(x, depth - 1) for x in obj)
+    if t is dict:
+        return len(obj) <= 64 and any(_has_large_bytes(x, depth - 1) for x in obj.values())
+    return False
+
+
 def dumps(obj: Any, dest: int | None = None, what: str = "value") -> tuple[bytes, list[memoryview]]:
     """Pickle `obj` for process `dest`; return (stream, out-of-band buffers).
 
@@ -74,7 +123,15 @@ def dumps(obj: Any, dest: int | None = None, what: str = "value") -> tuple[bytes
     previous = getattr(_context, "dest", None)
     _context.dest = dest
     try:
-        _Pickler(stream, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
+        if _has_large_bytes(obj):
+            large_bytes: list[memoryview] = []
+            stream.write(_PERSISTENT_HEADER.pack(0, 0))
+            _BytesOutOfBandPickler(stream, protocol=5, buffer_callback=keep_out_of_band,
+                                   oob=large_bytes).dump(obj)
+            stream.getbuffer()[:_PERSISTENT_HEADER.size] = _PERSISTENT_HEADER.pack(0, len(buffers))
+            buffers.extend(large_bytes)
+        else:
+            _Pickler(stream, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
     except Exception as exc:
         raise SerializationError(f"could not serialise the {what}: {type(exc).__name__}: {exc}") from exc
     finally:
@@ -90,6 +147,11 @@ def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
             a class this process does not have, a corrupt stream).
     """
     try:
+        view = memoryview(body)
+        if view.nbytes and view[0] == 0:
+            _, npickle = _PERSISTENT_HEADER.unpack_from(view)
+            return _BytesOutOfBandUnpickler(view[_PERSISTENT_HEADER.size:], list(buffers),
+                                            npickle).load()
         return pickle.loads(body, buffers=buffers)
     except Exception as exc:
         raise SerializationError(f"could not deserialise the {what}: {type(exc).__name__}: {exc}") from exc
