@@ -260,6 +260,11 @@ def _addprocs(manager: ClusterManager, **kwargs: Any) -> list[int]:
             raise ClusterError(f"launching workers failed: {type(first).__name__}: {first}; "
                                "none were added") from first
         _announce(n, pids)
+        if n.topology == "custom" or not n.lazy:
+            from fastdist.remotecall import remotecall_fetch
+
+            for pid in pids:
+                remotecall_fetch(_link_peers, pid)
         from fastdist.workerpool import add_to_default_pool
 
         add_to_default_pool(pids)
@@ -475,16 +480,10 @@ def _join(n: Node, conn: Any, d: dict[str, Any]) -> None:
             n.peers[facts["pid"]] = Peer(**facts)
     install_log_forwarding(n, d.get("log_level", logging.WARNING))
 
+    n.connect_idents = d.get("connect_idents")  # type: ignore[attr-defined]
+
     def finish() -> None:
-        # Open the links the topology asks for before saying we are in.
         try:
-            for p in list(n.peers.values()):
-                if p.pid == 1:
-                    continue
-                if (n.topology == "all_to_all" and not n.lazy) or (
-                        n.topology == "custom" and d.get("connect_idents")
-                        and p.ident in d["connect_idents"]):
-                    _connect_now(n, p)
             body, _ = serialize.dumps({"pid": n.myid, "ospid": os.getpid(), "host": n.host,
                                        "port": n.port}, what="identity")
             conn.send_frame(Kind.IDENTIFY, 0, 0, n.myid, 0, body)
@@ -495,6 +494,20 @@ def _join(n: Node, conn: Any, d: dict[str, Any]) -> None:
             conn.close(exc)
 
     n.callpool.submit(finish)
+
+
+def _link_peers() -> None:
+    """On a new worker, once its whole batch has joined: open the links the topology asks
+    for (eager all_to_all: to every lower pid; custom: to the idents in connect_idents)."""
+    n = _node.current()
+    idents = getattr(n, "connect_idents", None) or ()
+    for p in list(n.peers.values()):
+        if p.pid == 1:
+            continue
+        if n.topology == "all_to_all" and not n.lazy and p.pid < n.myid:
+            _connect_now(n, p)
+        elif n.topology == "custom" and p.ident is not None and p.ident in idents:
+            _connect_now(n, p)
 
 
 def _connect_now(n: Node, p: Peer) -> None:
