@@ -255,8 +255,10 @@ def _addprocs(manager: ClusterManager, **kwargs: Any) -> list[int]:
                     _kill_unjoined(config)
             first = failures[0]
             if isinstance(first, ClusterError):
-                raise ClusterError(f"{first} ({len(failures)} of {len(launched) or '?'} "
-                                   "workers failed; none were added)") from first
+                # Count failed workers, not the launch error that may head the list.
+                n_failed = sum(isinstance(o, BaseException) for o in outcomes)
+                counted = f"{n_failed} of {len(launched)} workers failed; " if launched else ""
+                raise ClusterError(f"{first} ({counted}none were added)") from first
             raise ClusterError(f"launching workers failed: {type(first).__name__}: {first}; "
                                "none were added") from first
         _announce(n, pids)
@@ -297,7 +299,8 @@ def _setup_worker(n: Node, manager: ClusterManager, config: WorkerConfig) -> int
         if config.bind_addr is None:
             config.bind_addr = host
         config.port = port
-    elif config.port is None:
+    elif config.port is None and type(manager).connect is ClusterManager.connect:
+        # A manager with its own connect (a custom transport) needs neither.
         raise ClusterError(f"worker {pid}: its manager gave neither an io stream nor a port")
     instream, outstream = manager.connect(pid, config)
     join = Waiter(peer=pid)
