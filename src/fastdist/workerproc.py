@@ -45,8 +45,32 @@ def process_messages(r_stream: Any, w_stream: Any, incoming: bool = True) -> Any
     n = _node.current()
     if n.loop_thread is None and not n.loop.in_loop_thread():
         n.start_loop_thread()
+    joining: dict[str, Any] = {"conn": None}
+    if incoming and n.role == "worker" and n.myid == 0:
+        # Until the master's IDENTIFY names this link, its loss would go unnoticed
+        # (the connection has no peer yet): bound the wait, as start_worker does.
+        threading.Thread(target=_exit_unless_joined, args=(n, joining),
+                         name="fastdist-join-watch", daemon=True).start()
     stream_handshake(r_stream, w_stream, n.cookie.encode(), incoming=incoming)
-    return n.add_stream_connection(r_stream, w_stream, None)
+    joining["conn"] = n.add_stream_connection(r_stream, w_stream, None)
+    return joining["conn"]
+
+
+def _exit_unless_joined(n: Node, joining: dict[str, Any]) -> None:
+    """Exit a worker whose stream to the master closes, or stays silent, before it joins."""
+    timeout = worker_timeout()
+    deadline = time.monotonic() + timeout
+    while n.myid == 0:
+        conn = joining["conn"]
+        if conn is not None and conn.is_closed:
+            why = "closed the connection before this worker joined"
+        elif time.monotonic() > deadline:
+            why = f"did not complete joining within {timeout:g} seconds"
+        else:
+            time.sleep(0.05)
+            continue
+        print(f"Master process (id 1) {why}.\nexiting.", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def advertised_host(bind_host: str) -> str:
