@@ -1,0 +1,259 @@
+"""SlurmManager: workers as the tasks of one `srun` job step, in or as a Slurm allocation.
+
+After ClusterManagers.jl's `SlurmManager`, without its output files: one
+`srun --label` runs `np` workers, the cookie goes to every task on srun's
+stdin (srun forwards its stdin to all tasks), and srun's labelled stdout is
+split back into one stream per task, on which each worker's
+`fastdist_worker:PORT#HOST` line and later output arrive. Task stderr is
+relayed as the worker's; srun's own messages go to the master's stderr and
+into the error when a launch fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from fastdist.exceptions import ClusterError
+from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.local import escalate_exit, worker_command, worker_environment
+
+# How many of srun's own lines (and each task's early stderr) a launch error quotes.
+ERROR_TAIL_LINES = 12
+
+
+def srun_flags(options: dict[str, Any]) -> list[str]:
+    """Turn keyword options into srun flags.
+
+    `partition="debug"` -> `--partition=debug`, `cpus_per_task=2` ->
+    `--cpus-per-task=2`, `overcommit=True` -> `--overcommit`, `N=1` -> `-N 1`,
+    `O=True` -> `-O`; `False` and `None` leave a flag out.
+
+    Example:
+        >>> srun_flags({"partition": "debug", "overcommit": True, "N": 1})
+        ['--partition=debug', '--overcommit', '-N', '1']
+    """
+    flags: list[str] = []
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        if len(key) == 1:
+            flags.append(f"-{key}")
+            if value is not True:
+                flags.append(str(value))
+        else:
+            name = "--" + key.replace("_", "-")
+            flags.append(name if value is True else f"{name}={value}")
+    return flags
+
+
+class SlurmManager(ClusterManager):
+    """Launch `np` workers with one `srun`, inside the current allocation or as a new one.
+
+    Inside an allocation (`SLURM_JOB_ID` set, e.g. under `salloc` or `sbatch`)
+    the workers are a job step of it; elsewhere srun asks for an allocation of
+    its own first. `addprocs` keywords `exename`, `exeflags`, `dir` (srun's
+    `--chdir`), `env` and `enable_threaded_blas` apply; tasks get the master's
+    environment and `sys.path`, as local workers do (srun exports the
+    environment to the tasks).
+
+    Args:
+        np: how many workers (srun tasks).
+        srun_options: srun flags as keywords: `partition="debug"` ->
+            `--partition=debug`, `time="00:10:00"`, `overcommit=True` ->
+            `--overcommit` (needed for more tasks than CPUs), `N=2` -> `-N 2`.
+
+    Raises:
+        ValueError: `np` is negative.
+
+    Example:
+        >>> fd.addprocs(fd.SlurmManager(4, partition="debug", time="00:30:00"))
+        [2, 3, 4, 5]
+    """
+
+    def __init__(self, np: int, **srun_options: Any) -> None:
+        if int(np) < 0:
+            raise ValueError("the number of workers must be non-negative")
+        self.np = int(np)
+        self.srun_options = srun_options
+        self.srun: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._pids: dict[int, int] = {}  # task -> pid, once registered
+        self._early_stderr: dict[int, list[str]] = {}  # task -> lines before it joined
+        self._srun_said: list[str] = []
+        self._live = 0
+
+    def __repr__(self) -> str:
+        return f"SlurmManager(np={self.np}, {self.srun_options!r})"
+
+    def srun_command(self, params: dict[str, Any]) -> list[str]:
+        """The srun command line that launch runs."""
+        options = dict(self.srun_options)
+        if not any(k in options for k in ("job_name", "J")):
+            options["job_name"] = "fastdist"
+        if params.get("dir") is not None and not any(k in options for k in ("chdir", "D")):
+            options["chdir"] = params["dir"]
+        # One worker leaving (rmprocs, a crash) must not end the others' step.
+        options.setdefault("kill_on_bad_exit", 0)
+        worker = worker_command(params.get("exename") or sys.executable, params.get("exeflags"),
+                                "0.0.0.0", separate_stderr=True)
+        return ["srun", f"--ntasks={self.np}", "--label", *srun_flags(options), *worker]
+
+    def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
+               launch_ntfy: threading.Condition) -> None:
+        """Run srun, hand the framework one stream per task, wait until each task reported.
+
+        Raises:
+            ClusterError: srun is missing, exited, or its tasks did not report within
+                FASTDIST_WORKER_TIMEOUT; the message quotes what srun said.
+        """
+        from fastdist.cluster import cluster_cookie
+        from fastdist.node import worker_timeout
+
+        if self.np == 0:
+            return
+        environ = worker_environment(params.get("env"),
+                                     bool(params.get("enable_threaded_blas", False)))
+        argv = self.srun_command(params)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=environ,
+                                    start_new_session=True)
+        except FileNotFoundError:
+            raise ClusterError("cannot launch Slurm workers: srun is not on PATH") from None
+        self.srun = proc
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write((cluster_cookie() + "\n").encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # srun died at once; reported below
+        writers: list[int] = []
+        configs: list[WorkerConfig] = []
+        for task in range(self.np):
+            r, w = os.pipe()
+            writers.append(w)
+            configs.append(WorkerConfig(
+                io=open(r, "rb", buffering=0),  # noqa: SIM115 - the framework closes it
+                count=1, exename=params.get("exename"),
+                exeflags=params.get("exeflags"), environ=params.get("env"),
+                enable_threaded_blas=params.get("enable_threaded_blas"),
+                userdata={"task": task, "srun": proc}))
+        threading.Thread(target=self._split_stdout, args=(proc, writers),
+                         name="fastdist-srun-stdout", daemon=True).start()
+        threading.Thread(target=self._relay_stderr, args=(proc,),
+                         name="fastdist-srun-stderr", daemon=True).start()
+        with launch_ntfy:
+            launched.extend(configs)
+            self._live = len(configs)
+            launch_ntfy.notify_all()
+        deadline = time.monotonic() + worker_timeout() + 5
+        while time.monotonic() < deadline and proc.poll() is None:
+            if all(c.port is not None for c in configs):
+                return
+            time.sleep(0.01)
+        time.sleep(0.05)  # the last address may have been read just as srun exited
+        reported = sum(c.port is not None for c in configs)
+        if reported == self.np:
+            return
+        if proc.poll() is None:
+            why = (f"{self.np - reported} of {self.np} srun tasks did not report within "
+                   f"{worker_timeout():g} s (FASTDIST_WORKER_TIMEOUT)")
+            # Ending srun ends the tasks and gives every unread stream its EOF at once.
+            threading.Thread(target=escalate_exit, args=(proc, 0.0), daemon=True).start()
+        else:
+            why = (f"srun exited with code {proc.returncode} before {self.np - reported} of "
+                   f"{self.np} workers reported")
+        raise ClusterError(f"cannot launch Slurm workers ({' '.join(argv[:argv.index('--label')])}"
+                           f" ...): {why}{self._said()}")
+
+    def _said(self) -> str:
+        with self._lock:
+            lines = list(self._srun_said[-ERROR_TAIL_LINES:])
+            for task, early in sorted(self._early_stderr.items()):
+                lines += [f"task {task}: {line}" for line in early[-ERROR_TAIL_LINES:]]
+        return ("; it said: " + " | ".join(lines)) if lines else ""
+
+    def _split_stdout(self, proc: subprocess.Popen[bytes], writers: list[int]) -> None:
+        """srun's labelled stdout -> one pipe per task (the WorkerConfig.io streams)."""
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                labelled = _split_label(raw)
+                if labelled is None:
+                    continue
+                task, line = labelled
+                if 0 <= task < len(writers) and writers[task] >= 0:
+                    line = line if line.endswith(b"\n") else line + b"\n"
+                    try:
+                        os.write(writers[task], line)
+                    except OSError:
+                        # the framework stopped reading (it gave up on that worker)
+                        os.close(writers[task])
+                        writers[task] = -1
+        finally:
+            for w in writers:
+                if w >= 0:
+                    os.close(w)
+            proc.stdout.close()
+
+    def _relay_stderr(self, proc: subprocess.Popen[bytes]) -> None:
+        """Task stderr becomes `From worker N:` lines; srun's own lines are passed on."""
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            text = raw.decode(errors="replace").rstrip("\n")
+            labelled = _split_label(raw)
+            with self._lock:
+                if labelled is None:
+                    self._srun_said.append(text)
+                    out = text
+                else:
+                    task = labelled[0]
+                    line = labelled[1].decode(errors="replace").rstrip("\n")
+                    pid = self._pids.get(task)
+                    if pid is None:
+                        self._early_stderr.setdefault(task, []).append(line)
+                        continue
+                    out = f"From worker {pid}:\t{line}"
+            _print_err(out)
+        proc.stderr.close()
+        proc.wait()  # reap srun whenever the step ends, however it ends
+
+    def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
+        """`register`: relay its task's stderr under its pid; `deregister`: when the
+        last worker is gone, make sure srun (the job step) ends too."""
+        task = config.userdata.get("task") if isinstance(config.userdata, dict) else None
+        if op == "register" and task is not None:
+            with self._lock:
+                self._pids[task] = pid
+                early = self._early_stderr.pop(task, [])
+            for line in early:
+                _print_err(f"From worker {pid}:\t{line}")
+        elif op == "deregister":
+            with self._lock:
+                self._live -= 1
+                last = self._live <= 0
+            if last and self.srun is not None:
+                threading.Thread(target=escalate_exit, args=(self.srun,), daemon=True,
+                                 name="fastdist-srun-reap").start()
+
+
+def _split_label(raw: bytes) -> tuple[int, bytes] | None:
+    """srun --label puts the task number before each line, right-aligned: b" 3: text"."""
+    head, sep, rest = raw.partition(b":")
+    head = head.strip()
+    if not sep or not head.isdigit():
+        return None
+    return int(head), rest[1:] if rest.startswith(b" ") else rest
+
+
+def _print_err(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
