@@ -39,6 +39,8 @@ from fastdist.exceptions import (
 from fastdist.managers import (
     ClusterManager,
     LocalManager,
+    SlurmManager,
+    SSHManager,
     WorkerConfig,
     connect,
     kill,
@@ -79,6 +81,8 @@ __all__ = [
     "ProcessExitedException",
     "RemoteChannel",
     "RemoteException",
+    "SSHManager",
+    "SlurmManager",
     "Task",
     "WorkerConfig",
     "addprocs",

@@ -9,5 +9,17 @@ from fastdist.managers.base import (
     manage,
 )
 from fastdist.managers.local import LocalManager
+from fastdist.managers.slurm import SlurmManager
+from fastdist.managers.ssh import SSHManager
 
-__all__ = ["ClusterManager", "LocalManager", "WorkerConfig", "connect", "kill", "launch", "manage"]
+__all__ = [
+    "ClusterManager",
+    "LocalManager",
+    "SSHManager",
+    "SlurmManager",
+    "WorkerConfig",
+    "connect",
+    "kill",
+    "launch",
+    "manage",
+]
