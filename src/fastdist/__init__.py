@@ -36,6 +36,7 @@ from fastdist.exceptions import (
     ProcessExitedException,
     RemoteException,
 )
+from fastdist.executor import Executor
 from fastdist.managers import (
     ClusterManager,
     LocalManager,
@@ -75,6 +76,7 @@ __all__ = [
     "ClusterError",
     "ClusterManager",
     "CompositeException",
+    "Executor",
     "Future",
     "FutureAlreadySetError",
     "LocalManager",
