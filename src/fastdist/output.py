@@ -62,8 +62,8 @@ class _LineRelay:
         try:
             out.write(text)
             out.flush()
-        except (OSError, ValueError):
-            pass
+        except (AttributeError, OSError, ValueError):
+            pass  # no stream (sys.stdout is None), or it was closed: the line is dropped
 
 
 def relay_worker_output(node: Any, pid: int, config: Any) -> None:

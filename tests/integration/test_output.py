@@ -1,0 +1,176 @@
+"""Worker output and logging reach the master: `From worker N:` lines, forwarded records."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import pytest
+
+import fastdist as fd
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def say(text, stream="stdout"):
+    print(text, file=getattr(sys, stream))
+
+
+def say_lines(lines):
+    for line in lines:
+        print(line)
+
+
+def say_then_exit(text):
+    print(text)
+    os._exit(0)
+
+
+def log_on_worker(name, level, msg, *args):
+    logging.getLogger(name).log(level, msg, *args)
+
+
+def log_exception_on_worker(name):
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        logging.getLogger(name).exception("division failed")
+
+
+def read_until(capture, needle, stream="out", timeout=10.0):
+    """Everything `capture` (capfd or capsys) collects until `needle` shows on `stream`."""
+    seen = {"out": "", "err": ""}
+    deadline = time.monotonic() + timeout
+    while True:
+        got = capture.readouterr()
+        seen["out"] += got.out
+        seen["err"] += got.err
+        if needle in seen[stream] or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.02)
+
+
+def test_worker_stdout_reaches_master_stdout_prefixed(two_workers, capfd):
+    w = two_workers[0]
+    fd.remotecall_fetch(say, w, "hello from the worker")
+    seen = read_until(capfd, "hello from the worker")
+    assert f"From worker {w}:\thello from the worker\n" in seen["out"]
+    assert "hello from the worker" not in seen["err"]
+
+
+def test_worker_stderr_reaches_master_stderr_prefixed(two_workers, capfd):
+    w = two_workers[1]
+    fd.remotecall_fetch(say, w, "a warning line", "stderr")
+    seen = read_until(capfd, "a warning line", "err")
+    assert f"From worker {w}:\ta warning line\n" in seen["err"]
+    assert "a warning line" not in seen["out"]
+
+
+def test_relay_works_with_capsys(two_workers, capsys):
+    w = two_workers[0]
+    fd.remotecall_fetch(say, w, "seen by capsys")
+    seen = read_until(capsys, "seen by capsys")
+    assert f"From worker {w}:\tseen by capsys" in seen["out"]
+
+
+def test_every_line_is_prefixed_and_in_order(two_workers, capfd):
+    w = two_workers[0]
+    lines = [f"line {i}" for i in range(200)]
+    fd.remotecall_fetch(say_lines, w, lines)
+    seen = read_until(capfd, "line 199")
+    relayed = [ln for ln in seen["out"].splitlines() if ln.startswith(f"From worker {w}:")]
+    assert relayed == [f"From worker {w}:\t{line}" for line in lines]
+
+
+def test_line_printed_just_before_exit_arrives(cluster, capfd):
+    (w,) = cluster.add(1)
+    fd.remote_do(say_then_exit, w, "last words")
+    seen = read_until(capfd, "last words")
+    assert f"From worker {w}:\tlast words\n" in seen["out"]
+    deadline = time.monotonic() + 20
+    while w in fd.workers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert w not in fd.workers()
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def app_logger():
+    logger = logging.getLogger("fastdist_test_app")
+    handler = ListHandler()
+    handler.setFormatter(logging.Formatter("[%(worker)s] %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+
+def wait_for_records(handler, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while len(handler.records) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return handler.records
+
+
+def test_worker_log_record_reaches_master_handler_with_worker_id(two_workers, app_logger):
+    _, handler = app_logger
+    w = two_workers[1]
+    fd.remotecall_fetch(log_on_worker, w, "fastdist_test_app", logging.WARNING,
+                        "disk %s is %d%% full", "/data", 93)
+    (record,) = wait_for_records(handler, 1)
+    assert record.worker == w
+    assert record.getMessage() == "disk /data is 93% full"
+    assert record.levelno == logging.WARNING
+    assert record.name == "fastdist_test_app"
+    assert record.process != os.getpid()
+    assert handler.lines == [f"[{w}] WARNING fastdist_test_app: disk /data is 93% full"]
+
+
+def test_master_records_have_worker_field_too(app_logger):
+    logger, handler = app_logger
+    logger.warning("on the master")
+    assert handler.lines == ["[1] WARNING fastdist_test_app: on the master"]
+
+
+def test_records_from_several_workers(two_workers, app_logger):
+    _, handler = app_logger
+    for w in two_workers:
+        fd.remotecall_fetch(log_on_worker, w, "fastdist_test_app", logging.ERROR, "from %d", w)
+    records = wait_for_records(handler, 2)
+    assert sorted((r.worker, r.getMessage()) for r in records) == [
+        (w, f"from {w}") for w in sorted(two_workers)]
+
+
+def test_worker_exception_log_carries_traceback_text(two_workers, app_logger):
+    _, handler = app_logger
+    fd.remotecall_fetch(log_exception_on_worker, two_workers[0], "fastdist_test_app")
+    (record,) = wait_for_records(handler, 1)
+    assert record.worker == two_workers[0]
+    assert "ZeroDivisionError" in handler.lines[0]
+    assert "division failed" in handler.lines[0]
+
+
+def test_records_below_master_level_are_not_handled(two_workers, app_logger):
+    logger, handler = app_logger
+    logger.setLevel(logging.ERROR)
+    w = two_workers[0]
+    fd.remotecall_fetch(log_on_worker, w, "fastdist_test_app", logging.WARNING, "quiet")
+    fd.remotecall_fetch(log_on_worker, w, "fastdist_test_app", logging.ERROR, "loud")
+    records = wait_for_records(handler, 1)
+    time.sleep(0.2)
+    assert [r.getMessage() for r in records] == ["loud"]
