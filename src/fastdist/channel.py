@@ -1,4 +1,4 @@
-"""The local, thread-safe Channel: Julia's `Channel{Any}(sz)` and the `AbstractChannel` interface."""
+"""The local thread-safe Channel (Julia's `Channel{Any}(sz)`) and the AbstractChannel interface."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, SupportsIndex
 
 from fastdist.exceptions import ChannelClosedError
 
@@ -340,7 +340,8 @@ class Channel(AbstractChannel):
         state = "closed" if self._closed else "open"
         return f"Channel(size={self._size}, n_avail={len(self)}, {state})"
 
-    __reduce_ex__ = refuse_pickle
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        refuse_pickle(self)
 
     def _has_value(self) -> bool:
         return bool(self._offers) if self._size == 0 else bool(self._buffer)

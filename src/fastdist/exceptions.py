@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import traceback as _tb
+from collections.abc import Sequence
+from typing import Any, Self
 
 __all__ = [
     "CapturedException",
@@ -47,7 +49,7 @@ class ProcessExitedException(RuntimeError):
     def __str__(self) -> str:
         return f"ProcessExitedException: worker {self.worker_id} has exited"
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self) -> tuple[Any, ...]:
         return (ProcessExitedException, (self.worker_id,))
 
 
@@ -82,14 +84,14 @@ class CapturedException(Exception):
         self.traceback = traceback
 
     @classmethod
-    def capture(cls, ex: BaseException) -> "CapturedException":
+    def capture(cls, ex: BaseException) -> CapturedException:
         text = "".join(_tb.format_exception(type(ex), ex, ex.__traceback__))
         return cls(ex, text)
 
     def __str__(self) -> str:
         return self.traceback or repr(self.ex)
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self) -> tuple[Any, ...]:
         return (CapturedException, (self.ex, self.traceback))
 
 
@@ -114,22 +116,34 @@ class RemoteException(Exception):
     def __str__(self) -> str:
         return f"On worker {self.pid}:\n{self.captured.traceback.rstrip()}"
 
-    def __reduce__(self):  # type: ignore[override]
+    def __reduce__(self) -> tuple[Any, ...]:
         return (RemoteException, (self.pid, self.captured))
 
 
-class CompositeException(ExceptionGroup):  # noqa: N818 - Julia's name
-    """Several exceptions from a group of tasks or processes (e.g. `everywhere`, `sync`)."""
+class CompositeException(ExceptionGroup[Exception]):
+    """Several exceptions from a group of tasks or processes (e.g. `everywhere`, `sync`).
 
-    def __new__(cls, message_or_excs, excs=None):  # type: ignore[no-untyped-def]
-        if excs is None:
-            excs, message_or_excs = message_or_excs, "several tasks failed"
-        return super().__new__(cls, message_or_excs, list(excs))
+    `CompositeException(excs)` or `CompositeException(message, excs)`.
+    """
 
-    def __init__(self, message_or_excs, excs=None):  # type: ignore[no-untyped-def]
-        if excs is None:
-            excs, message_or_excs = message_or_excs, "several tasks failed"
-        super().__init__(message_or_excs, list(excs))
+    def __new__(cls, message_or_excs: str | Sequence[Exception],
+                excs: Sequence[Exception] | None = None) -> Self:
+        message, excs = _composite_args(message_or_excs, excs)
+        return super().__new__(cls, message, excs)
 
-    def derive(self, excs):  # type: ignore[no-untyped-def, override]
+    def __init__(self, message_or_excs: str | Sequence[Exception],
+                 excs: Sequence[Exception] | None = None) -> None:
+        message, excs = _composite_args(message_or_excs, excs)
+        super().__init__(message, excs)
+
+    def derive(self, excs: Sequence[Exception]) -> CompositeException:  # type: ignore[override]
         return CompositeException(self.message, excs)
+
+
+def _composite_args(message_or_excs: str | Sequence[Exception],
+                    excs: Sequence[Exception] | None) -> tuple[str, list[Exception]]:
+    if excs is None:
+        if isinstance(message_or_excs, str):
+            raise TypeError("CompositeException(message, excs) needs the exceptions too")
+        return "several tasks failed", list(message_or_excs)
+    return str(message_or_excs), list(excs)

@@ -22,7 +22,8 @@ from fastdist.protocol.messages import Kind
 class _LineRelay:
     """Reads one worker pipe on the loop thread and prints it line by line."""
 
-    def __init__(self, node: Any, pid: int, stream: Any, target: str, leftover: bytes = b"") -> None:
+    def __init__(self, node: Any, pid: int, stream: Any, target: str,
+                 leftover: bytes = b"") -> None:
         self.node = node
         self.pid = pid
         self.stream = stream
