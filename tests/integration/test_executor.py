@@ -86,7 +86,7 @@ def test_queued_submission_can_be_cancelled(two_workers):
 def test_wait_and_as_completed(two_workers):
     with fd.Executor() as ex:
         futs = [ex.submit(slow, d, d) for d in (0.6, 0.1)]
-        done, not_done = cf.wait(futs, return_when=cf.FIRST_COMPLETED, timeout=10)
+        done, _ = cf.wait(futs, return_when=cf.FIRST_COMPLETED, timeout=10)
         assert futs[1] in done
         order = [f.result() for f in cf.as_completed(futs, timeout=10)]
     assert sorted(order) == [0.1, 0.6]
@@ -200,7 +200,8 @@ def test_worker_death_fails_its_future_and_queue_goes_on(cluster):
         with pytest.raises(RuntimeError):
             ex.submit(square, 2).result(timeout=20)
     with fd.Executor() as ex:
-        assert [f.result(timeout=20) for f in [ex.submit(where) for _ in range(3)]] == [survivor] * 3
+        futs = [ex.submit(where) for _ in range(3)]
+        assert [f.result(timeout=20) for f in futs] == [survivor] * 3
 
 
 def test_no_workers_runs_on_master(cluster):
