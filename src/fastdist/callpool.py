@@ -10,14 +10,21 @@ can raise KeyboardInterrupt in exactly those threads.
 from __future__ import annotations
 
 import ctypes
+import os
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 
 # An idle thread exits after this long; a burst of blocked calls leaves no crowd behind.
 IDLE_EXIT_SECONDS = 30.0
+# Threads started without waiting; beyond this a queued call waits this long for a
+# thread to come free before another is started (threads beyond the cores only add
+# GIL contention when calls are short, which they mostly are).
+MIN_THREADS = max(2, os.cpu_count() or 2)
+STALL_SECONDS = 0.005
 
 
 class CallPool:
@@ -25,44 +32,117 @@ class CallPool:
         self._name = name
         self._tasks: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._idle = 0
+        self._idle = 0  # threads waiting in get()
+        self._queued = 0  # tasks put and not yet taken
         self._nthreads = 0
         self._running_user: dict[int, int] = {}  # thread ident -> depth of user calls
         self._closed = False
+        self._stall = threading.Event()
+        threading.Thread(target=self._watch_stalls, name=f"{name}-watchdog", daemon=True).start()
+        # At most one idle thread reads the busiest connection itself (see _fast_read).
+        self.fast_connection: Callable[[], object] | None = None
+        self._fast_reader_active = False
 
     def submit(self, task: Callable[[], object]) -> None:
-        """Run `task()` on a pool thread; never blocks."""
+        """Run `task()` on a pool thread; never blocks.
+
+        A waiting thread takes it if there is one; below MIN_THREADS a thread is
+        started for it; otherwise it waits for a thread to come free, and the
+        stall watchdog starts another if none does within STALL_SECONDS (a call
+        blocked on a channel must not hold up the calls queued behind it).
+        """
         with self._lock:
-            if self._idle > 0:
-                self._idle -= 1
-                spawn = False
-            else:
-                spawn = True
+            self._queued += 1
+            short = self._queued > self._idle
+            spawn = short and self._nthreads < MIN_THREADS
+            if spawn:
                 self._nthreads += 1
         self._tasks.put(task)
         if spawn:
-            threading.Thread(target=self._serve, name=f"{self._name}-{self._nthreads}",
-                             daemon=True).start()
+            self._start_thread()
+        elif short:
+            self._stall.set()
+
+    def _start_thread(self) -> None:
+        threading.Thread(target=self._serve, name=f"{self._name}-{self._nthreads}",
+                         daemon=True).start()
+
+    def _watch_stalls(self) -> None:
+        while True:
+            self._stall.wait()
+            time.sleep(STALL_SECONDS)
+            with self._lock:
+                if self._queued <= self._idle:
+                    self._stall.clear()
+                    continue
+                self._nthreads += 1
+            self._start_thread()
+
+    def _fast_read(self) -> None:
+        """Serve the connection to pid 1 from this idle thread, running the first call
+        read on it here: a call then costs no hand-off from the I/O thread.
+
+        Returns when this thread is no longer needed as the fast reader (the
+        connection is gone or being read by someone else).
+        """
+        from fastdist.handlers import read_and_take_call
+
+        with self._lock:
+            if self._fast_reader_active or self.fast_connection is None:
+                return
+            self._fast_reader_active = True
+        busy = 0
+        try:
+            while True:
+                conn = self.fast_connection() if self.fast_connection is not None else None
+                if conn is None or getattr(conn, "is_closed", True):
+                    return
+                task = read_and_take_call(conn, 5.0)
+                if task is False:
+                    # The I/O thread holds the connection for a moment, or a user
+                    # thread reads it for its own reply: try again shortly.
+                    busy += 1
+                    if busy > 5:
+                        return
+                    time.sleep(0.001)
+                    continue
+                busy = 0
+                if task is not None:
+                    with self._lock:
+                        self._fast_reader_active = False
+                    try:
+                        task()
+                    except BaseException:  # noqa: BLE001 - never kill the thread
+                        traceback.print_exc()
+                    with self._lock:
+                        if self._fast_reader_active:
+                            return  # another idle thread took the role meanwhile
+                        self._fast_reader_active = True
+        finally:
+            with self._lock:
+                self._fast_reader_active = False
 
     def _serve(self) -> None:
         while True:
+            with self._lock:
+                self._idle += 1
             try:
                 task = self._tasks.get(timeout=IDLE_EXIT_SECONDS)
             except queue.Empty:
                 with self._lock:
-                    # Exit only if an idle credit is left for us; else a submitter
-                    # has claimed this thread and its task is on the queue.
-                    if self._idle > 0:
-                        self._idle -= 1
+                    self._idle -= 1
+                    # Leave only when the other waiting threads cover what is queued.
+                    if self._queued <= self._idle:
                         self._nthreads -= 1
                         return
                 continue
             except KeyboardInterrupt:
-                continue  # an interrupt that arrived just after a call finished
-            if task is None:
                 with self._lock:
-                    self._nthreads -= 1
-                return
+                    self._idle -= 1
+                continue  # an interrupt that arrived just after a call finished
+            with self._lock:
+                self._idle -= 1
+                self._queued -= 1
             try:
                 task()
             except BaseException:  # noqa: BLE001 - a task must never kill its thread
@@ -71,8 +151,12 @@ class CallPool:
                     traceback.print_exc()
                 except BaseException:  # noqa: BLE001
                     pass
-            with self._lock:
-                self._idle += 1
+            # Idle now: first offer to be the fast reader (not counted as idle meanwhile).
+            if self.fast_connection is not None and not self._fast_reader_active:
+                try:
+                    self._fast_read()
+                except KeyboardInterrupt:
+                    pass
 
     def run_user(self, fn: Callable[..., object], *args: object, **kwargs: object) -> object:
         """Call user code, marking this thread as interruptible while it runs."""

@@ -393,12 +393,14 @@ def read_worker_address(config: WorkerConfig, pid: int) -> tuple[str, int]:
                 try:
                     return host, int(port_s)
                 except ValueError:
+                    stream.close()
                     raise ClusterError(f"worker {pid} printed a malformed address line {line!r}") from None
             if line:
                 seen.append(line)
                 print(f"From worker {pid}:\t{line}", flush=True)
         left = deadline - time.monotonic()
         if left <= 0:
+            stream.close()  # a failed worker's output is never relayed: do not leak its pipe
             raise ClusterError(
                 f"worker {pid} did not report its address within {timeout:g} s "
                 f"(FASTDIST_WORKER_TIMEOUT); it printed: {seen[-5:]!r}")
@@ -413,6 +415,7 @@ def read_worker_address(config: WorkerConfig, pid: int) -> tuple[str, int]:
                     code = config.process.wait(timeout=1)
                 except Exception:  # noqa: BLE001
                     code = None
+            stream.close()
             raise ClusterError(
                 f"worker {pid}'s launcher exited (exit code {code}) before printing its "
                 f"address line {WORKER_LINE_PREFIX}PORT#HOST; it printed: {seen[-5:]!r}")
@@ -484,6 +487,8 @@ def _join(n: Node, conn: Any, d: dict[str, Any]) -> None:
     install_log_forwarding(n, d.get("log_level", logging.WARNING))
 
     n.connect_idents = d.get("connect_idents")  # type: ignore[attr-defined]
+    if hasattr(conn, "read_direct"):
+        n.callpool.fast_connection = lambda: n.peers[1].conn if 1 in n.peers else None
 
     def finish() -> None:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -109,9 +110,32 @@ def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
         pass
 
 
+_local = threading.local()
+
+
 def handle_call(node: Any, conn: Any, frame: Any) -> None:
     rv = node.store.lookup(RRID(frame.whence, frame.id)) if frame.kind == Kind.CALL else None
-    node.callpool.submit(lambda: _run_call(node, conn, frame, rv))
+    task = lambda: _run_call(node, conn, frame, rv)  # noqa: E731
+    slot = getattr(_local, "inline_slot", None)
+    if slot is not None and not slot:
+        # A call thread is reading this connection itself: it runs the first call
+        # it reads, once it has given the connection back (callpool.py).
+        slot.append(task)
+    else:
+        node.callpool.submit(task)
+
+
+def read_and_take_call(conn: Any, timeout: float) -> Any:
+    """Read `conn` on this thread; return the first call read (to run here), if any."""
+    slot: list[Any] = []
+    _local.inline_slot = slot
+    try:
+        r = conn.read_direct(timeout)
+    finally:
+        _local.inline_slot = None
+    if r < 0:
+        return False
+    return slot[0] if slot else None
 
 
 def handle_result(node: Any, conn: Any, frame: Any) -> None:

@@ -18,6 +18,8 @@ cdef class MessageLoop:
 
     cdef int _watch(self, int fd, unsigned int events, int op) except -1
     cdef int _set_write_interest(self, SocketConnection conn, bint want) except -1
+    cdef int _set_read_interest(self, SocketConnection conn, bint want) except -1
+    cdef int _update_interest(self, SocketConnection conn) except -1
 
 
 cdef class SocketConnection:
@@ -28,10 +30,12 @@ cdef class SocketConnection:
     cdef public object handshake    # while not None: raw handshake bytes go to handshake.feed()
     cdef public object peer         # whatever the owner attaches (the peer's pid, ...)
     cdef PyThread_type_lock send_lock  # held by whichever thread is writing to fd
+    cdef PyThread_type_lock read_lock  # held by whichever thread is reading fd (loop or direct)
     cdef list outq                  # segments (buffer-protocol objects) not yet written
     cdef Py_ssize_t out_off         # bytes of outq[0] already written
     cdef list pending               # small frames from non-blocking senders, not yet in outq
     cdef bint write_interest        # EPOLLOUT is registered
+    cdef bint read_interest         # EPOLLIN is registered (off while a thread reads directly)
     cdef bint closed                # no more reads or writes
     cdef bint close_fd_pending      # the fd is shut down but a sender still holds send_lock
     cdef readonly uint64_t msgs_sent
@@ -46,4 +50,5 @@ cdef class SocketConnection:
     cdef int _flush_blocking(self) except -1
     cdef int _try_flush_nowait(self) except -1
     cdef int _on_readable(self) except -1
+    cdef int _read_available(self) except -1
     cdef int _read_handshake(self) except -1

@@ -75,6 +75,7 @@ cdef extern from "<poll.h>" nogil:
         short revents
     int poll(pollfd* fds, unsigned long nfds, int timeout)
     enum:
+        POLLIN
         POLLOUT
 
 
@@ -154,7 +155,22 @@ cdef class MessageLoop:
         if conn.write_interest == want or conn.closed:
             return 0
         conn.write_interest = want
-        self._watch(conn.fd, EPOLLIN | EPOLLRDHUP | (EPOLLOUT if want else 0), EPOLL_CTL_MOD)
+        return self._update_interest(conn)
+
+    cdef int _set_read_interest(self, SocketConnection conn, bint want) except -1:
+        if conn.read_interest == want or conn.closed:
+            return 0
+        conn.read_interest = want
+        return self._update_interest(conn)
+
+    cdef int _update_interest(self, SocketConnection conn) except -1:
+        # Called with the GIL held, so the two flags and the epoll mask change together.
+        cdef unsigned int events = EPOLLRDHUP
+        if conn.read_interest:
+            events |= EPOLLIN
+        if conn.write_interest:
+            events |= EPOLLOUT
+        self._watch(conn.fd, events, EPOLL_CTL_MOD)
         return 0
 
     def add_connection(self, int fd, handler, handshake=None, peer=None):
@@ -166,6 +182,7 @@ cdef class MessageLoop:
         conn.handler = handler
         conn.handshake = handshake
         conn.peer = peer
+        conn.read_interest = True
         self.conns[fd] = conn
         self._watch(fd, EPOLLIN | EPOLLRDHUP, EPOLL_CTL_ADD)
         return conn
@@ -250,7 +267,8 @@ cdef class SocketConnection:
     def __cinit__(self):
         self.fd = -1
         self.send_lock = PyThread_allocate_lock()
-        if self.send_lock == NULL:
+        self.read_lock = PyThread_allocate_lock()
+        if self.send_lock == NULL or self.read_lock == NULL:
             raise MemoryError()
         self.outq = []
         self.pending = []
@@ -259,6 +277,8 @@ cdef class SocketConnection:
     def __dealloc__(self):
         if self.send_lock != NULL:
             PyThread_free_lock(self.send_lock)
+        if self.read_lock != NULL:
+            PyThread_free_lock(self.read_lock)
 
     @property
     def is_closed(self):
@@ -478,13 +498,24 @@ cdef class SocketConnection:
         return 0
 
     cdef int _on_readable(self) except -1:
+        if self.closed:
+            return 0
+        if not PyThread_acquire_lock(self.read_lock, NOWAIT_LOCK):
+            return 0  # a thread is reading this connection directly
+        try:
+            if self.handshake is not None:
+                self._read_handshake()
+            else:
+                self._read_available()
+        finally:
+            PyThread_release_lock(self.read_lock)
+        return 0
+
+    cdef int _read_available(self) except -1:
+        """Read what the socket holds (read_lock held) and dispatch the frames."""
         cdef char* ptr
         cdef Py_ssize_t n, r
         cdef int i, err
-        if self.closed:
-            return 0
-        if self.handshake is not None:
-            return self._read_handshake()
         for i in range(MAX_READS_PER_WAKE):
             self.reader.c_get_buffer(&ptr, &n)
             with nogil:
@@ -509,6 +540,37 @@ cdef class SocketConnection:
                 return 0
         self._deliver()
         return 0
+
+    def read_direct(self, double timeout):
+        """Wait up to `timeout` s for frames and dispatch them on this thread, not the loop's.
+
+        A thread about to block on a reply from this peer calls it, so the reply
+        wakes that thread directly instead of the loop thread, which would then
+        have to wake it: one thread hand-off less per round trip. Returns 1 if
+        something was read, 0 on timeout, -1 if another thread is reading.
+        """
+        cdef pollfd pfd
+        cdef int r, ms = <int>(timeout * 1000) if timeout >= 0 else -1
+        if self.closed or self.handshake is not None:
+            return -1
+        if not PyThread_acquire_lock(self.read_lock, NOWAIT_LOCK):
+            return -1
+        try:
+            self.loop._set_read_interest(self, False)
+            pfd.fd = self.fd
+            pfd.events = POLLIN
+            pfd.revents = 0
+            with nogil:
+                r = poll(&pfd, 1, ms)
+            if r > 0:
+                self._read_available()
+            elif r < 0 and errno == EINTR:
+                PyErr_CheckSignals()
+        finally:
+            if not self.closed:
+                self.loop._set_read_interest(self, True)
+            PyThread_release_lock(self.read_lock)
+        return 1 if r > 0 else 0
 
     def _deliver(self):
         frames = self.reader.take_frames()

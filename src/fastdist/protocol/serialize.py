@@ -14,6 +14,7 @@ import io
 import pickle
 import struct
 import threading
+import types
 from typing import Any
 
 import cloudpickle
@@ -42,13 +43,28 @@ def _memoryview_from(buf: Any) -> memoryview:
     return memoryview(buf)
 
 
+_CONTAINERS = (tuple, list, dict, set, frozenset)
+_NAMED = (types.FunctionType, types.BuiltinFunctionType, type)
+# Functions and classes already found importable by name: cloudpickle's check walks
+# modules on every call, which is most of the cost of pickling a small call.
+_BY_REFERENCE: dict[int, Any] = {}
+_BY_REFERENCE_MAX = 4096
+
+
 class _Pickler(cloudpickle.CloudPickler):
     """cloudpickle's Pickler, with large bytes and memoryviews sent out of band too."""
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
-        if t is bytes and len(obj) >= OOB_THRESHOLD:
-            return bytes, (pickle.PickleBuffer(obj),)
+        if t in _CONTAINERS:
+            return NotImplemented
+        if t in _NAMED:
+            if _BY_REFERENCE.get(id(obj)) is obj:
+                return NotImplemented
+            reduced = super().reducer_override(obj)
+            if reduced is NotImplemented and len(_BY_REFERENCE) < _BY_REFERENCE_MAX:
+                _BY_REFERENCE[id(obj)] = obj  # holding it keeps its id from being reused
+            return reduced
         if t is memoryview:
             if obj.contiguous:
                 return _memoryview_from, (pickle.PickleBuffer(obj),)
