@@ -213,14 +213,14 @@ def _alive(n: Any, w: int) -> bool:
     return w == n.myid or w in n.peers or (w == 1 and n.myid == 1)
 
 
-def _pool_proxy(cls: type, owner: int, pool_id: int) -> WorkerPool:
+def _pool_proxy(cls: type[WorkerPool], owner: int, pool_id: int) -> WorkerPool:
     if owner == _node.current().myid:
         pool = _pools.get(pool_id)
         if pool is not None:
             return pool
     proxy = cls.__new__(cls)
     proxy._owner, proxy._id, proxy._is_default = owner, pool_id, False
-    return proxy  # type: ignore[no-any-return]
+    return proxy
 
 
 def _pool_op(pool_id: int, op: str, *args: Any) -> tuple[str, Any]:
@@ -307,7 +307,7 @@ def remote(f: Callable[..., Any], pool: AbstractWorkerPool | None = None) -> Cal
         True
     """
     if isinstance(f, AbstractWorkerPool) and not isinstance(pool, AbstractWorkerPool):
-        f, pool = pool, f  # type: ignore[assignment]
+        f, pool = pool, f
     from fastdist.remotecall import remotecall_fetch
 
     def call(*args: Any, **kwargs: Any) -> Any:
