@@ -1,0 +1,731 @@
+"""`pmap`: apply a function to collections on worker processes, results in input order,
+with batching, per-element error handling and retries.
+
+Port of Distributed.jl `pmap.jl`. Two things differ in how, not in what:
+
+* Pipelining. Julia runs one `remotecall_fetch` per worker at a time, so each
+  worker idles for a round trip between elements. Here the calling thread keeps
+  `PIPELINE_DEPTH` calls in flight per worker and reacts to results as they
+  arrive (no thread per call). A worker runs its calls on threads of its own,
+  as it runs any calls: an element that waits (on a channel, on another
+  element) never holds up the one behind it, as a Julia task would not.
+* The function travels once per worker per `pmap` (once for the life of the
+  pool with a CachingPool); each call names it by a small key.
+
+`on_error` and `retry_check` run on the calling process and see the original
+exception (the `RemoteException`'s cause, or `ProcessExitedException` when the
+worker died); `pmap` itself raises what the caller saw (`RemoteException`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from fastdist import node as _node
+from fastdist.exceptions import CapturedException, ProcessExitedException, RemoteException
+from fastdist.protocol import serialize
+from fastdist.protocol.messages import Kind
+from fastdist.protocol.values import decode_error, decode_result, encode_error
+from fastdist.refs import Waiter
+from fastdist.workerpool import (
+    AbstractWorkerPool,
+    CachingPool,
+    FunctionCache,
+    WorkerPool,
+    cached_entry,
+)
+
+__all__ = ["AUTO_MAX_BATCH", "PIPELINE_DEPTH", "pmap"]
+
+PIPELINE_DEPTH = 2
+"""Calls in flight per worker: one running, one waiting behind it, so a worker
+never idles for a round trip."""
+
+AUTO_MAX_BATCH = 100
+"""The largest batch `batch_size="auto"` picks (Julia's `max_batch_size`)."""
+
+AUTO_BATCHES_PER_WORKER = 3
+"""`batch_size="auto"` aims at this many batches per worker at least (Julia's
+`min_batch_count = 3 * nworkers`), so a slow batch leaves work for the others."""
+
+# While holding some workers of a pool, how often to look for more of them free.
+_POOL_POLL_SECONDS = 0.05
+_REMOTE_POOL_POLL_SECONDS = 0.25
+
+
+def pmap(
+    f: Callable[..., Any],
+    *iterables: Any,
+    pool: AbstractWorkerPool | None = None,
+    distributed: bool = True,
+    batch_size: int | str = 1,
+    on_error: Callable[[BaseException], Any] | None = None,
+    retry_delays: Iterable[float] | None = (),
+    retry_check: Callable[[Any, BaseException], Any] | None = None,
+    progress: bool = False,
+) -> list[Any]:
+    """Apply `f` to the zipped elements of `iterables` on workers; results in input order.
+
+    `pmap(f, pool, c)` (Julia's order) is the same as `pmap(f, c, pool=pool)`.
+    Elements are read lazily (generators work; reading stops at the shortest
+    iterable and after the first failure). Without a pool, all workers are used
+    (the master alone when there are none), as through a CachingPool made for
+    this call; with a pool, its free workers are taken and given back.
+
+    Args:
+        f: called as ``f(*args)`` for each tuple of zipped elements.
+        *iterables: one or more iterables (a pool may come first).
+        pool: the workers to use (a `WorkerPool`, `CachingPool`, or any
+            `AbstractWorkerPool`; a proxy of one made elsewhere works too).
+        distributed: False runs `f` in local threads (`asyncmap`), one per worker.
+        batch_size: elements per call, an int, or ``"auto"`` to pick from the
+            number of elements and workers (at most `AUTO_MAX_BATCH`). A batch runs
+            its elements one after the other on one worker.
+        on_error: called with the exception of a failed element (the original
+            one, not the `RemoteException` around it); what it returns is put in
+            place of the result. Re-raising (a bare ``raise`` works) fails the
+            element, which is then retried if retries are asked for.
+        retry_delays: seconds to wait before each retry of a failed element, any
+            iterable (a list, ``[0.1] * 3``, a generator of growing delays ...); its
+            length is the number of retries. A worker that dies is a failure like
+            another: with retries, its elements run again on the others.
+        retry_check: ``retry_check(state, exc) -> (state, retry)`` decides whether
+            a failed element is retried; `state` is None at an element's first
+            failure, then what the check returned for it. A bare bool is accepted.
+        progress: show a progress bar on stderr (tqdm when installed).
+
+    Returns:
+        A list with one result per element, in input order.
+
+    Raises:
+        RemoteException: `f` raised on a worker and the failure was not handled
+            (the first such failure; no new element starts after it).
+        ProcessExitedException: a worker died and no retries were asked for.
+        RuntimeError: every worker of the pool is gone with elements left.
+        ValueError, TypeError: bad arguments.
+
+    Example:
+        >>> fd.pmap(lambda x: x * x, range(5))
+        [0, 1, 4, 9, 16]
+        >>> fd.pmap(pow, [2, 3], [10, 2], batch_size="auto")
+        [1024, 9]
+        >>> fd.pmap(lambda x: 1 // x, [1, 0, 2], on_error=lambda e: None)
+        [1, None, 0]
+    """
+    if iterables and isinstance(iterables[0], AbstractWorkerPool):
+        if pool is not None:
+            raise TypeError("pmap got a pool both as an argument and as pool=")
+        pool, iterables = iterables[0], iterables[1:]
+    if not iterables:
+        raise TypeError("pmap needs at least one iterable")
+    if pool is not None and not isinstance(pool, AbstractWorkerPool):
+        raise TypeError(f"pool must be an AbstractWorkerPool, not {type(pool).__name__}")
+    if not (batch_size == "auto" or (isinstance(batch_size, int) and batch_size >= 1)):
+        raise ValueError(f"batch_size must be an int >= 1 or 'auto', not {batch_size!r}")
+    policy = _Policy(on_error, retry_delays, retry_check)
+
+    n = _node.current()
+    if pool is None:
+        from fastdist.cluster import workers
+
+        pids = workers()
+    else:
+        pids = pool.workers()
+    # Like Julia: no remote calls when the pool is empty or is this process alone.
+    if not pids or pids == [n.myid]:
+        distributed = False
+
+    total = _known_length(iterables)
+    bar = _Progress(total) if progress else None
+    try:
+        if not distributed:
+            return _map_locally(f, iterables, policy, bar, max(1, len(pids)))
+        args: Iterator[tuple[Any, ...]] = zip(*iterables)
+        if batch_size == "auto":
+            batch_size, args = _auto_batch_size(args, total, len(pids))
+        engine = _Engine(n, f, pool, pids, int(batch_size), policy, bar)
+        return engine.run(args)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# -- sizes ----------------------------------------------------------------------------
+
+
+def _known_length(iterables: tuple[Any, ...]) -> int | None:
+    try:
+        return min(len(c) for c in iterables)
+    except TypeError:
+        return None
+
+
+def auto_batch_size(nelements: int, nworkers: int) -> int:
+    """The batch size `batch_size="auto"` picks for `nelements` over `nworkers`.
+
+    Enough batches for `AUTO_BATCHES_PER_WORKER` per worker, at most `AUTO_MAX_BATCH`
+    elements each (Julia's `batchsplit`).
+
+    Example:
+        >>> auto_batch_size(10_000, 2), auto_batch_size(100, 4), auto_batch_size(5, 4)
+        (100, 8, 1)
+    """
+    per = nelements // (max(1, nworkers) * AUTO_BATCHES_PER_WORKER)
+    return max(1, min(AUTO_MAX_BATCH, per))
+
+
+def _auto_batch_size(args: Iterator[tuple[Any, ...]], total: int | None,
+                     nworkers: int) -> tuple[int, Iterator[tuple[Any, ...]]]:
+    if total is not None:
+        return auto_batch_size(total, nworkers), args
+    # Unknown length: look ahead just far enough to know whether batches are full.
+    enough = nworkers * AUTO_BATCHES_PER_WORKER * AUTO_MAX_BATCH
+    head = list(itertools.islice(args, enough))
+    size = AUTO_MAX_BATCH if len(head) == enough else auto_batch_size(len(head), nworkers)
+    return size, itertools.chain(head, args)
+
+
+# -- failures, on_error and retries -------------------------------------------------------
+
+
+class _Delays:
+    """The retry delays, read lazily and kept, so that every element can walk
+    them from the start even when they come from a one-shot (or endless) iterator."""
+
+    def __init__(self, delays: Iterable[float] | None) -> None:
+        if delays is None:
+            delays = ()
+        if isinstance(delays, (int, float, str)):
+            raise TypeError("retry_delays must be an iterable of seconds, e.g. [0.1] * 3")
+        self._seen: list[float] = []
+        self._source: Iterator[Any] | None = iter(delays)
+        self._lock = threading.Lock()
+
+    def get(self, k: int) -> float | None:
+        """The delay before retry number `k` (from 0), or None when there are no more."""
+        with self._lock:
+            while len(self._seen) <= k and self._source is not None:
+                try:
+                    d = float(next(self._source))
+                except StopIteration:
+                    self._source = None
+                    break
+                if d < 0:
+                    raise ValueError(f"retry delays must be >= 0, not {d}")
+                self._seen.append(d)
+            return self._seen[k] if k < len(self._seen) else None
+
+
+class _Tries:
+    """One element's history of failures."""
+
+    __slots__ = ("retries", "state")
+
+    def __init__(self) -> None:
+        self.retries = 0
+        self.state: Any = None
+
+
+def _original(exc: BaseException) -> BaseException:
+    """What `on_error` and `retry_check` see: the exception `f` raised, where it raised it."""
+    if isinstance(exc, RemoteException):
+        return exc.captured.ex
+    return exc
+
+
+class _Policy:
+    """on_error, retry_delays and retry_check: what becomes of a failed element."""
+
+    def __init__(self, on_error: Any, retry_delays: Any, retry_check: Any) -> None:
+        if on_error is not None and not callable(on_error):
+            raise TypeError("on_error must be callable")
+        if retry_check is not None and not callable(retry_check):
+            raise TypeError("retry_check must be callable")
+        self.on_error = on_error
+        self.delays = _Delays(retry_delays)
+        self.retry_check = retry_check
+
+    def after_failure(self, tries: _Tries, raised: BaseException) -> tuple[bool, Any]:
+        """After a failed attempt: ``(True, value)`` to use `value` as the result,
+        ``(False, delay)`` to retry after `delay` seconds. Raises to fail the element."""
+        orig = _original(raised)
+        if self.on_error is not None:
+            try:
+                return True, _call_in_handler(self.on_error, orig)
+            except Exception as exc:  # noqa: BLE001 - on_error failed the element
+                if exc is not orig:
+                    raised = orig = exc
+        delay = self.delays.get(tries.retries)
+        if delay is None:
+            raise raised
+        if self.retry_check is not None:
+            verdict = self.retry_check(tries.state, orig)
+            if isinstance(verdict, tuple) and len(verdict) == 2:
+                tries.state, verdict = verdict
+            if not verdict:
+                raise raised
+        tries.retries += 1
+        return False, delay
+
+
+def _call_in_handler(handler: Callable[[BaseException], Any], exc: BaseException) -> Any:
+    """Call `handler(exc)` while `exc` is the exception being handled, so that a
+    bare ``raise`` inside it re-raises `exc`."""
+    try:
+        raise exc
+    except BaseException:  # noqa: BLE001 - only to make `exc` the current exception
+        return handler(exc)
+
+
+# -- local (distributed=False) --------------------------------------------------------------
+
+
+def _map_locally(f: Callable[..., Any], iterables: tuple[Any, ...], policy: _Policy,
+                 bar: _Progress | None, ntasks: int) -> list[Any]:
+    from fastdist.asyncmap import asyncmap
+
+    def run(*args: Any) -> Any:
+        tries = _Tries()
+        while True:
+            try:
+                value = f(*args)
+                break
+            except Exception as exc:  # noqa: BLE001 - handed to the policy
+                use_value, value_or_delay = policy.after_failure(tries, exc)
+            if use_value:
+                value = value_or_delay
+                break
+            time.sleep(value_or_delay)
+        if bar is not None:
+            bar.update(1)
+        return value
+
+    return asyncmap(run, *iterables, ntasks=ntasks)
+
+
+# -- what runs on the worker --------------------------------------------------------------
+
+
+class _ElementFailure:
+    """An element of a batch that raised: the failure as it travels (encoded once,
+    on the worker) or as raised here, for a batch run on this process."""
+
+    __slots__ = ("body", "exc")
+
+    def __init__(self, body: bytes | None, exc: BaseException | None = None) -> None:
+        self.body = body
+        self.exc = exc
+
+    def __reduce__(self) -> Any:
+        body = self.body
+        if body is None:
+            body = encode_error(self.exc)[1]  # type: ignore[arg-type]
+        return (_ElementFailure, (body,))
+
+    def exception(self) -> BaseException:
+        if self.exc is None:
+            self.exc = decode_error(self.body)
+        return self.exc
+
+
+def _run_one(token: Any, args: tuple[Any, ...]) -> Any:
+    """On a worker: one element."""
+    return cached_entry(token).func(*args)
+
+
+def _run_batch(token: Any, batch: list[tuple[Any, ...]]) -> list[Any]:
+    """On a worker: a batch, element by element; a failure is kept in its place."""
+    f = cached_entry(token).func
+    out: list[Any] = []
+    for args in batch:
+        try:
+            out.append(f(*args))
+        except Exception as exc:  # noqa: BLE001 - the caller decides per element
+            out.append(_ElementFailure(encode_error(exc)[1]))
+    return out
+
+
+# -- the distributed engine ----------------------------------------------------------------
+
+
+class _Unit:
+    """Elements sent in one call: a batch from the input, or one element to retry."""
+
+    __slots__ = ("args", "batched", "start")
+
+    def __init__(self, start: int, args: list[tuple[Any, ...]], batched: bool) -> None:
+        self.start = start
+        self.args = args
+        self.batched = batched
+
+
+class _Call:
+    """A call in flight: what it carries, where it went, and how it ended."""
+
+    __slots__ = ("local", "unit", "waiter", "wid", "worker")
+
+    def __init__(self, unit: _Unit, worker: int) -> None:
+        self.unit = unit
+        self.worker = worker
+        self.wid = 0
+        self.waiter: Waiter | None = None
+        self.local: tuple[Any, bool] | None = None  # (value, is_error) of a local run
+
+
+class _Engine:
+    """One distributed pmap, driven by the calling thread.
+
+    Free call slots (PIPELINE_DEPTH per worker) queue in `_slots`; each result
+    arrives through a Waiter callback into `_done`, frees its slot and lets the
+    next unit go. Failed elements wait in `_retries` for their delay.
+    """
+
+    def __init__(self, n: Any, f: Callable[..., Any], pool: AbstractWorkerPool | None,
+                 pids: list[int], batch_size: int, policy: _Policy,
+                 bar: _Progress | None) -> None:
+        self.n = n
+        self.f = f
+        self.pool = pool
+        self.batch_size = batch_size
+        self.policy = policy
+        self.bar = bar
+        if isinstance(pool, CachingPool) and not pool._remote():
+            self.cache, self.own_cache = pool._cache, False
+        else:
+            self.cache, self.own_cache = FunctionCache(), True
+        self.results: list[Any] = []
+        self.failure: BaseException | None = None
+        self._done: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._inflight: dict[int, int] = {}  # held worker -> calls in flight
+        self._ncalls = 0
+        self._slots: deque[int] = deque()
+        self._retries: list[tuple[float, int, int, tuple[Any, ...]]] = []
+        self._retry_seq = itertools.count()
+        self._tries: dict[int, _Tries] = {}
+        self._source: Iterator[_Unit] | None = None
+        self._next_poll = 0.0
+        if pool is None:
+            for w in pids:
+                self._hold(w)
+        self._poll_interval = _POOL_POLL_SECONDS
+        if isinstance(pool, WorkerPool) and pool._remote():
+            self._poll_interval = _REMOTE_POOL_POLL_SECONDS
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self, args: Iterator[tuple[Any, ...]]) -> list[Any]:
+        self._source = self._units(args)
+        try:
+            while True:
+                if self.failure is None:
+                    self._acquire()
+                    self._dispatch()
+                if self._ncalls == 0 and (self.failure is not None or not self._work_left()):
+                    break
+                self._wait()
+        except BaseException:
+            self._release(drained=False)
+            raise
+        self._release(drained=True)
+        if self.failure is not None:
+            raise self.failure
+        return self.results
+
+    def _work_left(self) -> bool:
+        return self._source is not None or bool(self._retries)
+
+    def _units(self, args: Iterator[tuple[Any, ...]]) -> Iterator[_Unit]:
+        start = 0
+        batched = self.batch_size > 1
+        while chunk := list(itertools.islice(args, self.batch_size)):
+            self.results.extend([None] * len(chunk))
+            yield _Unit(start, chunk, batched)
+            start += len(chunk)
+
+    def _next_unit(self) -> _Unit | None:
+        if self._retries and self._retries[0][0] <= time.monotonic():
+            _, _, idx, args = heapq.heappop(self._retries)
+            return _Unit(idx, [args], False)
+        if self._source is None:
+            return None
+        try:
+            return next(self._source)
+        except StopIteration:
+            self._source = None
+        except Exception as exc:  # noqa: BLE001 - the input itself failed: stop there
+            self._source = None
+            self._fail(exc)
+        return None
+
+    def _dispatch(self) -> None:
+        while self.failure is None and self._slots:
+            w = self._slots[0]
+            if self._inflight.get(w, PIPELINE_DEPTH) >= PIPELINE_DEPTH:
+                self._slots.popleft()  # a slot of a worker given back or gone
+                continue
+            unit = self._next_unit()
+            if unit is None:
+                return
+            self._slots.popleft()
+            self._send(w, unit)
+
+    def _wait(self) -> None:
+        timeout: float | None = None
+        if self._retries and self.failure is None:
+            timeout = max(0.0, self._retries[0][0] - time.monotonic())
+        if self.pool is not None and self._work_left() and self.failure is None:
+            poll = max(0.0, self._next_poll - time.monotonic())
+            timeout = poll if timeout is None else min(timeout, poll)
+        if self._ncalls == 0:
+            if timeout:
+                time.sleep(timeout)
+            return
+        try:
+            call = self._done.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._finish(call)
+        while True:
+            try:
+                call = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._finish(call)
+
+    # -- workers ------------------------------------------------------------------------
+
+    def _hold(self, w: int) -> None:
+        self._inflight[w] = 0
+        self._slots.extend([w] * PIPELINE_DEPTH)
+
+    def _drop(self, w: int) -> None:
+        """Stop using `w`; give it back to the pool if it came from one."""
+        if self._inflight.pop(w, None) is not None and self.pool is not None:
+            self.pool.put(w)
+
+    def _acquire(self) -> None:
+        """Take free workers from the pool while there is work for them."""
+        if not self._work_left():
+            return
+        if self.pool is None:
+            if not self._inflight:
+                raise RuntimeError("No active worker available in pool")
+            return
+        now = time.monotonic()
+        if self._inflight and now < self._next_poll:
+            return
+        self._next_poll = now + self._poll_interval
+        while True:
+            w = _try_take(self.pool)
+            if w is None:
+                break
+            self._hold(w)
+        if not self._inflight:
+            self._hold(self.pool.take())  # raises when the pool has no workers left
+
+    def _release(self, drained: bool) -> None:
+        for w in list(self._inflight):
+            self._drop(w)
+        if self.own_cache:
+            if drained:
+                self.cache.clear()
+            else:
+                # Calls may still be on their way: let them finish before forgetting.
+                threading.Timer(CLEAR_AFTER_ABORT_SECONDS, self.cache.clear).start()
+
+    # -- calls --------------------------------------------------------------------------
+
+    def _send(self, w: int, unit: _Unit) -> None:
+        call = _Call(unit, w)
+        self._inflight[w] += 1
+        self._ncalls += 1
+        if w == self.n.myid:
+            self.n.callpool.submit(lambda: self._run_here(call))
+            return
+        token = self.cache.token(self.f, w)
+        runner = _run_batch if unit.batched else _run_one
+        payload = unit.args if unit.batched else unit.args[0]
+        try:
+            body, buffers = serialize.dumps((runner, (token, payload), {}), dest=w,
+                                            what="pmap call")
+        except Exception as exc:  # noqa: BLE001 - a failure of these elements
+            if token.func is not None:
+                self.cache.unsend(self.f, w)
+            self._complete_with_error(call, exc)
+            return
+        call.wid = self.n.next_id()
+        call.waiter = Waiter(peer=w)
+        call.waiter.add_done_callback(lambda _w: self._done.put(call))
+        self.n.waiters[call.wid] = call.waiter
+        try:
+            self.n.send(w, Kind.CALL_FETCH, 0, 0, self.n.myid, call.wid, body, buffers)
+        except Exception as exc:  # noqa: BLE001 - the worker is gone: the waiter says so
+            self.n.waiters.pop(call.wid, None)
+            if token.func is not None:
+                self.cache.unsend(self.f, w)
+            call.waiter.fail(exc if isinstance(exc, ProcessExitedException)
+                             else ProcessExitedException(w))
+
+    def _complete_with_error(self, call: _Call, exc: BaseException) -> None:
+        call.local = (exc, True)
+        self._done.put(call)
+
+    def _run_here(self, call: _Call) -> None:
+        """On a call thread of this process: a unit for the worker that is us."""
+        unit, n = call.unit, self.n
+        try:
+            if unit.batched:
+                out: list[Any] = []
+                for args in unit.args:
+                    try:
+                        out.append(n.callpool.run_user(self.f, *args))
+                    except Exception as exc:  # noqa: BLE001 - kept in its place
+                        out.append(_ElementFailure(None, _captured(n, exc)))
+                call.local = (out, False)
+            else:
+                call.local = (n.callpool.run_user(self.f, *unit.args[0]), False)
+        except BaseException as exc:  # noqa: BLE001 - handed to the engine
+            call.local = (_captured(n, exc), True)
+        self._done.put(call)
+
+    def _finish(self, call: _Call) -> None:
+        w, unit = call.worker, call.unit
+        self._ncalls -= 1
+        if w in self._inflight:
+            self._inflight[w] -= 1
+        if call.local is not None:
+            value, is_error = call.local
+        elif call.waiter.error is not None:  # type: ignore[union-attr]
+            value, is_error = call.waiter.error, True  # type: ignore[union-attr]
+        else:
+            value, is_error = decode_result(*call.waiter.value)  # type: ignore[union-attr]
+        if is_error and isinstance(value, ProcessExitedException) and value.worker_id == w:
+            self._inflight.pop(w, None)  # dead: it leaves every pool by itself
+        elif w in self._inflight:
+            if self._inflight[w] == 0 and not self._work_left():
+                self._drop(w)  # nothing more for it: back to the pool early
+            else:
+                self._slots.append(w)
+        if self.failure is not None:
+            return  # draining after a failure: what arrives now no longer counts
+        if is_error:
+            for i, args in enumerate(unit.args):
+                self._element_failed(unit.start + i, args, value)
+        elif unit.batched:
+            for i, out in enumerate(value):
+                if type(out) is _ElementFailure:
+                    self._element_failed(unit.start + i, unit.args[i], out.exception())
+                else:
+                    self.results[unit.start + i] = out
+            self._tick(len(value))
+        else:
+            self.results[unit.start] = value
+            self._tries.pop(unit.start, None)
+            self._tick(1)
+
+    def _element_failed(self, idx: int, args: tuple[Any, ...], raised: BaseException) -> None:
+        if self.failure is not None:
+            return
+        tries = self._tries.setdefault(idx, _Tries())
+        try:
+            use_value, value_or_delay = self.policy.after_failure(tries, raised)
+        except Exception as exc:  # noqa: BLE001 - the element failed for good
+            self._fail(exc)
+            return
+        if use_value:
+            self.results[idx] = value_or_delay
+            self._tries.pop(idx, None)
+            self._tick(1)
+        else:
+            heapq.heappush(self._retries, (time.monotonic() + value_or_delay,
+                                           next(self._retry_seq), idx, args))
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+            self._retries.clear()
+            self._source = None
+
+    def _tick(self, k: int) -> None:
+        if self.bar is not None:
+            self.bar.update(k)
+
+
+# After an interrupted pmap, how long its calls get to arrive before the workers
+# are told to forget its function.
+CLEAR_AFTER_ABORT_SECONDS = 30.0
+
+
+def _captured(n: Any, exc: BaseException) -> RemoteException:
+    err = RemoteException(n.myid, CapturedException.capture(exc))
+    err.__cause__ = exc
+    return err
+
+
+def _try_take(pool: AbstractWorkerPool) -> int | None:
+    """A free worker of `pool` now, or None."""
+    if isinstance(pool, WorkerPool):
+        return pool._try_take()
+    if pool.isready():
+        return pool.take()
+    return None
+
+
+# -- progress --------------------------------------------------------------------------
+
+
+class _Progress:
+    """A progress bar on stderr: tqdm when it is installed, else a plain one."""
+
+    WIDTH = 30
+    MIN_INTERVAL = 0.1
+
+    def __init__(self, total: int | None) -> None:
+        self.total = total
+        self.count = 0
+        self._lock = threading.Lock()
+        self._last = 0.0
+        try:
+            from tqdm import tqdm  # type: ignore[import-untyped, unused-ignore]
+        except ImportError:
+            self._tqdm = None
+        else:
+            self._tqdm = tqdm(total=total, file=sys.stderr, desc="pmap", unit="el")
+
+    def update(self, k: int) -> None:
+        with self._lock:
+            self.count += k
+            if self._tqdm is not None:
+                self._tqdm.update(k)
+                return
+            now = time.monotonic()
+            if now - self._last >= self.MIN_INTERVAL or self.count == self.total:
+                self._last = now
+                self._draw()
+
+    def _draw(self) -> None:
+        if self.total:
+            done = int(self.WIDTH * self.count / self.total)
+            bar = "#" * done + "." * (self.WIDTH - done)
+            text = f"\rpmap [{bar}] {self.count}/{self.total} {100 * self.count // self.total}%"
+        else:
+            text = f"\rpmap {self.count} done"
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tqdm is not None:
+                self._tqdm.close()
+                return
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
