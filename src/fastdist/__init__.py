@@ -48,6 +48,7 @@ from fastdist.managers import (
     launch,
     manage,
 )
+from fastdist.pmap import pmap
 from fastdist.refs import RRID, Future, RemoteChannel, channel_from_id, remoteref_id
 from fastdist.remotecall import (
     close,
@@ -61,8 +62,16 @@ from fastdist.remotecall import (
     take,
     wait,
 )
+from fastdist.spawn import clear, distributed, everywhere, fetch_any, fetchfrom, spawnat
 from fastdist.stats import stats
 from fastdist.tasks import Task, run_async, sync
+from fastdist.workerpool import (
+    AbstractWorkerPool,
+    CachingPool,
+    WorkerPool,
+    default_worker_pool,
+    remote,
+)
 from fastdist.workerproc import init_worker, process_messages, start_worker
 
 __version__ = "0.1.0"
@@ -70,6 +79,8 @@ __version__ = "0.1.0"
 __all__ = [
     "RRID",
     "AbstractChannel",
+    "AbstractWorkerPool",
+    "CachingPool",
     "CapturedException",
     "Channel",
     "ChannelClosedError",
@@ -87,13 +98,20 @@ __all__ = [
     "SlurmManager",
     "Task",
     "WorkerConfig",
+    "WorkerPool",
     "addprocs",
     "asyncmap",
     "channel_from_id",
+    "clear",
     "close",
     "cluster_cookie",
     "connect",
+    "default_worker_pool",
+    "distributed",
+    "everywhere",
     "fetch",
+    "fetch_any",
+    "fetchfrom",
     "init_worker",
     "interrupt",
     "isready",
@@ -103,9 +121,11 @@ __all__ = [
     "myid",
     "nprocs",
     "nworkers",
+    "pmap",
     "process_messages",
     "procs",
     "put",
+    "remote",
     "remote_do",
     "remotecall",
     "remotecall_fetch",
@@ -113,6 +133,7 @@ __all__ = [
     "remoteref_id",
     "rmprocs",
     "run_async",
+    "spawnat",
     "start_worker",
     "stats",
     "sync",
