@@ -95,6 +95,15 @@ def parse_bind(bind_to: str | None) -> tuple[str, int]:
     return bind_to, 0
 
 
+def _define_site_builtins() -> None:
+    """`exit` and `quit` as `site` would define them (workers start with -S)."""
+    import builtins
+
+    for name in ("exit", "quit"):
+        if not hasattr(builtins, name):
+            setattr(builtins, name, sys.exit)
+
+
 def start_worker(out: Any = None, cookie: str | None = None, close_stdin: bool = True,
                  stderr_to_stdout: bool = True, *, bind_to: str | None = None) -> None:
     """Run this process as a worker until its master goes away; does not return."""
@@ -109,6 +118,8 @@ def start_worker(out: Any = None, cookie: str | None = None, close_stdin: bool =
         os.dup2(1, 2)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    if sys.flags.no_site:
+        _define_site_builtins()
     n = init_worker(cookie)
     host, port = parse_bind(bind_to)
     n.start_listener(host, port)

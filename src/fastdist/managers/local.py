@@ -64,7 +64,12 @@ class LocalManager(ClusterManager):
         bind = "127.0.0.1" if self.restrict else "0.0.0.0"
         threaded = bool(params.get("enable_threaded_blas", False))
         environ = worker_environment(params.get("env"), threaded)
-        cmd = worker_command(params.get("exename") or sys.executable, params.get("exeflags"),
+        flags = params.get("exeflags")
+        if not params.get("exename"):
+            # The worker gets the master's whole sys.path in PYTHONPATH, so `site`
+            # has nothing left to add; skipping it saves most of a worker's start-up.
+            flags = ["-S", *([flags] if isinstance(flags, str) else list(flags or ()))]
+        cmd = worker_command(params.get("exename") or sys.executable, flags,
                              bind, separate_stderr=True)
         cookie = (cluster_cookie() + "\n").encode()
         for _ in range(self.np):
