@@ -407,7 +407,8 @@ class _Engine:
         self._inflight: dict[int, int] = {}  # held worker -> calls in flight
         self._ncalls = 0
         self._slots: deque[int] = deque()
-        self._retries: list[tuple[float, int, int, tuple[Any, ...]]] = []
+        # (due, seq, index, args, worker it failed on), a heap on (due, seq)
+        self._retries: list[tuple[float, int, int, tuple[Any, ...], int]] = []
         self._retry_seq = itertools.count()
         self._tries: dict[int, _Tries] = {}
         self._source: Iterator[_Unit] | None = None
@@ -450,10 +451,13 @@ class _Engine:
             yield _Unit(start, chunk, batched)
             start += len(chunk)
 
-    def _next_unit(self) -> _Unit | None:
-        if self._retries and self._retries[0][0] <= time.monotonic():
-            _, _, idx, args = heapq.heappop(self._retries)
-            return _Unit(idx, [args], False)
+    def _next_unit(self, w: int) -> _Unit | None:
+        """What worker `w` should run next: a retry due now (preferably one that did
+        not fail on `w`), else the next unit of the input."""
+        if self._retries:
+            unit = self._take_retry(w)
+            if unit is not None:
+                return unit
         if self._source is None:
             return None
         try:
@@ -465,17 +469,36 @@ class _Engine:
             self._fail(exc)
         return None
 
+    def _take_retry(self, w: int) -> _Unit | None:
+        now = time.monotonic()
+        # A worker that fails fast frees its slots first: without this it would
+        # take every retry back and fail it again while the others are busy.
+        others = len(self._inflight) > 1
+        ready = [(due, seq, i) for i, (due, seq, _, _, failed_on) in enumerate(self._retries)
+                 if due <= now and not (others and failed_on == w)]
+        if not ready:
+            return None
+        best = min(ready)[2]
+        _, _, idx, args, _ = self._retries[best]
+        self._retries[best] = self._retries[-1]
+        self._retries.pop()
+        heapq.heapify(self._retries)
+        return _Unit(idx, [args], False)
+
     def _dispatch(self) -> None:
+        kept: list[int] = []
         while self.failure is None and self._slots:
-            w = self._slots[0]
+            w = self._slots.popleft()
             if self._inflight.get(w, PIPELINE_DEPTH) >= PIPELINE_DEPTH:
-                self._slots.popleft()  # a slot of a worker given back or gone
-                continue
-            unit = self._next_unit()
+                continue  # a slot of a worker given back or gone
+            unit = self._next_unit(w)
             if unit is None:
-                return
-            self._slots.popleft()
+                kept.append(w)  # nothing for this worker now; maybe for the next one
+                if self._source is None and not self._retries:
+                    break
+                continue
             self._send(w, unit)
+        self._slots.extendleft(reversed(kept))
 
     def _wait(self) -> None:
         timeout: float | None = None
@@ -610,7 +633,7 @@ class _Engine:
         if is_error and isinstance(value, ProcessExitedException) and value.worker_id == w:
             self._inflight.pop(w, None)  # dead: it leaves every pool by itself
         elif w in self._inflight:
-            if self._inflight[w] == 0 and not self._work_left():
+            if self.pool is not None and self._inflight[w] == 0 and not self._work_left():
                 self._drop(w)  # nothing more for it: back to the pool early
             else:
                 self._slots.append(w)
@@ -618,20 +641,23 @@ class _Engine:
             return  # draining after a failure: what arrives now no longer counts
         if is_error:
             for i, args in enumerate(unit.args):
-                self._element_failed(unit.start + i, args, value)
+                self._element_failed(unit.start + i, args, value, w)
         elif unit.batched:
+            ok = 0
             for i, out in enumerate(value):
                 if type(out) is _ElementFailure:
-                    self._element_failed(unit.start + i, unit.args[i], out.exception())
+                    self._element_failed(unit.start + i, unit.args[i], out.exception(), w)
                 else:
                     self.results[unit.start + i] = out
-            self._tick(len(value))
+                    ok += 1
+            self._tick(ok)
         else:
             self.results[unit.start] = value
             self._tries.pop(unit.start, None)
             self._tick(1)
 
-    def _element_failed(self, idx: int, args: tuple[Any, ...], raised: BaseException) -> None:
+    def _element_failed(self, idx: int, args: tuple[Any, ...], raised: BaseException,
+                        worker: int) -> None:
         if self.failure is not None:
             return
         tries = self._tries.setdefault(idx, _Tries())
@@ -646,7 +672,7 @@ class _Engine:
             self._tick(1)
         else:
             heapq.heappush(self._retries, (time.monotonic() + value_or_delay,
-                                           next(self._retry_seq), idx, args))
+                                           next(self._retry_seq), idx, args, worker))
 
     def _fail(self, exc: BaseException) -> None:
         if self.failure is None:
