@@ -1,0 +1,448 @@
+"""pmap on real workers: order and inputs, every keyword and their combinations
+(Julia's walk_args), on_error, retries, retry_check, workers killed mid-run,
+batches, progress bars and pipelining."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from _module_workers import ModuleWorkers, os_pid, wait_gone
+
+import fastdist as fd
+from fastdist.protocol.serialize import SerializationError
+
+pmap_module = sys.modules["fastdist.pmap"]
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def ws():
+    mw = ModuleWorkers()
+    pids = mw.start(2)
+    yield pids
+    left = mw.stop()
+    assert not left, f"worker processes left behind: {sorted(left)}"
+
+
+def fails_first_time(path, x):
+    """Raise on the first call for `x` (a marker file remembers), return x*10 after."""
+    marker = os.path.join(path, f"seen-{x}")
+    try:
+        fd_ = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return x * 10
+    os.close(fd_)
+    raise ConnectionError(f"transient failure for {x}")
+
+
+def attempts(path, x):
+    return len([n for n in os.listdir(path) if n.startswith(f"try-{x}-")])
+
+
+def always_fails(path, x):
+    open(os.path.join(path, f"try-{x}-{time.monotonic_ns()}"), "w").close()
+    raise ValueError(f"bad {x}")
+
+
+# -- results and inputs -----------------------------------------------------------------------
+
+
+def test_results_in_input_order_for_any_iterable(ws):
+    assert fd.pmap(lambda x: x * 2, range(50)) == [x * 2 for x in range(50)]
+    assert fd.pmap(str.upper, "Hello World!") == list("HELLO WORLD!")
+    assert fd.pmap(lambda x: x + 1, (x for x in range(20))) == list(range(1, 21))
+    arr = np.arange(12.0)
+    assert fd.pmap(lambda v: v * v, arr) == [v * v for v in arr]
+    assert fd.pmap(pow, [2, 3, 4], [10, 2]) == [1024, 9], "zipped, shortest wins"
+    assert fd.pmap(lambda a, b, c: a + b + c, "ab", "cd", "ef", batch_size=2) == ["ace", "bdf"]
+    assert fd.pmap(lambda x: x, []) == []
+    assert fd.pmap(lambda x: x, {3: "a", 1: "b"}) == [3, 1]
+
+
+def test_every_worker_takes_part(ws):
+    fd.pmap(lambda _: fd.myid(), range(len(ws)))  # Julia's priming run
+    assert set(fd.pmap(lambda _: fd.myid(), range(100))) == set(ws)
+    assert set(fd.pmap(lambda _: fd.myid(), range(100), batch_size=7)) == set(ws)
+
+
+def test_pool_positional_or_keyword_and_specific_workers(ws):
+    only = fd.WorkerPool([ws[1]])
+    assert set(fd.pmap(lambda _: fd.myid(), only, range(20))) == {ws[1]}
+    assert set(fd.pmap(lambda _: fd.myid(), range(20), pool=only)) == {ws[1]}
+    with pytest.raises(TypeError):
+        fd.pmap(abs, only, range(3), pool=only)
+    with pytest.raises(TypeError):
+        fd.pmap(abs)
+
+
+def test_pool_of_this_process_alone_runs_locally(ws):
+    assert fd.pmap(lambda _: fd.myid(), fd.WorkerPool([1]), range(5)) == [1] * 5
+    assert fd.pmap(lambda _: fd.myid(), fd.WorkerPool([]), range(3)) == [1] * 3
+
+
+def test_pmap_from_a_worker_uses_all_workers(ws):
+    got = fd.remotecall_fetch(lambda: fd.pmap(lambda _: fd.myid(), range(100)), ws[0])
+    assert set(got) == set(ws), "the calling worker works too"
+
+
+def test_bad_arguments(ws):
+    for bad in (0, -1, "big", 1.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            fd.pmap(abs, [1], batch_size=bad)
+    with pytest.raises(TypeError, match="retry_delays"):
+        fd.pmap(abs, [1], retry_delays=0.1)
+    with pytest.raises(TypeError, match="on_error"):
+        fd.pmap(abs, [1], on_error="ignore")
+
+
+# -- every keyword, every combination (Julia's walk_args) ---------------------------------------
+
+
+def _walk_args_case(ws, distributed, batch_size, on_error, retry_delays, retry_check):
+    kwargs = {}
+    if distributed is not None:
+        kwargs["distributed"] = distributed
+    if batch_size is not None:
+        kwargs["batch_size"] = batch_size
+    if on_error is not None:
+        kwargs["on_error"] = on_error
+    if retry_delays is not None:
+        kwargs["retry_delays"] = retry_delays
+    if retry_check is not None:
+        kwargs["retry_check"] = retry_check
+    data = range(1, 101)
+    testw = [1] if distributed is False else ws
+
+    if retry_delays is not None:
+        def mapf(x):
+            if fd.myid() % 2 == 0:
+                raise RuntimeError("notfoobar")
+            return x * 2, fd.myid()
+
+        res = fd.pmap(mapf, data, **kwargs)
+        assert [r[0] for r in res] == [2 * x for x in data]
+        pids = {r[1] for r in res}
+        for p in testw:
+            assert (p in pids) == (p % 2 == 1), (p, pids)
+    elif on_error is None:
+        res = fd.pmap(lambda x: (x * 2, fd.myid()), data, **kwargs)
+        assert [r[0] for r in res] == [2 * x for x in data]
+        assert {r[1] for r in res} == set(testw)
+    else:
+        def mapf(x):
+            if x % 2 == 0:
+                raise RuntimeError("foobar")
+            return x * 2, fd.myid()
+
+        res = fd.pmap(mapf, data, **kwargs)
+        for x, r in zip(data, res):
+            if x % 2 == 0:
+                assert r is True
+            else:
+                assert r[0] == 2 * x and r[1] in testw
+
+
+def _on_error(e):
+    if str(e) == "foobar":
+        return True
+    raise e
+
+
+def test_all_combinations_of_keywords(ws):
+    assert {w % 2 for w in ws} == {0, 1}, "needs an even and an odd worker"
+    names = ("distributed", "batch_size", "on_error", "retry_delays", "retry_check")
+    choices = itertools.product(
+        (None, False),
+        (None, 2),
+        (None, _on_error),
+        (None, [0.001] * 1000),
+        (None, lambda s, e: (s, str(e).endswith("foobar"))),
+    )
+    for combo in choices:
+        try:
+            _walk_args_case(ws, *combo)
+        except BaseException as exc:
+            given = [name for name, value in zip(names, combo) if value is not None]
+            exc.add_note(f"pmap keywords given: {given}")
+            raise
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_an_error_stops_pmap_and_raises_the_remote_exception(ws):
+    read = []
+
+    def source():
+        for i in range(100_000):
+            read.append(i)
+            yield i
+
+    def f(x):
+        if x == 50:
+            raise ValueError("foobar")
+        return x
+
+    with pytest.raises(fd.RemoteException) as info:
+        fd.pmap(f, source())
+    assert info.value.pid in ws
+    assert isinstance(info.value.captured.ex, ValueError)
+    assert str(info.value.captured.ex) == "foobar"
+    assert len(read) < 1000, "no new element is read after the failure"
+    with pytest.raises(fd.RemoteException, match="foobar"):
+        fd.pmap(f, range(100), batch_size=8)
+
+
+def test_on_error_value_in_place(ws):
+    def f(x):
+        if x % 3 == 0:
+            raise KeyError(x)
+        return x
+
+    for batch_size in (1, 4, "auto"):
+        got = fd.pmap(f, range(10), on_error=lambda e: ("err", type(e).__name__, e.args[0]),
+                      batch_size=batch_size)
+        assert got == [("err", "KeyError", x) if x % 3 == 0 else x for x in range(10)]
+
+
+def test_on_error_bare_raise_rethrows_the_original(ws):
+    seen = []
+
+    def handler(e):
+        seen.append(e)
+        raise  # noqa: PLE0704 - pmap calls on_error while `e` is being handled
+
+    with pytest.raises(fd.RemoteException) as info:
+        fd.pmap(lambda x: 1 // x, [1, 0, 2], on_error=handler)
+    assert isinstance(info.value.captured.ex, ZeroDivisionError)
+    assert seen and all(isinstance(e, ZeroDivisionError) for e in seen)
+
+
+def test_on_error_raising_something_new(ws):
+    def handler(e):
+        raise LookupError("translated") from e
+
+    with pytest.raises(LookupError, match="translated"):
+        fd.pmap(lambda x: 1 // x, [1, 0], on_error=handler)
+
+
+def test_input_that_fails_midway(ws):
+    def source():
+        yield 1
+        yield 2
+        raise OSError("input broke")
+
+    with pytest.raises(OSError, match="input broke"):
+        fd.pmap(lambda x: x, source())
+
+
+def test_unpicklable_element(ws):
+    lock = threading.Lock()
+    with pytest.raises(SerializationError):
+        fd.pmap(lambda x: 1, [1, lock, 2])
+    assert fd.pmap(lambda x: 1, [1, lock, 2], on_error=lambda e: "unsent") == [1, "unsent", 1]
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_retries_after_transient_failures(ws, tmp_path, batch_size):
+    got = fd.pmap(fails_first_time, [str(tmp_path)] * 12, range(12), retry_delays=[0.01],
+                  batch_size=batch_size)
+    assert got == [x * 10 for x in range(12)]
+    assert len(os.listdir(tmp_path)) == 12, "each element failed once"
+
+
+def test_retries_run_out(ws, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(fd.RemoteException, match="bad 1") as info:
+        fd.pmap(always_fails, [str(tmp_path)], [1], retry_delays=[0.05, 0.1])
+    assert isinstance(info.value.captured.ex, ValueError)
+    assert attempts(tmp_path, 1) == 3, "one attempt and two retries"
+    assert time.monotonic() - start >= 0.15, "the delays were waited"
+
+
+def test_retry_delays_from_a_one_shot_generator(ws, tmp_path):
+    def delays():
+        d = 0.001
+        while True:  # endless, like ExponentialBackOff without n
+            yield d
+            d *= 2
+
+    got = fd.pmap(fails_first_time, [str(tmp_path)] * 6, range(6), retry_delays=delays())
+    assert got == [x * 10 for x in range(6)]
+
+
+def test_retry_check_refuses(ws, tmp_path):
+    calls = []
+
+    def check(state, exc):
+        calls.append((state, type(exc).__name__))
+        return state, False
+
+    with pytest.raises(fd.RemoteException, match="bad 7"):
+        fd.pmap(always_fails, [str(tmp_path)], [7], retry_delays=[0.0] * 5, retry_check=check)
+    assert attempts(tmp_path, 7) == 1
+    assert calls == [(None, "ValueError")], "the check sees the original exception"
+
+
+def test_retry_check_state_and_selective_retry(ws, tmp_path):
+    states = []
+
+    def check(state, exc):
+        states.append(state)
+        return (0 if state is None else state + 1), isinstance(exc, ConnectionError)
+
+    got = fd.pmap(fails_first_time, [str(tmp_path)] * 4, range(4), retry_delays=[0] * 3,
+                  retry_check=check)
+    assert got == [0, 10, 20, 30] and states == [None] * 4
+
+    def check_counting(state, exc):
+        states.append(state)
+        return (0 if state is None else state + 1), True
+
+    states.clear()
+    with pytest.raises(fd.RemoteException):
+        fd.pmap(always_fails, [str(tmp_path)], [5], retry_delays=[0] * 3,
+                retry_check=check_counting)
+    assert states == [None, 0, 1], "state threads through an element's retries"
+    assert attempts(tmp_path, 5) == 4
+
+
+def test_on_error_is_asked_before_retrying(ws, tmp_path):
+    handled = []
+
+    def handler(e):
+        handled.append(type(e))
+        if isinstance(e, ConnectionError):
+            raise e  # let it be retried
+        return "handled"
+
+    got = fd.pmap(fails_first_time, [str(tmp_path)] * 3, range(3), on_error=handler,
+                  retry_delays=[0.0])
+    assert got == [0, 10, 20] and handled == [ConnectionError] * 3
+    got = fd.pmap(lambda x: 1 // x, [0], on_error=handler, retry_delays=[0.0] * 3)
+    assert got == ["handled"]
+
+
+# -- workers that die mid-run -------------------------------------------------------------------
+
+
+def _slow_where(x):
+    time.sleep(0.01)
+    return x, fd.myid()
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_survives_a_worker_killed_mid_run(ws, batch_size):
+    (victim,) = fd.addprocs(1)
+    ospid = os_pid(victim)
+    fd.remotecall_fetch(_slow_where, victim, 0)  # this module is imported there now
+    data = list(range(300))
+    busy = threading.Event()
+
+    def source():
+        for i in data:
+            if i == 60:
+                busy.set()  # by now the victim has done some and has more in flight
+            yield i
+
+    def kill_when_busy():
+        busy.wait(10)
+        os.kill(ospid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_busy)
+    killer.start()
+    try:
+        got = fd.pmap(_slow_where, source(), retry_delays=[0.05] * 3, batch_size=batch_size)
+    finally:
+        killer.join()
+    assert [x for x, _ in got] == data
+    assert victim in {p for _, p in got}, "the victim worked before it died"
+    wait_gone(victim)
+    assert {p for _, p in got[-20:]} <= set(ws), "the last elements ran on the survivors"
+
+
+def test_worker_death_without_retries_raises(ws):
+    (victim,) = fd.addprocs(1)
+    ospid = os_pid(victim)
+    threading.Timer(0.3, os.kill, (ospid, signal.SIGKILL)).start()
+    with pytest.raises(fd.ProcessExitedException) as info:
+        fd.pmap(lambda x: time.sleep(0.02), range(400))
+    assert info.value.worker_id == victim
+    wait_gone(victim)
+
+
+# -- batches, pipelining, progress -----------------------------------------------------------
+
+
+def test_auto_batch_size(ws):
+    auto = pmap_module.auto_batch_size
+    assert auto(10_000, 2) == 100 and auto(100, 4) == 8 and auto(5, 4) == 1 and auto(0, 2) == 1
+    assert fd.pmap(lambda x: x, range(1000), batch_size="auto") == list(range(1000))
+    assert fd.pmap(lambda x: x, (i for i in range(1000)), batch_size="auto") == list(range(1000))
+
+
+def test_batches_travel_as_one_call_each(ws):
+    before = {w: fd.stats()["peers"][w]["msgs_sent"] for w in ws}
+    fd.pmap(lambda x: x, range(200), batch_size=50)
+    sent = sum(fd.stats()["peers"][w]["msgs_sent"] - before[w] for w in ws)
+    assert 4 <= sent <= 10, f"{sent} messages for 4 batches"
+
+
+def test_each_worker_has_calls_in_flight_back_to_back(ws):
+    # With one call in flight per worker (Julia), a worker's elements never
+    # overlap in time; pmap keeps the next one there while one runs.
+    def span(x):
+        start = time.monotonic()
+        time.sleep(0.05)
+        return fd.myid(), start, time.monotonic()
+
+    spans = fd.pmap(span, range(12))
+    overlapping = 0
+    for w in ws:
+        mine = sorted((s, e) for p, s, e in spans if p == w)
+        overlapping += sum(b[0] < a[1] for a, b in itertools.pairwise(mine))
+    assert overlapping > 0
+
+
+def test_the_function_travels_once_per_worker(ws):
+    blob = bytes(range(256)) * 4096  # 1 MB in the closure
+
+    def f(x):
+        return len(blob) + x
+
+    before = {w: fd.stats()["peers"][w]["bytes_sent"] for w in ws}
+    assert fd.pmap(f, range(100)) == [len(blob) + x for x in range(100)]
+    for w in ws:
+        assert fd.stats()["peers"][w]["bytes_sent"] - before[w] < 2 * len(blob)
+
+
+def test_progress_bar_with_tqdm(ws, capfd):
+    pytest.importorskip("tqdm")
+    assert fd.pmap(lambda x: x, range(40), progress=True) == list(range(40))
+    err = capfd.readouterr().err
+    assert "40/40" in err and "100%" in err
+
+
+def test_progress_bar_without_tqdm(ws, capfd, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now fails
+    assert fd.pmap(lambda x: x, range(40), progress=True, batch_size=5) == list(range(40))
+    err = capfd.readouterr().err
+    assert "pmap [" in err and "40/40 100%" in err and err.endswith("\n")
+    assert fd.pmap(lambda x: x, range(3), progress=True, distributed=False) == [0, 1, 2]
+    assert "3/3 100%" in capfd.readouterr().err
+
+
+def test_local_mode_uses_threads_of_this_process(ws):
+    got = fd.pmap(lambda _: (fd.myid(), threading.get_ident()), range(20), distributed=False)
+    assert {p for p, _ in got} == {1}
