@@ -26,6 +26,7 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from fastdist._core._wire cimport BUFLEN_NBYTES, PRELUDE_NBYTES, FrameReader, encode_prelude
 
@@ -111,6 +112,12 @@ cdef enum:
     # Reads per readable event before the loop serves the other connections.
     MAX_READS_PER_WAKE = 16
     HANDSHAKE_READ_MAX = 256
+
+
+cdef inline long long _monotonic_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000LL + ts.tv_nsec // 1000000
 
 
 def _report(where):
@@ -220,10 +227,13 @@ cdef class MessageLoop:
         cdef uint64_t counter
         cdef bint woken
         cdef SocketConnection conn
+        cdef long long now, next_tick = _monotonic_ms() + self.tick_ms
+        cdef int wait_ms
         self.thread_ident = PyThread_get_thread_ident()
         while self.running:
+            wait_ms = <int>max(0, min(next_tick - _monotonic_ms(), <long long>self.tick_ms))
             with nogil:
-                n = epoll_wait(self.epfd, events, MAX_EVENTS, self.tick_ms)
+                n = epoll_wait(self.epfd, events, MAX_EVENTS, wait_ms)
             if n < 0:
                 if errno == EINTR:
                     PyErr_CheckSignals()
@@ -253,7 +263,13 @@ cdef class MessageLoop:
                         callback()
                     except Exception:
                         _report("a reader callback")
+            # Steady traffic never lets epoll_wait time out: tick on the clock too, or
+            # heartbeats and handshake deadlines would wait for the traffic to stop.
+            now = _monotonic_ms()
+            if now >= next_tick:
+                woken = True
             if woken and self.on_tick is not None:
+                next_tick = now + self.tick_ms
                 try:
                     self.on_tick()
                 except Exception:
