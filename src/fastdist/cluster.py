@@ -557,6 +557,14 @@ def on_peers(n: Node, d: dict[str, Any]) -> None:
         n.removed.add(pid)
 
 
+def on_unjoined_close(pid: int) -> None:
+    """The connection to a worker that has not finished joining closed: it died, and
+    its addprocs must say so now rather than wait out FASTDIST_WORKER_TIMEOUT."""
+    w = _joining.get(pid)
+    if w is not None:
+        w.fail(ProcessExitedException(pid))
+
+
 # -- removing workers -----------------------------------------------------------------------
 
 

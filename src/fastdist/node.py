@@ -206,6 +206,10 @@ class Node:
         p = self.peers.get(pid)
         if p is not None and p.conn is conn:
             self.peer_lost(pid, exc)
+        elif p is None and self.role == "master":
+            from fastdist.cluster import on_unjoined_close
+
+            on_unjoined_close(pid)
 
     def peer_lost(self, pid: int, exc: BaseException | None = None) -> None:
         """A process is gone: fail what waits on it and forget it."""
