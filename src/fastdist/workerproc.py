@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import sys
@@ -140,6 +141,8 @@ def _exit_if_nobody_connects(n: Node) -> None:
         while time.monotonic() < deadline:
             if n.myid != 0:
                 return
+            if _output_closed():
+                os._exit(1)  # whoever launched us and read our stdout is gone
             time.sleep(0.1)
         if n.myid == 0:
             print(f"Master process (id 1) could not connect within {timeout:g} seconds.\n"
@@ -147,3 +150,13 @@ def _exit_if_nobody_connects(n: Node) -> None:
             os._exit(1)
 
     threading.Thread(target=watch, name="fastdist-connect-watch", daemon=True).start()
+
+
+def _output_closed() -> bool:
+    """True when nothing reads this worker's stdout any more: the launcher that reads
+    the address line (the master, or the ssh session it started) has died, so no
+    master will ever connect. (A pipe or socket whose reader is gone polls POLLERR
+    or POLLHUP; a file or terminal never does.)"""
+    p = select.poll()
+    p.register(1, 0)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
