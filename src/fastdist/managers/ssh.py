@@ -166,8 +166,9 @@ class _ControlMaster:
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.path):
             if self.proc.poll() is not None:
-                raise ClusterError(_read_tail(self.proc.stderr) or
-                                   f"ssh exited with code {self.proc.returncode}")
+                said = _read_tail(self.proc.stderr)
+                self.close()
+                raise ClusterError(said or f"ssh exited with code {self.proc.returncode}")
             if time.monotonic() > deadline:
                 self.close()
                 raise ClusterError(f"the shared ssh connection was not up within {timeout:g} s")
@@ -204,6 +205,55 @@ def _read_tail(stream: Any, timeout: float = 1.0) -> str:
     except (OSError, ValueError):
         pass
     return data[-ERROR_TAIL_NBYTES:].decode(errors="replace").strip()
+
+
+class _StderrRelay:
+    """Reads one ssh session's stderr to its end: kept (bounded) until the worker joins,
+    for the launch error; then printed as the worker's stderr, `From worker N:`."""
+
+    KEEP_LINES = 50
+
+    def __init__(self, fd: int) -> None:
+        self.pid: int | None = None
+        self.early: list[str] = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(fd,), name="fastdist-ssh-stderr",
+                         daemon=True).start()
+
+    def _run(self, fd: int) -> None:
+        with open(fd, "rb") as stream:
+            for raw in stream:
+                line = raw.decode(errors="replace").rstrip("\n")
+                with self.lock:
+                    pid = self.pid
+                    if pid is None:
+                        self.early.append(line)
+                        del self.early[:-self.KEEP_LINES]
+                        continue
+                _print_err(f"From worker {pid}:\t{line}")
+        self.done.set()
+
+    def joined(self, pid: int) -> None:
+        with self.lock:
+            self.pid = pid
+            early, self.early = self.early, []
+        for line in early:
+            _print_err(f"From worker {pid}:\t{line}")
+
+    def early_text(self, timeout: float = 1.0) -> str:
+        """What the session said before joining (waits briefly for its end)."""
+        self.done.wait(timeout)
+        with self.lock:
+            return "\n".join(self.early).strip()[-ERROR_TAIL_NBYTES:]
+
+
+def _print_err(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 class SSHManager(ClusterManager):
@@ -271,7 +321,8 @@ class SSHManager(ClusterManager):
         self._tunnels: dict[int, tuple[Any, str]] = {}  # pid -> (ssh process or None, forward)
         self._tunnel_sems: dict[str, threading.Semaphore] = {}
         self._pids: dict[int, int] = {}  # id(config) -> pid, once registered
-        self._exiting: set[int] = set()  # pids asked to exit (their session ending is news to nobody)
+        self._stderr: dict[int, _StderrRelay] = {}  # id(config) -> its session's stderr
+        self._exiting: set[int] = set()  # pids asked to exit: their session ending is no news
 
     def __repr__(self) -> str:
         return f"SSHManager(machines={self.machines!r})"
@@ -357,6 +408,12 @@ class SSHManager(ClusterManager):
         try:
             master.wait_ready(_worker_timeout())
         except ClusterError as exc:
+            with self._lock:
+                if self._masters.get(key) is master:
+                    del self._masters[key]
+                if not self._masters and self._control_dir is not None:
+                    shutil.rmtree(self._control_dir, ignore_errors=True)
+                    self._control_dir = None
             raise ClusterError(f"cannot open an ssh connection to {machine.host!r} "
                                f"({machine.spec!r}): {exc}") from None
         return master.path
@@ -439,8 +496,18 @@ class SSHManager(ClusterManager):
 
         # A new session: Ctrl-C at the master's terminal interrupts calls through
         # messages, it does not kill the ssh sessions (Julia's `detach`).
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        # ssh's stderr is read here, not by the framework: before the worker joins it
+        # explains a failed launch, afterwards it is the worker's stderr.
+        err_r, err_w = os.pipe()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=err_w, start_new_session=True)
+        except BaseException:
+            os.close(err_r)
+            raise
+        finally:
+            os.close(err_w)
+        stderr = _StderrRelay(err_r)
         assert proc.stdin is not None
         try:
             proc.stdin.write((cluster_cookie() + "\n").encode())
@@ -456,6 +523,8 @@ class SSHManager(ClusterManager):
             environ=params.get("env"), enable_threaded_blas=params.get("enable_threaded_blas"),
             userdata={"machine": machine.spec, "destination": machine.destination,
                       "ssh": params.get("ssh") or "ssh"})
+        with self._lock:
+            self._stderr[id(config)] = stderr
         path = _control_path(config)
         if path is not None:
             self._hold_master(path, +1)
@@ -477,7 +546,7 @@ class SSHManager(ClusterManager):
         time.sleep(0.05)  # the address may have been read just as ssh exited
         if config.port is not None:
             return None
-        return _describe_ssh_failure(machine, proc.returncode, _read_tail(proc.stderr))
+        return _describe_ssh_failure(machine, proc.returncode, stderr.early_text())
 
     def _bind_addr_for(self, machine: Machine) -> str | None:
         """The address to reach the worker at, when it is not the one the worker reports."""
@@ -564,6 +633,9 @@ class SSHManager(ClusterManager):
         if op == "register":
             with self._lock:
                 self._pids[id(config)] = pid
+                stderr = self._stderr.get(id(config))
+            if stderr is not None:
+                stderr.joined(pid)
         elif op == "deregister":
             with self._lock:
                 tunnel = self._tunnels.pop(pid, None)
@@ -597,6 +669,7 @@ class SSHManager(ClusterManager):
             self._hold_master(path, -1)
         with self._lock:
             pid = self._pids.pop(id(config), None)
+            self._stderr.pop(id(config), None)
             asked = pid in self._exiting
             self._exiting.discard(pid)
         n = _node.peek()
