@@ -336,15 +336,14 @@ def _setup_worker(n: Node, manager: ClusterManager, config: WorkerConfig) -> int
 def _open(n: Node, pid: int, instream: Any, outstream: Any) -> Any:
     """Authenticate and start serving the connection to a new worker."""
     from fastdist.protocol.handshake import connect_blocking
-    from fastdist.transport import stream_handshake
+    from fastdist.transport import stream_handshake, tune_socket
 
     cookie = n.cookie.encode()
     if instream is outstream and isinstance(instream, socket.socket):
         sock = instream
         try:
             sock.settimeout(worker_timeout())
-            if sock.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune_socket(sock)
             connect_blocking(sock.recv, sock.sendall, cookie)
             sock.setblocking(False)
         except BaseException:
@@ -533,17 +532,19 @@ def _connect_now(n: Node, p: Peer) -> None:
 
 
 def conn_peer_host(conn: Any) -> str:
+    """The peer's address on a socket connection ("" for Unix sockets and streams: this host)."""
     fd = getattr(conn, "fd", -1)
     if fd is None or fd < 0:
         return ""
     try:
         s = socket.socket(fileno=os.dup(fd))
         try:
-            return str(s.getpeername()[0])
+            name = s.getpeername()
         finally:
             s.close()
     except OSError:
         return ""
+    return str(name[0]) if isinstance(name, tuple) else ""
 
 
 def on_peers(n: Node, d: dict[str, Any]) -> None:

@@ -83,6 +83,7 @@ class Node:
         self.host = "127.0.0.1"
         self.port = 0
         self.listener: socket.socket | None = None
+        self.unix_listener: socket.socket | None = None
         self.callpool = CallPool()
         self.worker_removed_callbacks: list[Any] = []
         self._ids = itertools.count(1)
@@ -101,12 +102,21 @@ class Node:
         self.loop_thread = threading.Thread(target=self.loop.run, name="fastdist-io", daemon=True)
         self.loop_thread.start()
 
-    def start_listener(self, host: str, port: int = 0) -> tuple[str, int]:
-        from fastdist.transport import listen
+    def start_listener(self, host: str, port: int = 0,
+                       advertised: str | None = None) -> tuple[str, int]:
+        """Listen on TCP host:port, and on the matching abstract Unix socket for peers
+        on this host (named after the address this worker advertises)."""
+        from fastdist.transport import listen, listen_unix
 
         self.listener = listen(host, port)
         self.host, self.port = self.listener.getsockname()[:2]
-        self.loop.add_reader(self.listener.fileno(), self._on_listener_readable)
+        if advertised is not None:
+            self.host = advertised
+        self.loop.add_reader(self.listener.fileno(), lambda: self._accept(self.listener))
+        self.unix_listener = listen_unix(self.host, self.port)
+        if self.unix_listener is not None:
+            unix = self.unix_listener
+            self.loop.add_reader(unix.fileno(), lambda: self._accept(unix))
         return self.host, self.port
 
     def next_id(self) -> int:
@@ -242,12 +252,11 @@ class Node:
 
             on_worker_lost(self, p, exc)
 
-    def _on_listener_readable(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         from fastdist.protocol.handshake import AcceptorHandshake
         from fastdist.transport import accept_ready
 
-        assert self.listener is not None
-        for sock in accept_ready(self.listener):
+        for sock in accept_ready(listener):
             self._shed_pending_handshakes()
             self.loop.add_connection(sock.detach(), self, AcceptorHandshake(self.cookie.encode()))
 

@@ -123,8 +123,7 @@ def start_worker(out: Any = None, cookie: str | None = None, close_stdin: bool =
         _define_site_builtins()
     n = init_worker(cookie)
     host, port = parse_bind(bind_to)
-    n.start_listener(host, port)
-    n.host = advertised_host(host)
+    n.start_listener(host, port, advertised=advertised_host(host))
     print(f"fastdist_worker:{n.port}#{n.host}", file=out, flush=True)
     # Ctrl-C (or `kill -INT`) interrupts the running calls; the worker lives on.
     signal.signal(signal.SIGINT, lambda *_: n.callpool.interrupt())

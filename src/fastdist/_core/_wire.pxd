@@ -9,8 +9,9 @@ cdef enum:
 
 
 cdef class RecvBuffer:
-    cdef char* data             # malloc'd, never zero-filled: every byte is written by recv
+    cdef char* data             # malloc'd or mmap'd, never zero-filled: recv writes every byte
     cdef Py_ssize_t nbytes      # size of data
+    cdef Py_ssize_t mapped      # length of the mmap behind data, or 0 if malloc'd
     cdef Py_ssize_t filled      # bytes written so far by the reader
     cdef int exports            # live buffer-protocol views (for debugging and tests)
 

@@ -111,6 +111,53 @@ def pack_prelude(int kind, int flags, uint32_t aux, uint32_t whence, uint64_t re
     return bytes(out)
 
 
+cdef extern from "<sys/mman.h>" nogil:
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void* addr, size_t length)
+    int madvise(void* addr, size_t length, int advice)
+    void* MAP_FAILED
+    enum:
+        PROT_READ
+        PROT_WRITE
+        MAP_PRIVATE
+        MAP_ANONYMOUS
+        MADV_HUGEPAGE
+
+# At and above this size a receive buffer is its own mapping backed by huge pages:
+# first-touching fresh memory costs ~0.65 ns/byte in 4 KiB pages, several times
+# less in 2 MiB ones, and that cost, not the copy, bounds large transfers.
+HUGE_BUFFER_NBYTES = 4 * 1024 * 1024
+HUGE_PAGE_NBYTES = 2 * 1024 * 1024
+# Freed large mappings kept for the next receive of a similar size (their pages
+# are already faulted in): at most this many, of at most this many bytes in all.
+cdef int CACHE_SLOTS = 2
+cdef Py_ssize_t CACHE_MAX_NBYTES = 512 * 1024 * 1024
+cdef list _map_cache = []  # (mapped length, address as int)
+
+
+cdef char* _take_mapping(Py_ssize_t length):
+    cdef Py_ssize_t i
+    for i in range(len(_map_cache)):
+        if _map_cache[i][0] == length:
+            addr = _map_cache.pop(i)[1]
+            return <char*><size_t>addr
+    cdef void* p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if p == MAP_FAILED:
+        return NULL
+    madvise(p, length, MADV_HUGEPAGE)
+    return <char*>p
+
+
+cdef void _give_mapping(char* data, Py_ssize_t length):
+    if length <= CACHE_MAX_NBYTES // CACHE_SLOTS:
+        _map_cache.append((length, <size_t>data))
+        if len(_map_cache) <= CACHE_SLOTS:
+            return
+        length, addr = _map_cache.pop(0)
+        data = <char*><size_t>addr
+    munmap(data, length)
+
+
 cdef class RecvBuffer:
     """A writable allocation that one received body or out-of-band buffer lands in.
 
@@ -121,8 +168,15 @@ cdef class RecvBuffer:
     def __cinit__(self, Py_ssize_t nbytes):
         if nbytes < 0:
             raise ValueError("negative buffer size")
-        # malloc, not calloc: zero-filling would touch every page once more.
-        self.data = <char*>malloc(nbytes if nbytes > 0 else 1)
+        self.mapped = 0
+        if nbytes >= HUGE_BUFFER_NBYTES:
+            self.mapped = (nbytes + HUGE_PAGE_NBYTES - 1) // HUGE_PAGE_NBYTES * HUGE_PAGE_NBYTES
+            self.data = _take_mapping(self.mapped)
+            if self.data == NULL:
+                self.mapped = 0
+        if self.mapped == 0:
+            # malloc, not calloc: zero-filling would touch every page once more.
+            self.data = <char*>malloc(nbytes if nbytes > 0 else 1)
         if self.data == NULL:
             raise MemoryError(f"cannot allocate a {nbytes}-byte receive buffer")
         self.nbytes = nbytes
@@ -130,7 +184,10 @@ cdef class RecvBuffer:
         self.exports = 0
 
     def __dealloc__(self):
-        free(self.data)
+        if self.mapped:
+            _give_mapping(self.data, self.mapped)
+        else:
+            free(self.data)
         self.data = NULL
 
     def __getbuffer__(self, Py_buffer* view, int flags):

@@ -66,12 +66,14 @@ class ClusterManager(abc.ABC):
         ask_worker_to_exit(pid)
 
     def connect(self, pid: int, config: WorkerConfig) -> tuple[Any, Any]:
-        """The (instream, outstream) to talk to worker `pid` over; by default a TCP socket
-        to `config.bind_addr` (or `config.host`) and `config.port`, used for both."""
+        """The (instream, outstream) to talk to worker `pid` over; by default one socket
+        to `config.bind_addr` (or `config.host`) and `config.port`, used for both —
+        the worker's Unix socket when it runs on this host, TCP otherwise."""
         from fastdist.node import worker_timeout
+        from fastdist.transport import open_stream
 
         host = config.bind_addr or config.host
-        sock = socket.create_connection((host, int(config.port)), timeout=worker_timeout())
+        sock = open_stream(str(host), int(config.port), worker_timeout())
         return sock, sock
 
 
