@@ -102,7 +102,22 @@ def cleanup(proc, tag):
     return killed
 
 
+def cpu_busy(wait_idle):
+    """Percent of both cores busy over one second (other sessions' work shows
+    up here); with wait_idle > 0, wait up to that many seconds for < 20%."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    deadline = time.monotonic() + wait_idle
+    while True:
+        busy = psutil.cpu_percent(interval=1.0)
+        if busy < 20 or time.monotonic() >= deadline:
+            return busy
+
+
 def run_job(peer, workload, args, exe, logdir):
+    busy = cpu_busy(args.wait_idle)
     tag = uuid.uuid4().hex
     fd, out = tempfile.mkstemp(prefix=f"fdbench-{peer}-{workload}-", suffix=".json")
     os.close(fd)
@@ -162,7 +177,8 @@ def run_job(peer, workload, args, exe, logdir):
     doc["error"] = report.sanitize(doc.get("error"))
     for row in doc.get("rows", []):
         row["error"] = report.sanitize(row.get("error"))
-    doc.update(peer=peer, workload=workload, wall_s=round(wall, 2), returncode=rc, leftovers_killed=leftovers)
+    doc.update(peer=peer, workload=workload, wall_s=round(wall, 2), returncode=rc, leftovers_killed=leftovers,
+               cpu_busy_before=busy)
     return doc
 
 
@@ -183,6 +199,8 @@ def main(argv=None):
                     help="systems to run (baselines c, pysock, memcpy included)")
     ap.add_argument("--reps", type=int, help="repetitions per figure (default 5; quick: 2)")
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every job timeout")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="before each job, wait up to this many seconds for the CPU to be idle (< 20%% busy)")
     ap.add_argument("--out-dir", default=HERE, help="where RESULTS.md, results.json, ratios.png go")
     args = ap.parse_args(argv)
 
