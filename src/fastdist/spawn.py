@@ -283,7 +283,7 @@ def everywhere(code: str | Callable[..., Any] | None = None,
 
     Example:
         >>> fd.everywhere("import math; x = math.pi", y=2)
-        >>> fd.fetchfrom(2, eval, "x * y", vars(sys.modules["__main__"]))
+        >>> fd.everywhere("x * y", procs=2)
         6.283185307179586
         >>> @fd.everywhere
         ... def double(v):
@@ -462,7 +462,7 @@ def clear(names: str | Iterable[str] | CachingPool, pids: int | Iterable[int] | 
     Example:
         >>> fd.everywhere("big = list(range(10**6))")
         >>> fd.clear("big")
-        >>> fd.fetchfrom(2, eval, "big", vars(sys.modules["__main__"])) is None
+        >>> fd.everywhere("big is None", procs=2)
         True
     """
     from fastdist.cluster import workers
