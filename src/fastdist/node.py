@@ -190,6 +190,20 @@ class Node:
         except ConnectionError as exc:
             raise ProcessExitedException(pid) from exc
 
+    def send_deferred(self, pid: int, kind: int, flags: int, aux: int, whence: int,
+                      ref_id: int, body: Any = b"") -> None:
+        """Queue a small frame to `pid` for the loop thread to write with others (see
+        SocketConnection.send_deferred); a stream connection sends it at once."""
+        conn = self.connection_to(pid)
+        try:
+            deferred = getattr(conn, "send_deferred", None)
+            if deferred is not None:
+                deferred(kind, flags, aux, whence, ref_id, body)
+            else:
+                conn.send_frame(kind, flags, aux, whence, ref_id, body)
+        except ConnectionError as exc:
+            raise ProcessExitedException(pid) from exc
+
     def add_stream_connection(self, instream: Any, outstream: Any, pid: int | None) -> Any:
         from fastdist.transport import StreamConnection
 

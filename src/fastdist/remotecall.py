@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 
+# Calls with a body up to this size (and no out-of-band buffers) are deferred and
+# written in bursts; larger ones go out at once from the caller's thread.
+DEFER_MAX_NBYTES = 16 * 1024
+
+
 def _is_pool(target: Any) -> bool:
     from fastdist.workerpool import AbstractWorkerPool
 
@@ -109,7 +114,11 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
     else:
         body, buffers = _encode_call(f, args, kwargs, pid)
         fut = Future._for_call(n, pid)
-        n.send(pid, Kind.CALL, 0, 0, n.myid, fut.id, body, buffers)
+        if buffers or len(body) > DEFER_MAX_NBYTES:
+            n.send(pid, Kind.CALL, 0, 0, n.myid, fut.id, body, buffers)
+        else:
+            # Written with the next burst; whoever waits for it flushes first.
+            n.send_deferred(pid, Kind.CALL, 0, 0, n.myid, fut.id, body)
     _register_sync(fut)
     return fut
 
@@ -166,10 +175,15 @@ def wait_reading(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
     would have to wake this one: a thread hand-off less per round trip. When
     another thread is reading that connection, wait for the waiter as usual.
     """
-    if w.done():
-        return True
     p = n.peers.get(pid)
     conn = p.conn if p is not None else None
+    if getattr(conn, "has_pending", False):
+        try:
+            conn.flush()  # type: ignore[union-attr]
+        except ConnectionError:
+            pass
+    if w.done():
+        return True
     read_direct = getattr(conn, "read_direct", None)
     if read_direct is None:
         return w.wait(timeout)

@@ -11,6 +11,7 @@ cdef class MessageLoop:
     cdef int wakefd                 # eventfd that wakeup() writes to, to end an epoll_wait
     cdef dict conns                 # fd -> SocketConnection
     cdef dict readers               # fd -> callable, for listeners and output pipes
+    cdef list dirty                 # connections with deferred frames to write
     cdef object on_tick             # called on the loop thread after each wake-up or tick
     cdef int tick_ms                # longest sleep between two on_tick calls
     cdef bint running               # cleared by stop()

@@ -138,6 +138,7 @@ cdef class MessageLoop:
             raise OSError(errno, os.strerror(errno))
         self.conns = {}
         self.readers = {}
+        self.dirty = []
         self.on_tick = on_tick
         self.tick_ms = tick_ms
         self.running = True
@@ -219,6 +220,19 @@ cdef class MessageLoop:
     def in_loop_thread(self):
         return self.thread_ident == PyThread_get_thread_ident()
 
+    def _flush_dirty(self):
+        """Write the frames senders deferred (one gathered sendmsg per connection)."""
+        cdef SocketConnection conn
+        if not self.dirty:
+            return
+        dirty, self.dirty = self.dirty, []
+        for conn in dirty:
+            if not conn.closed:
+                try:
+                    conn._try_flush_nowait()
+                except BaseException as exc:
+                    conn.close(exc)
+
     def run(self):
         """Serve until stop(); call on the thread that is to be the I/O thread."""
         cdef epoll_event events[MAX_EVENTS]
@@ -246,6 +260,7 @@ cdef class MessageLoop:
                 if fd == self.wakefd:
                     c_read(self.wakefd, &counter, 8)
                     woken = True
+                    self._flush_dirty()
                     continue
                 conn = self.conns.get(fd)
                 if conn is not None:
@@ -478,6 +493,49 @@ cdef class SocketConnection:
             memcpy(p + PRELUDE_NBYTES, &view[0], body_n)
         self.pending.append(frame)
         self._try_flush_nowait()
+
+    def send_deferred(self, int kind, int flags, unsigned int aux, unsigned int whence,
+                      unsigned long long ref_id, body=b""):
+        """Queue a small frame; the loop thread writes the queue with one sendmsg.
+
+        A burst of calls (pipelined remotecalls, pmap) then costs one syscall per
+        burst rather than per call. A thread about to wait for a reply calls
+        `flush()` first, so deferring never delays a round trip.
+        """
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        cdef Py_ssize_t body_n = len(body)
+        cdef bytes frame = PyBytes_FromStringAndSize(NULL, PRELUDE_NBYTES + body_n)
+        cdef char* p = PyBytes_AS_STRING(frame)
+        encode_prelude(p, <unsigned char>kind, <unsigned char>flags, aux, whence, ref_id,
+                       body_n, 0, NULL)
+        cdef const unsigned char[::1] view
+        if body_n:
+            view = memoryview(body).cast("B")
+            memcpy(p + PRELUDE_NBYTES, &view[0], body_n)
+        cdef bint first = not self.pending
+        self.pending.append(frame)
+        if first:
+            self.loop.dirty.append(self)
+            self.loop.wakeup()
+
+    @property
+    def has_pending(self):
+        return bool(self.pending)
+
+    def flush(self):
+        """Write every deferred frame now (on this thread)."""
+        if not self.pending:
+            return
+        self._acquire()
+        try:
+            if self.closed:
+                raise ConnectionResetError("connection closed")
+            while self.pending:
+                self._move_pending()
+                self._flush_blocking()
+        finally:
+            self._release()
 
     def send_raw_nowait(self, bytes data):
         """Write handshake bytes (tiny; the socket buffer is empty at that point)."""
