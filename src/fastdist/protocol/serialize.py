@@ -24,6 +24,13 @@ import cloudpickle
 OOB_THRESHOLD = 64 * 1024
 
 _context = threading.local()
+# Unpickling imports modules. Two threads importing the same package's submodules
+# in different orders (one `import numpy`, one `numpy._core.numeric` for an
+# array) trip CPython's import deadlock detection, which hands one of them a
+# half-initialised module: the call fails with a circular-import error, and
+# numpy cannot be imported again. So unpickles run one at a time; they hold
+# the GIL anyway, so this costs no parallelism.
+_loads_lock = threading.RLock()
 
 
 class SerializationError(TypeError):
@@ -164,10 +171,11 @@ def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
     """
     try:
         view = memoryview(body)
-        if view.nbytes and view[0] == 0:
-            _, npickle = _PERSISTENT_HEADER.unpack_from(view)
-            return _BytesOutOfBandUnpickler(view[_PERSISTENT_HEADER.size:], list(buffers),
-                                            npickle).load()
-        return pickle.loads(body, buffers=buffers)
+        with _loads_lock:
+            if view.nbytes and view[0] == 0:
+                _, npickle = _PERSISTENT_HEADER.unpack_from(view)
+                return _BytesOutOfBandUnpickler(view[_PERSISTENT_HEADER.size:], list(buffers),
+                                                npickle).load()
+            return pickle.loads(body, buffers=buffers)
     except Exception as exc:
         raise SerializationError(f"could not deserialise the {what}: {type(exc).__name__}: {exc}") from exc
