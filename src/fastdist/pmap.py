@@ -53,8 +53,16 @@ AUTO_MAX_BATCH = 100
 """The largest batch `batch_size="auto"` picks (Julia's `max_batch_size`)."""
 
 AUTO_BATCHES_PER_WORKER = 3
-"""`batch_size="auto"` aims at this many batches per worker at least (Julia's
+"""`batch_size="auto"` starts with enough batches for this many per worker (Julia's
 `min_batch_count = 3 * nworkers`), so a slow batch leaves work for the others."""
+
+AUTO_BATCH_SECONDS = 0.005
+"""Once elements have been timed, `batch_size="auto"` sizes batches to take about
+this long on a worker: long enough that a call's fixed cost (a round trip, two
+pickles) is a few percent, short enough that the last batches end together."""
+
+AUTO_BATCH_NBYTES = 4 << 20
+"""... and to carry at most about this much (arguments or results) per call."""
 
 # While holding some workers of a pool, how often to look for more of them free.
 _POOL_POLL_SECONDS = 0.05
@@ -86,9 +94,11 @@ def pmap(
         pool: the workers to use (a `WorkerPool`, `CachingPool`, or any
             `AbstractWorkerPool`; a proxy of one made elsewhere works too).
         distributed: False runs `f` in local threads (`asyncmap`), one per worker.
-        batch_size: elements per call, an int, or ``"auto"`` to pick from the
-            number of elements and workers (at most `AUTO_MAX_BATCH`). A batch runs
-            its elements one after the other on one worker.
+        batch_size: elements per call (1: each element is a call of its own), or
+            ``"auto"``: batches of ``elements / (3 * workers)`` (at most
+            `AUTO_MAX_BATCH`) at first, as Julia picks them, then sized from how
+            long elements take and how big they are (see `AUTO_BATCH_SECONDS`).
+            A batch runs its elements one after the other on one worker.
         on_error: called with the exception of a failed element (the original
             one, not the `RemoteException` around it); what it returns is put in
             place of the result. Re-raising (a bare ``raise`` works) fails the
@@ -149,9 +159,12 @@ def pmap(
         if not distributed:
             return _map_locally(f, iterables, policy, bar, max(1, len(pids)))
         args: Iterator[tuple[Any, ...]] = zip(*iterables)
+        sizing: _AutoSize | None = None
         if batch_size == "auto":
-            batch_size, args = _auto_batch_size(args, total, len(pids))
-        engine = _Engine(n, f, pool, pids, int(batch_size), policy, bar)
+            first, total, args = _auto_batch_size(args, total, len(pids))
+            sizing = _AutoSize(first, total, len(pids))
+            batch_size = first
+        engine = _Engine(n, f, pool, pids, int(batch_size), policy, bar, sizing)
         return engine.run(args)
     finally:
         if bar is not None:
@@ -182,15 +195,53 @@ def auto_batch_size(nelements: int, nworkers: int) -> int:
     return max(1, min(AUTO_MAX_BATCH, per))
 
 
-def _auto_batch_size(args: Iterator[tuple[Any, ...]], total: int | None,
-                     nworkers: int) -> tuple[int, Iterator[tuple[Any, ...]]]:
+def _auto_batch_size(args: Iterator[tuple[Any, ...]], total: int | None, nworkers: int
+                     ) -> tuple[int, int | None, Iterator[tuple[Any, ...]]]:
+    """The first batch size, the number of elements if known now, and the elements."""
     if total is not None:
-        return auto_batch_size(total, nworkers), args
+        return auto_batch_size(total, nworkers), total, args
     # Unknown length: look ahead just far enough to know whether batches are full.
     enough = nworkers * AUTO_BATCHES_PER_WORKER * AUTO_MAX_BATCH
     head = list(itertools.islice(args, enough))
-    size = AUTO_MAX_BATCH if len(head) == enough else auto_batch_size(len(head), nworkers)
-    return size, itertools.chain(head, args)
+    if len(head) < enough:
+        return auto_batch_size(len(head), nworkers), len(head), iter(head)
+    return AUTO_MAX_BATCH, None, itertools.chain(head, args)
+
+
+class _AutoSize:
+    """Batch sizes for `batch_size="auto"`, from what the batches so far measured."""
+
+    # With the length unknown, no batch grows past this.
+    MAX_UNKNOWN_TOTAL = 10_000
+
+    def __init__(self, first: int, total: int | None, nworkers: int) -> None:
+        self.first = first
+        # Never fewer than 4 batches per worker (multiprocessing.Pool's rule).
+        self.largest = (max(first, total // (4 * max(1, nworkers))) if total is not None
+                        else self.MAX_UNKNOWN_TOTAL)
+        self.seconds: float | None = None  # per element, on a worker
+        self.nbytes = 0.0  # per element, arguments or result, whichever is bigger
+
+    def observe(self, nelements: int, seconds: float, nbytes: int) -> None:
+        if nelements <= 0:
+            return
+        per_s, per_b = seconds / nelements, nbytes / nelements
+        if self.seconds is None:
+            self.seconds, self.nbytes = per_s, max(self.nbytes, per_b)
+        else:
+            self.seconds = 0.7 * self.seconds + 0.3 * per_s
+            self.nbytes = max(0.7 * self.nbytes + 0.3 * per_b, per_b)
+
+    def observe_nbytes(self, nelements: int, nbytes: int) -> None:
+        if nelements > 0:
+            self.nbytes = max(self.nbytes, nbytes / nelements)
+
+    def size(self) -> int:
+        if self.seconds is None:
+            return self.first
+        by_time = AUTO_BATCH_SECONDS / max(self.seconds, 1e-7)
+        by_bytes = AUTO_BATCH_NBYTES / max(self.nbytes, 1.0)
+        return int(max(1, min(by_time, by_bytes, self.largest)))
 
 
 # -- failures, on_error and retries -------------------------------------------------------
@@ -341,16 +392,18 @@ def _run_one(token: Any, args: tuple[Any, ...]) -> Any:
     return cached_entry(token).func(*args)
 
 
-def _run_batch(token: Any, batch: list[tuple[Any, ...]]) -> list[Any]:
-    """On a worker: a batch, element by element; a failure is kept in its place."""
+def _run_batch(token: Any, batch: list[tuple[Any, ...]]) -> tuple[float, list[Any]]:
+    """On a worker: a batch, element by element; a failure is kept in its place.
+    Returns how long it took too (it sizes `batch_size="auto"` batches)."""
     f = cached_entry(token).func
+    start = time.perf_counter()
     out: list[Any] = []
     for args in batch:
         try:
             out.append(f(*args))
         except Exception as exc:  # noqa: BLE001 - the caller decides per element
             out.append(_ElementFailure(encode_error(exc)[1]))
-    return out
+    return time.perf_counter() - start, out
 
 
 # -- the distributed engine ----------------------------------------------------------------
@@ -390,11 +443,13 @@ class _Engine:
 
     def __init__(self, n: Any, f: Callable[..., Any], pool: AbstractWorkerPool | None,
                  pids: list[int], batch_size: int, policy: _Policy,
-                 bar: _Progress | None) -> None:
+                 bar: _Progress | None, sizing: _AutoSize | None = None) -> None:
         self.n = n
         self.f = f
         self.pool = pool
         self.batch_size = batch_size
+        self.sizing = sizing
+        self.batched = batch_size > 1 or sizing is not None
         self.policy = policy
         self.bar = bar
         if isinstance(pool, CachingPool) and not pool._remote():
@@ -411,7 +466,7 @@ class _Engine:
         self._retries: list[tuple[float, int, int, tuple[Any, ...], int]] = []
         self._retry_seq = itertools.count()
         self._tries: dict[int, _Tries] = {}
-        self._source: Iterator[_Unit] | None = None
+        self._source: Iterator[tuple[Any, ...]] | None = None
         self._next_poll = 0.0
         if pool is None:
             for w in pids:
@@ -423,7 +478,7 @@ class _Engine:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self, args: Iterator[tuple[Any, ...]]) -> list[Any]:
-        self._source = self._units(args)
+        self._source = args
         try:
             while True:
                 if self.failure is None:
@@ -443,13 +498,14 @@ class _Engine:
     def _work_left(self) -> bool:
         return self._source is not None or bool(self._retries)
 
-    def _units(self, args: Iterator[tuple[Any, ...]]) -> Iterator[_Unit]:
-        start = 0
-        batched = self.batch_size > 1
-        while chunk := list(itertools.islice(args, self.batch_size)):
-            self.results.extend([None] * len(chunk))
-            yield _Unit(start, chunk, batched)
-            start += len(chunk)
+    def _pull(self, source: Iterator[tuple[Any, ...]]) -> _Unit | None:
+        size = self.sizing.size() if self.sizing is not None else self.batch_size
+        chunk = list(itertools.islice(source, size))
+        if not chunk:
+            return None
+        start = len(self.results)
+        self.results.extend([None] * len(chunk))
+        return _Unit(start, chunk, self.batched)
 
     def _next_unit(self, w: int) -> _Unit | None:
         """What worker `w` should run next: a retry due now (preferably one that did
@@ -461,8 +517,9 @@ class _Engine:
         if self._source is None:
             return None
         try:
-            return next(self._source)
-        except StopIteration:
+            unit = self._pull(self._source)
+            if unit is not None:
+                return unit
             self._source = None
         except Exception as exc:  # noqa: BLE001 - the input itself failed: stop there
             self._source = None
@@ -584,6 +641,9 @@ class _Engine:
                 self.cache.unsend(self.f, w)
             self._complete_with_error(call, exc)
             return
+        if self.sizing is not None:
+            self.sizing.observe_nbytes(len(unit.args),
+                                       len(body) + sum(memoryview(b).nbytes for b in buffers))
         call.wid = self.n.next_id()
         call.waiter = Waiter(peer=w)
         call.waiter.add_done_callback(lambda _w: self._done.put(call))
@@ -607,12 +667,13 @@ class _Engine:
         try:
             if unit.batched:
                 out: list[Any] = []
+                start = time.perf_counter()
                 for args in unit.args:
                     try:
                         out.append(n.callpool.run_user(self.f, *args))
                     except Exception as exc:  # noqa: BLE001 - kept in its place
                         out.append(_ElementFailure(None, _captured(n, exc)))
-                call.local = (out, False)
+                call.local = ((time.perf_counter() - start, out), False)
             else:
                 call.local = (n.callpool.run_user(self.f, *unit.args[0]), False)
         except BaseException as exc:  # noqa: BLE001 - handed to the engine
@@ -643,6 +704,12 @@ class _Engine:
             for i, args in enumerate(unit.args):
                 self._element_failed(unit.start + i, args, value, w)
         elif unit.batched:
+            seconds, value = value
+            if self.sizing is not None:
+                raw = call.waiter.value if call.waiter is not None else None
+                nbytes = (len(raw[1]) + sum(memoryview(b).nbytes for b in raw[2])
+                          if raw is not None else 0)
+                self.sizing.observe(len(unit.args), seconds, nbytes)
             ok = 0
             for i, out in enumerate(value):
                 if type(out) is _ElementFailure:

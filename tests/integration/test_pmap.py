@@ -392,6 +392,25 @@ def test_auto_batch_size(ws):
     assert fd.pmap(lambda x: x, (i for i in range(1000)), batch_size="auto") == list(range(1000))
 
 
+def _calls_sent(ws, before):
+    return sum(fd.stats()["peers"][w]["msgs_sent"] - before[w] for w in ws)
+
+
+def test_auto_batches_follow_how_long_elements_take(ws):
+    before = {w: fd.stats()["peers"][w]["msgs_sent"] for w in ws}
+    assert fd.pmap(lambda x: x, range(20_000), batch_size="auto") == list(range(20_000))
+    fast = _calls_sent(ws, before)
+    assert fast < 40, f"{fast} calls: cheap elements go in big batches (Julia's rule: 200)"
+
+    def slow(x):
+        time.sleep(0.002)
+        return x
+
+    before = {w: fd.stats()["peers"][w]["msgs_sent"] for w in ws}
+    assert fd.pmap(slow, range(200), batch_size="auto") == list(range(200))
+    assert _calls_sent(ws, before) > 30, "2 ms elements go a few at a time"
+
+
 def test_batches_travel_as_one_call_each(ws):
     before = {w: fd.stats()["peers"][w]["msgs_sent"] for w in ws}
     fd.pmap(lambda x: x, range(200), batch_size=50)
