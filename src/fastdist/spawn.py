@@ -192,7 +192,8 @@ def _pid_list(procs: Any, default: Callable[[], list[int]]) -> list[int]:
 
 
 class _Code:
-    """Python source to run in `__main__`; the value of a final expression is returned."""
+    """Python source to run in `__main__`. Its value, as Julia gives a block's, is
+    that of a final expression, or of the variable a final assignment sets."""
 
     __slots__ = ("source",)
 
@@ -204,15 +205,25 @@ class _Code:
 
     def run(self, namespace: dict[str, Any]) -> Any:
         tree = ast.parse(self.source, filename="<everywhere>", mode="exec")
-        last = None
         final = tree.body[-1] if tree.body else None
         if isinstance(final, ast.Expr):
             tree.body.pop()
-            last = ast.Expression(final.value)
+            exec(compile(tree, "<everywhere>", "exec"), namespace)
+            return eval(compile(ast.Expression(final.value), "<everywhere>", "eval"), namespace)
         exec(compile(tree, "<everywhere>", "exec"), namespace)
-        if last is not None:
-            return eval(compile(last, "<everywhere>", "eval"), namespace)
+        assigned = _assigned_name(final)
+        return namespace.get(assigned) if assigned is not None else None
+
+
+def _assigned_name(stmt: ast.stmt | None) -> str | None:
+    if isinstance(stmt, ast.Assign):
+        target: ast.expr = stmt.targets[0]
+    elif isinstance(stmt, (ast.AugAssign, ast.AnnAssign)) and (
+            not isinstance(stmt, ast.AnnAssign) or stmt.value is not None):
+        target = stmt.target
+    else:
         return None
+    return target.id if isinstance(target, ast.Name) else None
 
 
 class _Define:
@@ -273,8 +284,9 @@ def everywhere(code: str | Callable[..., Any] | None = None,
             (Julia's ``$x`` interpolation).
 
     Returns:
-        With a single pid as `procs`, the value of the code's final expression
-        (or what the callable returned); else None. As a decorator, the function.
+        With a single pid as `procs`, the value of the code's final expression or
+        of the variable its final assignment sets (or what the callable returned);
+        else None. As a decorator, the function.
 
     Raises:
         CompositeException: the code raised on one or more processes; it holds a

@@ -103,8 +103,10 @@ def test_everywhere_on_chosen_processes(ws):
 def test_everywhere_on_one_pid_returns_the_value(ws):
     w = ws[1]
     assert fd.everywhere("import fastdist; fastdist.myid() + 1", procs=w) == w + 1
-    assert fd.everywhere("sp_defined_on_p = 1", procs=w) is None
-    assert fd.everywhere("sp_defined_on_p", procs=w) == 1
+    assert fd.everywhere("sp_defined_on_p = 1", procs=w) == 1, "an assignment's value, as Julia"
+    assert fd.everywhere("sp_defined_on_p += 1", procs=[w, w]) is None
+    assert fd.everywhere("sp_defined_on_p", procs=w) == 3
+    assert fd.everywhere("import os", procs=w) is None
     assert fd.everywhere(lambda: fd.myid() * 2, procs=w) == 2 * w
     assert fd.everywhere("2 * 21", procs=1) == 42
 
