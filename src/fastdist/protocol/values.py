@@ -13,6 +13,8 @@ import pickle
 import traceback
 from typing import Any
 
+import cloudpickle
+
 from fastdist.exceptions import CapturedException, RemoteException, RemoteExceptionStandIn
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_ERROR
@@ -41,8 +43,14 @@ def encode_error(exc: BaseException, pid: int | None = None) -> tuple[int, bytes
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         ex_bytes: bytes | None = pickle.dumps(ex, protocol=5)
-    except Exception:  # noqa: BLE001 - the stand-in below carries it
-        ex_bytes = None
+    except Exception:  # noqa: BLE001 - try by value, then the stand-in below carries it
+        try:
+            # An exception class defined in the caller's script reached this process
+            # by value; cloudpickle sends it back by value under the same class id,
+            # so the caller gets its very own class (`except MyError` matches).
+            ex_bytes = cloudpickle.dumps(ex, protocol=5)
+        except Exception:  # noqa: BLE001
+            ex_bytes = None
     name = f"{type(ex).__module__}.{type(ex).__qualname__}"
     if type(ex).__module__ == "builtins":
         name = type(ex).__qualname__
