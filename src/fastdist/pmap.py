@@ -469,8 +469,7 @@ class _Engine:
         self._source: Iterator[tuple[Any, ...]] | None = None
         self._next_poll = 0.0
         if pool is None:
-            for w in pids:
-                self._hold(w)
+            self._hold(pids)
         self._poll_interval = _POOL_POLL_SECONDS
         if isinstance(pool, WorkerPool) and pool._remote():
             self._poll_interval = _REMOTE_POOL_POLL_SECONDS
@@ -559,10 +558,15 @@ class _Engine:
 
     def _wait(self) -> None:
         timeout: float | None = None
+        now = time.monotonic()
         if self._retries and self.failure is None:
-            timeout = max(0.0, self._retries[0][0] - time.monotonic())
+            # A retry due now that no free worker took waits for a call to end,
+            # not in a spin; one due later sets the timeout.
+            later = [due for due, *_ in self._retries if due > now]
+            if later:
+                timeout = min(later) - now
         if self.pool is not None and self._work_left() and self.failure is None:
-            poll = max(0.0, self._next_poll - time.monotonic())
+            poll = max(0.0, self._next_poll - now)
             timeout = poll if timeout is None else min(timeout, poll)
         if self._ncalls == 0:
             if timeout:
@@ -582,9 +586,13 @@ class _Engine:
 
     # -- workers ------------------------------------------------------------------------
 
-    def _hold(self, w: int) -> None:
-        self._inflight[w] = 0
-        self._slots.extend([w] * PIPELINE_DEPTH)
+    def _hold(self, ws: list[int]) -> None:
+        """Start using workers `ws`: their slots queue round by round, so that the
+        first elements go one to each worker."""
+        for w in ws:
+            self._inflight[w] = 0
+        for _ in range(PIPELINE_DEPTH):
+            self._slots.extend(ws)
 
     def _drop(self, w: int) -> None:
         """Stop using `w`; give it back to the pool if it came from one."""
@@ -597,19 +605,21 @@ class _Engine:
             return
         if self.pool is None:
             if not self._inflight:
-                raise RuntimeError("No active worker available in pool")
+                self._fail(RuntimeError("No active worker available in pool"))
             return
         now = time.monotonic()
         if self._inflight and now < self._next_poll:
             return
         self._next_poll = now + self._poll_interval
-        while True:
-            w = _try_take(self.pool)
-            if w is None:
-                break
-            self._hold(w)
-        if not self._inflight:
-            self._hold(self.pool.take())  # raises when the pool has no workers left
+        try:
+            taken: list[int] = []
+            while (w := _try_take(self.pool)) is not None:
+                taken.append(w)
+            if not taken and not self._inflight:
+                taken.append(self.pool.take())  # waits for one; raises if the pool is empty
+            self._hold(taken)
+        except (RuntimeError, ProcessExitedException) as exc:
+            self._fail(exc)
 
     def _release(self, drained: bool) -> None:
         for w in list(self._inflight):
@@ -619,7 +629,9 @@ class _Engine:
                 self.cache.clear()
             else:
                 # Calls may still be on their way: let them finish before forgetting.
-                threading.Timer(CLEAR_AFTER_ABORT_SECONDS, self.cache.clear).start()
+                timer = threading.Timer(CLEAR_AFTER_ABORT_SECONDS, self.cache.clear)
+                timer.daemon = True
+                timer.start()
 
     # -- calls --------------------------------------------------------------------------
 

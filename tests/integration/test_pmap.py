@@ -68,7 +68,9 @@ def test_results_in_input_order_for_any_iterable(ws):
 
 
 def test_every_worker_takes_part(ws):
-    fd.pmap(lambda _: fd.myid(), range(len(ws)))  # Julia's priming run
+    assert sorted(fd.pmap(lambda _: fd.myid(), range(len(ws)))) == sorted(ws), "one each"
+    pool = fd.WorkerPool(ws)
+    assert sorted(fd.pmap(lambda _: fd.myid(), pool, range(len(ws)))) == sorted(ws)
     assert set(fd.pmap(lambda _: fd.myid(), range(100))) == set(ws)
     assert set(fd.pmap(lambda _: fd.myid(), range(100), batch_size=7)) == set(ws)
 
@@ -380,6 +382,33 @@ def test_worker_death_without_retries_raises(ws):
         fd.pmap(lambda x: time.sleep(0.02), range(400))
     assert info.value.worker_id == victim
     wait_gone(victim)
+
+
+def test_every_worker_of_the_pool_gone(ws):
+    (victim,) = fd.addprocs(1)
+    ospid = os_pid(victim)
+    threading.Timer(0.3, os.kill, (ospid, signal.SIGKILL)).start()
+    with pytest.raises(RuntimeError, match="No active worker"):
+        fd.pmap(lambda x: time.sleep(0.02), fd.WorkerPool([victim]), range(400),
+                retry_delays=[0.01] * 3)
+    wait_gone(victim)
+
+
+def _busy_on_second(x, first):
+    if x == 0 and fd.myid() == first:
+        raise ConnectionError("fails where it ran first")
+    if x in (1, 3):
+        time.sleep(0.6)
+    return x
+
+
+def test_a_retry_waiting_for_a_busy_worker_does_not_spin(ws):
+    # Slots go A, B, A, B: 1 and 3 keep B busy; 0 fails on A and waits for B.
+    pool = fd.WorkerPool(ws)
+    cpu = time.process_time()
+    got = fd.pmap(_busy_on_second, pool, range(6), [ws[0]] * 6, retry_delays=[0])
+    assert got == list(range(6))
+    assert time.process_time() - cpu < 0.1, "the caller spun while waiting"
 
 
 # -- batches, pipelining, progress -----------------------------------------------------------
