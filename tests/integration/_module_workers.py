@@ -2,8 +2,9 @@
 workers per test would cost more than the tests themselves.
 
 `start()` adds workers; `stop()` removes every worker and returns the worker
-processes left behind, which a fixture asserts is empty. A test that must
-change membership (kill or remove a worker) adds an extra worker of its own.
+processes left behind (counted as the `cluster` fixture counts them), which a
+fixture asserts is empty. A test that must change membership (kill or remove
+a worker) adds an extra worker of its own.
 """
 
 from __future__ import annotations
@@ -11,23 +12,9 @@ from __future__ import annotations
 import os
 import time
 
+from conftest import child_pids, wait_no_children
+
 import fastdist as fd
-
-
-def _children() -> set[int]:
-    me = os.getpid()
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me and fields[0] != "Z":
-            found.add(int(entry))
-    return found
 
 
 class ModuleWorkers:
@@ -35,19 +22,14 @@ class ModuleWorkers:
         self.before: set[int] = set()
 
     def start(self, n: int = 2) -> list[int]:
-        self.before = _children()
+        self.before = child_pids()
         return fd.addprocs(n)
 
     def stop(self, timeout: float = 10.0) -> set[int]:
         live = [p for p in fd.workers() if p != 1]
         if live:
             fd.rmprocs(live, waitfor=30)
-        deadline = time.monotonic() + timeout
-        while True:
-            left = _children() - self.before
-            if not left or time.monotonic() > deadline:
-                return left
-            time.sleep(0.05)
+        return wait_no_children(self.before, timeout)
 
 
 def os_pid(w: int) -> int:
