@@ -224,6 +224,17 @@ class FastdistPeer(Peer):
         return t
 
 
+class FastdistTcpPeer(FastdistPeer):
+    """fastdist with its same-host Unix-socket path switched off: the
+    transport the TCP targets are about."""
+
+    name = "fastdist-tcp"
+
+    def load(self):
+        os.environ["FASTDIST_UNIX_SOCKETS"] = "0"
+        super().load()
+
+
 class MpPeer(Peer):
     name = "mp"
     w1_label = "Pool.apply"
@@ -500,6 +511,7 @@ class RayPeer(Peer):
 
 PEERS = {
     "fastdist": FastdistPeer,
+    "fastdist-tcp": FastdistTcpPeer,
     "mp": MpPeer,
     "cf": CfPeer,
     "loky": LokyPeer,
@@ -641,7 +653,7 @@ def w3(peer, rec, cfg):
             continue
         measure_row(rec, "W3", f"{mb}MB to", f"{mb} MB to worker", "GB/s", True, to_rep, cfg["reps"], note=note)
         measure_row(rec, "W3", f"{mb}MB from", f"{mb} MB from worker", "GB/s", True, from_rep, cfg["reps"], note=note)
-        del arr
+
 
 
 def run_maps(peer, rec, cfg, workload, variants, fn, items, check, note):

@@ -13,7 +13,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -28,7 +27,9 @@ sys.path.insert(0, HERE)
 
 import report  # noqa: E402
 
-PEERS = ["fastdist", "mp", "cf", "loky", "dask", "ray"]
+PEERS = ["fastdist", "fastdist-tcp", "mp", "cf", "loky", "dask", "ray"]
+# fastdist with FASTDIST_UNIX_SOCKETS=0 runs only where the transport matters.
+ONLY_WORKLOADS = {"fastdist-tcp": {"W1", "W2", "W3"}}
 BASELINES = ["c", "pysock", "memcpy"]
 WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6"]
 # Which workloads each baseline feeds.
@@ -223,7 +224,9 @@ def main(argv=None):
         if err:
             jobs.append({"peer": "c", "workload": "baseline", "status": "failed", "error": err, "rows": []})
             baselines.remove("c")
-    plan = [(b, "baseline") for b in baselines] + [(p, w) for w in workloads for p in peers]
+    plan = [(b, "baseline") for b in baselines] + [
+        (p, w) for w in workloads for p in peers if w in ONLY_WORKLOADS.get(p, {w})
+    ]
     for i, (peer, workload) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {peer} {workload} ...", end=" ", flush=True)
         doc = run_job(peer, workload, args, exe, logdir)
