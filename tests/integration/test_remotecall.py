@@ -85,9 +85,11 @@ def test_remote_exception_carries_cause_and_traceback(two_workers):
 def test_exception_that_cannot_unpickle_becomes_stand_in(two_workers):
     def raise_local_class():
         class Local(Exception):
-            pass
+            def __init__(self, what, where):
+                # Unpickling calls Local(*self.args) with one argument: it fails.
+                super().__init__(f"{what} {where}")
 
-        raise Local("only exists on the worker")
+        raise Local("only exists", "on the worker")
 
     with pytest.raises(fd.RemoteException) as info:
         fd.remotecall_fetch(raise_local_class, two_workers[0])
