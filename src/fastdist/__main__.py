@@ -192,7 +192,8 @@ def _fresh_main() -> Any:
 
 def _exec_main(source: str, filename: str) -> None:
     main = _fresh_main()
-    exec(compile(source, filename, "exec"), main.__dict__)  # noqa: S102 - running the user's program is the point
+    # Running the user's program is the point of this command.
+    exec(compile(source, filename, "exec"), main.__dict__)
 
 
 def stop_workers() -> None:

@@ -1,4 +1,4 @@
-"""`asyncmap`: map a function over collections with concurrent local threads (Julia's `asyncmap`)."""
+"""`asyncmap`: map a function over collections with concurrent local threads (Julia's asyncmap)."""
 
 from __future__ import annotations
 

@@ -393,7 +393,8 @@ def read_worker_address(config: WorkerConfig, pid: int) -> tuple[str, int]:
                     return host, int(port_s)
                 except ValueError:
                     stream.close()
-                    raise ClusterError(f"worker {pid} printed a malformed address line {line!r}") from None
+                    raise ClusterError(
+                        f"worker {pid} printed a malformed address line {line!r}") from None
             if line:
                 seen.append(line)
                 print(f"From worker {pid}:\t{line}", flush=True)

@@ -233,7 +233,8 @@ class _RefBase:
 
         dest = current_destination()
         if dest is not None:
-            _node.current().queue_ref_change(self.where, self.whence, self.id, dest, +1, urgent=True)
+            _node.current().queue_ref_change(self.where, self.whence, self.id, dest, +1,
+                                             urgent=True)
 
 
 def _adopt(cls: type, where: int, whence: int, ref_id: int, counted: bool) -> Any:
@@ -284,7 +285,7 @@ class Future(_RefBase):
         self._lock = _allocate_lock()
 
     @classmethod
-    def _for_call(cls, n: Any, where: int) -> "Future":
+    def _for_call(cls, n: Any, where: int) -> Future:
         """The Future of a remotecall: its result will be pushed to this process."""
         self = cls.__new__(cls)
         self._init_ref(where, n.myid, n.next_id(), 1)
@@ -349,12 +350,12 @@ class Future(_RefBase):
 
         return future_isready(self)
 
-    def wait(self, timeout: float | None = None) -> "Future":
+    def wait(self, timeout: float | None = None) -> Future:
         """Wait until the value exists; raises like `fetch` if it is an error."""
         self.fetch(timeout)
         return self
 
-    def put(self, value: Any) -> "Future":
+    def put(self, value: Any) -> Future:
         """Set the value (once). Raises FutureAlreadySetError on a second put."""
         from fastdist.remotecall import put_future
 
@@ -432,7 +433,7 @@ class RemoteChannel(_RefBase, AbstractChannel):
             raise result.error()
         return result
 
-    def put(self, v: Any, timeout: float | None = None) -> "RemoteChannel":
+    def put(self, v: Any, timeout: float | None = None) -> RemoteChannel:
         """Put `v`, blocking while the channel is full; returns the channel."""
         self._op("put", v, timeout)
         return self
@@ -479,7 +480,9 @@ class _ChannelSignal:
         return (_ChannelSignal, (self.kind, self.message))
 
     def error(self) -> BaseException:
-        return ChannelClosedError(self.message) if self.kind == "closed" else TimeoutError(self.message)
+        if self.kind == "closed":
+            return ChannelClosedError(self.message)
+        return TimeoutError(self.message)
 
 
 def _create_channel(rrid: RRID, factory: Any) -> None:

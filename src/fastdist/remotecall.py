@@ -56,7 +56,8 @@ def _register_sync(obj: Any) -> None:
     register_sync(obj)
 
 
-def _encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any], pid: int) -> tuple[bytes, list[memoryview]]:
+def _encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 pid: int) -> tuple[bytes, list[memoryview]]:
     return serialize.dumps((f, args, kwargs), dest=pid, what="call (function and arguments)")
 
 
@@ -64,7 +65,7 @@ def _run_local(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     n = _node.current()
     try:
         return n.callpool.run_user(f, *args, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - Julia wraps local failures the same way
+    except BaseException as exc:
         raise RemoteException(n.myid, CapturedException.capture(exc)) from exc
 
 

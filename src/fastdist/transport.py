@@ -156,13 +156,16 @@ class StreamConnection:
         return self._closed
 
     def start(self) -> None:
-        threading.Thread(target=self._read_loop, name="fastdist-stream-reader", daemon=True).start()
-        threading.Thread(target=self._write_loop, name="fastdist-stream-writer", daemon=True).start()
+        threading.Thread(target=self._read_loop, name="fastdist-stream-reader",
+                         daemon=True).start()
+        threading.Thread(target=self._write_loop, name="fastdist-stream-writer",
+                         daemon=True).start()
 
     def send_frame(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
                    body: Any = b"", buffers: Any = ()) -> None:
         lens = [memoryview(b).nbytes for b in buffers]
-        prelude = _wire.pack_prelude(kind, flags, aux, whence, ref_id, memoryview(body).nbytes, lens)
+        nbody = memoryview(body).nbytes
+        prelude = _wire.pack_prelude(kind, flags, aux, whence, ref_id, nbody, lens)
         with self._send_lock:
             if self._closed:
                 raise ConnectionResetError("connection closed")

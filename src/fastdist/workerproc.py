@@ -7,7 +7,6 @@ given, and serves until its master goes away — it never outlives the master.
 
 from __future__ import annotations
 
-import argparse
 import os
 import select
 import signal

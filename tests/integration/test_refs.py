@@ -111,7 +111,7 @@ def test_channel_iteration_until_closed_and_errors(two_workers):
 def test_remote_channel_default_and_put_returns_channel(two_workers):
     rc = fd.RemoteChannel(two_workers[0])
     assert fd.put(rc, "x") is rc
-    assert not rc.isready() is True or rc.isready()
+    assert rc.isready() is not True or rc.isready()
     assert rc.take() == "x"
     local = fd.RemoteChannel()
     assert local.where == 1

@@ -37,7 +37,8 @@ def test_srun_flags_follow_the_keywords():
                        "exclusive": False, "mem": None, "cpus_per_task": 1, "N": 1, "O": True}) == [
         "--partition=debug", "--time=00:10:00", "--overcommit", "--cpus-per-task=1",
         "-N", "1", "-O"]
-    cmd = SlurmManager(3, partition="debug").srun_command({"dir": "/tmp", "exeflags": ("-X", "dev")})
+    cmd = SlurmManager(3, partition="debug").srun_command(
+        {"dir": "/tmp", "exeflags": ("-X", "dev")})
     assert cmd[:3] == ["srun", "--ntasks=3", "--label"]
     assert "--partition=debug" in cmd and "--chdir=/tmp" in cmd and "--job-name=fastdist" in cmd
     assert cmd[-7:] == ["-X", "dev", "-m", "fastdist.worker", "--bind-to", "0.0.0.0",

@@ -215,7 +215,8 @@ def test_multiplex_shares_one_connection(ssh_cluster):
     control = next(f for f in flags if f.startswith("ControlPath="))[len("ControlPath="):]
     assert os.path.exists(control)
     fd.rmprocs(pids, waitfor=30)
-    assert wait_until(lambda: not os.path.exists(control)), "the shared connection outlived its workers"
+    assert wait_until(lambda: not os.path.exists(control)), \
+        "the shared connection outlived its workers"
 
 
 def test_output_and_stderr_are_relayed_separately(ssh_cluster, capfd):
@@ -394,7 +395,7 @@ def test_workers_on_two_hosts_reach_each_other_directly(cluster, netns_hosts):
 
 
 def test_unreachable_host_is_a_clear_error(cluster, netns_hosts, monkeypatch):
-    h0, h1 = netns_hosts.hosts
+    _h0, h1 = netns_hosts.hosts
     monkeypatch.setenv("FASTDIST_WORKER_TIMEOUT", "5")
     before = fd.workers()
     with netns_hosts.cut_off(1):

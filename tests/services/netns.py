@@ -287,7 +287,7 @@ class NetnsHosts:
         kwargs.setdefault("timeout", 60)
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("check", False)
-        return subprocess.run(self.hosts[i].exec_argv(argv), **kwargs)  # noqa: PLW1510
+        return subprocess.run(self.hosts[i].exec_argv(argv), **kwargs)
 
     def popen(self, i: int, argv, **kwargs) -> subprocess.Popen:
         """Start ``argv`` inside host ``i``'s namespace; the caller waits for it."""

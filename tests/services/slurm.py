@@ -231,7 +231,7 @@ class SlurmCluster:
         kwargs.setdefault("timeout", 60)
         kwargs.setdefault("check", False)
         kwargs["env"] = {**os.environ, **self.env, **kwargs.get("env", {})}
-        return subprocess.run(list(argv), **kwargs)  # noqa: PLW1510
+        return subprocess.run(list(argv), **kwargs)
 
     def logs(self) -> str:
         if self.dir is None:

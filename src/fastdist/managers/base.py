@@ -10,7 +10,6 @@ by default; anything with `read`/`write` for custom transports).
 from __future__ import annotations
 
 import abc
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Any

@@ -156,7 +156,8 @@ def dumps(obj: Any, dest: int | None = None, what: str = "value") -> tuple[bytes
         else:
             _Pickler(stream, protocol=5, buffer_callback=keep_out_of_band).dump(obj)
     except Exception as exc:
-        raise SerializationError(f"could not serialise the {what}: {type(exc).__name__}: {exc}") from exc
+        raise SerializationError(
+            f"could not serialise the {what}: {type(exc).__name__}: {exc}") from exc
     finally:
         _context.dest = previous
     return stream.getvalue(), buffers
@@ -178,4 +179,5 @@ def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
                                                 npickle).load()
             return pickle.loads(body, buffers=buffers)
     except Exception as exc:
-        raise SerializationError(f"could not deserialise the {what}: {type(exc).__name__}: {exc}") from exc
+        raise SerializationError(
+            f"could not deserialise the {what}: {type(exc).__name__}: {exc}") from exc

@@ -1,4 +1,5 @@
-"""The compiled frame reader against the pure-Python reference: any chunking, bad lengths, zero copy."""
+"""The compiled frame reader against the pure-Python reference: any chunking, bad lengths,
+zero copy."""
 
 from __future__ import annotations
 
@@ -148,7 +149,8 @@ def test_received_array_lives_in_the_receive_allocation():
     assert len(buffers) == 1 and len(body) < 1000, "the array must travel out of band"
     # The buffer handed to the sender is the array's own memory: no copy before sendmsg.
     assert np.frombuffer(buffers[0], dtype=np.uint8).ctypes.data == arr.ctypes.data
-    data = _wire.pack_prelude(5, 0, 0, 1, 1, len(body), [b.nbytes for b in buffers]) + body + bytes(buffers[0])
+    prelude = _wire.pack_prelude(5, 0, 0, 1, 1, len(body), [b.nbytes for b in buffers])
+    data = prelude + body + bytes(buffers[0])
     reader = _wire.FrameReader()
     (frame,) = reader.feed(data)
     (recv,) = frame.buffers
