@@ -41,7 +41,10 @@ class AbstractChannel(abc.ABC):
     """What a `RemoteChannel` needs from the channel it is backed by.
 
     Subclasses implement `put`, `take`, `fetch`, `isready`, `wait` and `close`
-    with `Channel`'s semantics; iteration comes for free.
+    with `Channel`'s semantics; iteration comes for free. The blocking methods
+    take an optional ``timeout`` in seconds and raise `TimeoutError` when it runs
+    out; a channel without timeouts may leave the argument out, and is then
+    called without it (a `RemoteChannel` passes it only when its caller gave one).
 
     Example:
         >>> ch = Channel(3)
@@ -50,15 +53,15 @@ class AbstractChannel(abc.ABC):
     """
 
     @abc.abstractmethod
-    def put(self, v: Any) -> AbstractChannel:
+    def put(self, v: Any, timeout: float | None = None) -> AbstractChannel:
         """Append `v`, blocking while the channel is full; return the channel."""
 
     @abc.abstractmethod
-    def take(self) -> Any:
+    def take(self, timeout: float | None = None) -> Any:
         """Remove and return the first value, blocking while there is none."""
 
     @abc.abstractmethod
-    def fetch(self) -> Any:
+    def fetch(self, timeout: float | None = None) -> Any:
         """Return the first value without removing it, blocking while there is none."""
 
     @abc.abstractmethod
@@ -66,7 +69,7 @@ class AbstractChannel(abc.ABC):
         """Whether a value can be taken right now."""
 
     @abc.abstractmethod
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         """Block until a value can be taken."""
 
     @abc.abstractmethod
