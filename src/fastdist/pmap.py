@@ -6,9 +6,10 @@ Port of Distributed.jl `pmap.jl`. Two things differ in how, not in what:
 * Pipelining. Julia runs one `remotecall_fetch` per worker at a time, so each
   worker idles for a round trip between elements. Here the calling thread keeps
   `PIPELINE_DEPTH` calls in flight per worker and reacts to results as they
-  arrive (no thread per call). A worker runs its calls on threads of its own,
-  as it runs any calls: an element that waits (on a channel, on another
-  element) never holds up the one behind it, as a Julia task would not.
+  arrive (no thread per call). A worker still runs one element at a time, the
+  next one waiting there (`_Turns`); but when the running element blocks (sleeps,
+  waits on a channel, a lock, I/O) the next one starts, as Julia switches tasks
+  at a blocking point, so elements that wait on each other cannot deadlock.
 * The function travels once per worker per `pmap` (once for the life of the
   pool with a CachingPool); each call names it by a small key.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import queue
 import sys
 import threading
@@ -387,23 +389,119 @@ class _ElementFailure:
         return self.exc
 
 
+TURN_POLL_SECONDS = 0.02
+"""How often an element waiting for its turn looks whether the running one is blocked."""
+
+BLOCKED_BUSY_FRACTION = 0.2
+"""A running element whose thread ran, or waited for a core, less than this fraction
+of the time passed since the last look is blocked."""
+
+# Without a way to see another thread's activity, an element waiting this long
+# starts anyway.
+_BLIND_WAIT_SECONDS = 1.0
+
+
+class _Turns:
+    """The elements of one pmap on one process take turns: one runs, the others wait,
+    unless every running one is blocked, in which case the next starts beside them.
+    CPU-bound elements thus never share a core, and elements that wait on one
+    another still all run.
+
+    Blocked means: the thread neither ran nor waited for a core (Linux's
+    per-thread schedstat), so a busy machine, where a CPU-bound thread spends most
+    of its time waiting for a core, does not make it look blocked. Elsewhere the
+    thread's CPU clock is used.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        # thread ident -> [native thread id, busy seconds, wall seconds] at the last look
+        self._running: dict[int, list[Any]] = {}
+
+    def __enter__(self) -> None:
+        ident = threading.get_ident()
+        with self._cond:
+            waited = 0.0
+            while self._running and not self._all_blocked(waited):
+                self._cond.wait(TURN_POLL_SECONDS)
+                waited += TURN_POLL_SECONDS
+            tid = threading.get_native_id()
+            self._running[ident] = [tid, _busy_seconds(ident, tid), time.monotonic()]
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._running.pop(threading.get_ident(), None)
+            self._cond.notify()
+
+    def _all_blocked(self, waited: float) -> bool:
+        now = time.monotonic()
+        blocked = True
+        for ident, sample in self._running.items():
+            tid, busy, wall = sample
+            busy_now = _busy_seconds(ident, tid)
+            if busy_now is None or busy is None:
+                blocked = blocked and waited >= _BLIND_WAIT_SECONDS
+                continue
+            if now - wall < TURN_POLL_SECONDS or (
+                    busy_now - busy >= BLOCKED_BUSY_FRACTION * (now - wall)):
+                blocked = False
+            sample[1], sample[2] = busy_now, now
+        return blocked
+
+
+_schedstat = os.path.exists(f"/proc/self/task/{threading.get_native_id()}/schedstat")
+
+
+def _busy_seconds(ident: int, tid: int) -> float | None:
+    """Seconds thread `tid` has run or waited for a core (its CPU time where the
+    system does not say), or None when nothing can be known."""
+    if _schedstat:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                ran, waited, _ = f.read().split()
+            return (int(ran) + int(waited)) / 1e9
+        except (OSError, ValueError):
+            return None
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except (AttributeError, OSError):
+        return None
+
+
+def _turns_of(entry: Any) -> _Turns:
+    turns = entry.turns
+    if turns is None:
+        with _turns_lock:
+            if entry.turns is None:
+                entry.turns = _Turns()
+            turns = entry.turns
+    return turns  # type: ignore[no-any-return]
+
+
+_turns_lock = threading.Lock()
+
+
 def _run_one(token: Any, args: tuple[Any, ...]) -> Any:
-    """On a worker: one element."""
-    return cached_entry(token).func(*args)
+    """On a worker: one element, in its turn."""
+    entry = cached_entry(token)
+    with _turns_of(entry):
+        return entry.func(*args)
 
 
 def _run_batch(token: Any, batch: list[tuple[Any, ...]]) -> tuple[float, list[Any]]:
     """On a worker: a batch, element by element; a failure is kept in its place.
     Returns how long it took too (it sizes `batch_size="auto"` batches)."""
-    f = cached_entry(token).func
-    start = time.perf_counter()
+    entry = cached_entry(token)
+    f = entry.func
     out: list[Any] = []
-    for args in batch:
-        try:
-            out.append(f(*args))
-        except Exception as exc:  # noqa: BLE001 - the caller decides per element
-            out.append(_ElementFailure(encode_error(exc)[1]))
-    return time.perf_counter() - start, out
+    with _turns_of(entry):
+        start = time.perf_counter()
+        for args in batch:
+            try:
+                out.append(f(*args))
+            except Exception as exc:  # noqa: BLE001 - the caller decides per element
+                out.append(_ElementFailure(encode_error(exc)[1]))
+        return time.perf_counter() - start, out
 
 
 # -- the distributed engine ----------------------------------------------------------------
@@ -468,6 +566,7 @@ class _Engine:
         self._tries: dict[int, _Tries] = {}
         self._source: Iterator[tuple[Any, ...]] | None = None
         self._next_poll = 0.0
+        self._turns = _Turns()  # for the elements this process runs itself
         if pool is None:
             self._hold(pids)
         self._poll_interval = _POOL_POLL_SECONDS
@@ -677,17 +776,18 @@ class _Engine:
         """On a call thread of this process: a unit for the worker that is us."""
         unit, n = call.unit, self.n
         try:
-            if unit.batched:
-                out: list[Any] = []
-                start = time.perf_counter()
-                for args in unit.args:
-                    try:
-                        out.append(n.callpool.run_user(self.f, *args))
-                    except Exception as exc:  # noqa: BLE001 - kept in its place
-                        out.append(_ElementFailure(None, _captured(n, exc)))
-                call.local = ((time.perf_counter() - start, out), False)
-            else:
-                call.local = (n.callpool.run_user(self.f, *unit.args[0]), False)
+            with self._turns:
+                if unit.batched:
+                    out: list[Any] = []
+                    start = time.perf_counter()
+                    for args in unit.args:
+                        try:
+                            out.append(n.callpool.run_user(self.f, *args))
+                        except Exception as exc:  # noqa: BLE001 - kept in its place
+                            out.append(_ElementFailure(None, _captured(n, exc)))
+                    call.local = ((time.perf_counter() - start, out), False)
+                else:
+                    call.local = (n.callpool.run_user(self.f, *unit.args[0]), False)
         except BaseException as exc:  # noqa: BLE001 - handed to the engine
             call.local = (_captured(n, exc), True)
         self._done.put(call)

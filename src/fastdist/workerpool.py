@@ -396,13 +396,15 @@ class CachedFunction:
 
 
 class _Entry:
-    """A cached function on a worker, or the error that unpickling it raised."""
+    """A cached function on a worker, or the error that unpickling it raised, and
+    what pmap keeps with it (whose turn it is to run)."""
 
-    __slots__ = ("error", "func")
+    __slots__ = ("error", "func", "turns")
 
     def __init__(self, func: Any, error: BaseException | None = None) -> None:
         self.func = func
         self.error = error
+        self.turns: Any = None
 
 
 _func_cache: dict[tuple[int, int], _Entry] = {}

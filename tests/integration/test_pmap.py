@@ -463,6 +463,40 @@ def test_each_worker_has_calls_in_flight_back_to_back(ws):
     assert overlapping > 0
 
 
+def _spin(x):
+    start = time.monotonic()
+    cpu = time.thread_time()
+    while time.thread_time() - cpu < 0.05:
+        pass
+    return fd.myid(), start, time.monotonic()
+
+
+def test_cpu_bound_elements_take_turns_on_a_worker(ws):
+    spans = fd.pmap(_spin, range(8))
+    for w in ws:
+        mine = sorted((s, e) for p, s, e in spans if p == w)
+        assert mine, f"worker {w} got nothing"
+        assert all(b[0] >= a[1] - 0.002 for a, b in itertools.pairwise(mine)), \
+            "two CPU-bound elements shared a worker's core"
+
+
+def _waits_for_a_later_element(x, rc):
+    if x == 0:
+        return rc.take(timeout=20)
+    if x == 2:
+        rc.put("from 2")
+    return x
+
+
+def test_elements_that_wait_on_each_other_do_not_deadlock(ws):
+    # Slots go A, B, A, B: 2 waits on A behind 0, which blocks until 2 has run.
+    rc = fd.RemoteChannel(lambda: fd.Channel(1))
+    start = time.monotonic()
+    got = fd.pmap(_waits_for_a_later_element, range(4), [rc] * 4)
+    assert got == ["from 2", 1, 2, 3]
+    assert time.monotonic() - start < 5
+
+
 def test_the_function_travels_once_per_worker(ws):
     blob = bytes(range(256)) * 4096  # 1 MB in the closure
 
