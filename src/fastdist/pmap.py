@@ -37,6 +37,7 @@ from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 from fastdist.protocol.values import decode_error, decode_result, encode_error
 from fastdist.refs import Waiter
+from fastdist.remotecall import DEFER_MAX_NBYTES
 from fastdist.workerpool import (
     AbstractWorkerPool,
     CachingPool,
@@ -760,7 +761,11 @@ class _Engine:
         call.waiter.add_done_callback(lambda _w: self._done.put(call))
         self.n.waiters[call.wid] = call.waiter
         try:
-            self.n.send(w, Kind.CALL_FETCH, 0, 0, self.n.myid, call.wid, body, buffers)
+            if buffers or len(body) > DEFER_MAX_NBYTES:
+                self.n.send(w, Kind.CALL_FETCH, 0, 0, self.n.myid, call.wid, body, buffers)
+            else:
+                # The loop thread writes the calls of one refill in one burst.
+                self.n.send_deferred(w, Kind.CALL_FETCH, 0, 0, self.n.myid, call.wid, body)
         except Exception as exc:  # noqa: BLE001 - the worker is gone: the waiter says so
             self.n.waiters.pop(call.wid, None)
             if token.func is not None:
