@@ -233,8 +233,12 @@ cdef class FrameReader:
                   uint32_t max_nbufs=DEFAULT_MAX_NBUFS,
                   Py_ssize_t staging_nbytes=DEFAULT_STAGING_NBYTES,
                   Py_ssize_t direct_threshold=DEFAULT_DIRECT_THRESHOLD):
-        if staging_nbytes < 2 * BUFLEN_NBYTES * max_nbufs or staging_nbytes < 2 * direct_threshold:
-            raise ValueError("staging buffer too small for the buffer table or direct threshold")
+        # Every part parsed out of staging (prelude, buffer table, small body) must fit
+        # in it whole, or feeding never completes the part and never makes room for it.
+        if (staging_nbytes < 2 * PRELUDE_NBYTES or staging_nbytes < 2 * BUFLEN_NBYTES * max_nbufs
+                or staging_nbytes < 2 * direct_threshold):
+            raise ValueError(
+                "staging buffer too small for the prelude, the buffer table or the direct threshold")
         if direct_threshold < 1:
             raise ValueError("direct_threshold must be positive")
         self.staging = <char*>PyMem_Malloc(staging_nbytes)
