@@ -52,6 +52,13 @@ PIPELINE_DEPTH = 2
 """Calls in flight per worker: one running, one waiting behind it, so a worker
 never idles for a round trip."""
 
+FAST_PIPELINE_DEPTH = 4
+"""Calls in flight per worker once calls come back within `FAST_CALL_SECONDS`: more
+calls per write and per wake-up, while what waits behind a running element is
+still only a few milliseconds of work."""
+
+FAST_CALL_SECONDS = 0.005
+
 AUTO_MAX_BATCH = 100
 """The largest batch `batch_size="auto"` picks (Julia's `max_batch_size`)."""
 
@@ -522,11 +529,12 @@ class _Unit:
 class _Call:
     """A call in flight: what it carries, where it went, and how it ended."""
 
-    __slots__ = ("local", "unit", "waiter", "wid", "worker")
+    __slots__ = ("local", "sent", "unit", "waiter", "wid", "worker")
 
     def __init__(self, unit: _Unit, worker: int) -> None:
         self.unit = unit
         self.worker = worker
+        self.sent = time.monotonic()
         self.wid = 0
         self.waiter: Waiter | None = None
         self.local: tuple[Any, bool] | None = None  # (value, is_error) of a local run
@@ -535,7 +543,7 @@ class _Call:
 class _Engine:
     """One distributed pmap, driven by the calling thread.
 
-    Free call slots (PIPELINE_DEPTH per worker) queue in `_slots`; each result
+    Free call slots (`_depth` per worker) queue in `_slots`; each result
     arrives through a Waiter callback into `_done`, frees its slot and lets the
     next unit go. Failed elements wait in `_retries` for their delay.
     """
@@ -568,6 +576,8 @@ class _Engine:
         self._source: Iterator[tuple[Any, ...]] | None = None
         self._next_poll = 0.0
         self._turns = _Turns()  # for the elements this process runs itself
+        self._depth = PIPELINE_DEPTH
+        self._latency: float | None = None  # seconds from sending a call to its result
         if pool is None:
             self._hold(pids)
         self._poll_interval = _POOL_POLL_SECONDS
@@ -645,7 +655,7 @@ class _Engine:
         kept: list[int] = []
         while self.failure is None and self._slots:
             w = self._slots.popleft()
-            if self._inflight.get(w, PIPELINE_DEPTH) >= PIPELINE_DEPTH:
+            if self._inflight.get(w, self._depth) >= self._depth:
                 continue  # a slot of a worker given back or gone
             unit = self._next_unit(w)
             if unit is None:
@@ -691,7 +701,7 @@ class _Engine:
         first elements go one to each worker."""
         for w in ws:
             self._inflight[w] = 0
-        for _ in range(PIPELINE_DEPTH):
+        for _ in range(self._depth):
             self._slots.extend(ws)
 
     def _drop(self, w: int) -> None:
@@ -802,6 +812,7 @@ class _Engine:
         self._ncalls -= 1
         if w in self._inflight:
             self._inflight[w] -= 1
+        self._adapt_depth(time.monotonic() - call.sent)
         if call.local is not None:
             value, is_error = call.local
         elif call.waiter.error is not None:  # type: ignore[union-attr]
@@ -839,6 +850,15 @@ class _Engine:
             self.results[unit.start] = value
             self._tries.pop(unit.start, None)
             self._tick(1)
+
+    def _adapt_depth(self, latency: float) -> None:
+        """Deeper pipelines while calls come back fast, back to the default when not."""
+        self._latency = latency if self._latency is None else 0.8 * self._latency + 0.2 * latency
+        depth = FAST_PIPELINE_DEPTH if self._latency < FAST_CALL_SECONDS else PIPELINE_DEPTH
+        if depth > self._depth:
+            for _ in range(depth - self._depth):
+                self._slots.extend(self._inflight)
+        self._depth = depth  # a smaller depth drops surplus slots as they come up
 
     def _element_failed(self, idx: int, args: tuple[Any, ...], raised: BaseException,
                         worker: int) -> None:
