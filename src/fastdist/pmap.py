@@ -156,7 +156,8 @@ def pmap(
     if pool is None:
         from fastdist.cluster import workers
 
-        pids = workers()
+        # A worker of a master_worker cluster reaches no other worker: it works alone.
+        pids = [n.myid] if n.myid != 1 and n.topology == "master_worker" else workers()
     else:
         pids = pool.workers()
     # Like Julia: no remote calls when the pool is empty or is this process alone.
@@ -529,12 +530,13 @@ class _Unit:
 class _Call:
     """A call in flight: what it carries, where it went, and how it ended."""
 
-    __slots__ = ("local", "sent", "unit", "waiter", "wid", "worker")
+    __slots__ = ("local", "lost", "sent", "unit", "waiter", "wid", "worker")
 
     def __init__(self, unit: _Unit, worker: int) -> None:
         self.unit = unit
         self.worker = worker
         self.sent = time.monotonic()
+        self.lost = False  # the worker could not be reached: use it no more
         self.wid = 0
         self.waiter: Waiter | None = None
         self.local: tuple[Any, bool] | None = None  # (value, is_error) of a local run
@@ -567,6 +569,7 @@ class _Engine:
         self.failure: BaseException | None = None
         self._done: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}  # held worker -> calls in flight
+        self._unreachable: set[int] = set()  # held, but calls to them cannot be sent
         self._ncalls = 0
         self._slots: deque[int] = deque()
         # (due, seq, index, args, worker it failed on), a heap on (due, seq)
@@ -734,6 +737,9 @@ class _Engine:
     def _release(self, drained: bool) -> None:
         for w in list(self._inflight):
             self._drop(w)
+        if self.pool is not None:
+            for w in self._unreachable:
+                self.pool.put(w)
         if self.own_cache:
             if drained:
                 self.cache.clear()
@@ -776,12 +782,12 @@ class _Engine:
             else:
                 # The loop thread writes the calls of one refill in one burst.
                 self.n.send_deferred(w, Kind.CALL_FETCH, 0, 0, self.n.myid, call.wid, body)
-        except Exception as exc:  # noqa: BLE001 - the worker is gone: the waiter says so
+        except Exception as exc:  # noqa: BLE001 - unreachable (gone, or the topology)
             self.n.waiters.pop(call.wid, None)
             if token.func is not None:
                 self.cache.unsend(self.f, w)
-            call.waiter.fail(exc if isinstance(exc, ProcessExitedException)
-                             else ProcessExitedException(w))
+            call.lost = True
+            call.waiter.fail(exc)
 
     def _complete_with_error(self, call: _Call, exc: BaseException) -> None:
         call.local = (exc, True)
@@ -819,7 +825,10 @@ class _Engine:
             value, is_error = call.waiter.error, True  # type: ignore[union-attr]
         else:
             value, is_error = decode_result(*call.waiter.value)  # type: ignore[union-attr]
-        if is_error and isinstance(value, ProcessExitedException) and value.worker_id == w:
+        if call.lost:
+            if self._inflight.pop(w, None) is not None:
+                self._unreachable.add(w)  # alive: back to its pool only at the end
+        elif is_error and isinstance(value, ProcessExitedException) and value.worker_id == w:
             self._inflight.pop(w, None)  # dead: it leaves every pool by itself
         elif w in self._inflight:
             if self.pool is not None and self._inflight[w] == 0 and not self._work_left():
