@@ -1,17 +1,20 @@
 """`pmap`: apply a function to collections on worker processes, results in input order,
 with batching, per-element error handling and retries.
 
-Port of Distributed.jl `pmap.jl`. Two things differ in how, not in what:
+Port of Distributed.jl `pmap.jl`. Three things differ in how, not in what:
 
 * Pipelining. Julia runs one `remotecall_fetch` per worker at a time, so each
   worker idles for a round trip between elements. Here the calling thread keeps
-  `PIPELINE_DEPTH` calls in flight per worker and reacts to results as they
-  arrive (no thread per call). A worker still runs one element at a time, the
+  `PIPELINE_DEPTH` calls in flight per worker (`FAST_PIPELINE_DEPTH` while calls
+  come back fast) and reacts to results as they arrive (no thread per call);
+  small calls are written in bursts. A worker still runs one element at a time, the
   next one waiting there (`_Turns`); but when the running element blocks (sleeps,
   waits on a channel, a lock, I/O) the next one starts, as Julia switches tasks
   at a blocking point, so elements that wait on each other cannot deadlock.
 * The function travels once per worker per `pmap` (once for the life of the
   pool with a CachingPool); each call names it by a small key.
+* `batch_size="auto"` starts with Julia's batch size and then sizes batches
+  from how long elements took on the workers and how big they are.
 
 `on_error` and `retry_check` run on the calling process and see the original
 exception (the `RemoteException`'s cause, or `ProcessExitedException` when the
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 import os
 import queue
 import sys
@@ -46,7 +50,7 @@ from fastdist.workerpool import (
     cached_entry,
 )
 
-__all__ = ["AUTO_MAX_BATCH", "PIPELINE_DEPTH", "pmap"]
+__all__ = ["AUTO_MAX_BATCH", "PIPELINE_DEPTH", "auto_batch_size", "pmap"]
 
 PIPELINE_DEPTH = 2
 """Calls in flight per worker: one running, one waiting behind it, so a worker
@@ -60,7 +64,8 @@ still only a few milliseconds of work."""
 FAST_CALL_SECONDS = 0.005
 
 AUTO_MAX_BATCH = 100
-"""The largest batch `batch_size="auto"` picks (Julia's `max_batch_size`)."""
+"""The largest first batch `batch_size="auto"` picks (Julia's `max_batch_size`);
+later batches follow what the first ones measured."""
 
 AUTO_BATCHES_PER_WORKER = 3
 """`batch_size="auto"` starts with enough batches for this many per worker (Julia's
@@ -148,8 +153,8 @@ def pmap(
         raise TypeError("pmap needs at least one iterable")
     if pool is not None and not isinstance(pool, AbstractWorkerPool):
         raise TypeError(f"pool must be an AbstractWorkerPool, not {type(pool).__name__}")
-    if not (batch_size == "auto" or (isinstance(batch_size, int) and batch_size >= 1)):
-        raise ValueError(f"batch_size must be an int >= 1 or 'auto', not {batch_size!r}")
+    if not (isinstance(batch_size, str) and batch_size == "auto"):
+        batch_size = _positive_int(batch_size)
     policy = _Policy(on_error, retry_delays, retry_check)
 
     n = _node.current()
@@ -183,6 +188,16 @@ def pmap(
 
 
 # -- sizes ----------------------------------------------------------------------------
+
+
+def _positive_int(batch_size: Any) -> int:
+    try:
+        size = operator.index(batch_size)
+    except TypeError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"batch_size must be an int >= 1 or 'auto', not {batch_size!r}")
+    return size
 
 
 def _known_length(iterables: tuple[Any, ...]) -> int | None:
