@@ -80,7 +80,8 @@ class AcceptorHandshake:
             return _wire.pack_accept(self.version, _wire.STATUS_OK, self._nonce_s, mac_a)
         if self._step == 3:
             mac_c = _wire.unpack_proof(msg)
-            if not hmac.compare_digest(mac_c, _mac(self.cookie, b"C", self._nonce_s, self._nonce_c)):
+            expected = _mac(self.cookie, b"C", self._nonce_s, self._nonce_c)
+            if not hmac.compare_digest(mac_c, expected):
                 raise ProtocolError("the peer does not hold the cluster cookie")
             self.done = True
             self._want = 0
@@ -107,7 +108,8 @@ def connect_blocking(read: Callable[[int], bytes], write: Callable[[bytes], obje
     nonce_c = os.urandom(_wire.NONCE_NBYTES)
     write(_wire.pack_hello(version, nonce_c))
     try:
-        their_version, status, nonce_s, mac_a = _wire.unpack_accept(_read_exact(read, _wire.ACCEPT_NBYTES))
+        accept = _read_exact(read, _wire.ACCEPT_NBYTES)
+        their_version, status, nonce_s, mac_a = _wire.unpack_accept(accept)
     except ProtocolError as exc:
         raise ClusterError(f"handshake failed: the peer is not a fastdist process ({exc})") from exc
     except (ConnectionError, EOFError) as exc:
