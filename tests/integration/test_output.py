@@ -25,6 +25,7 @@ def say_lines(lines):
 
 def say_then_exit(text):
     print(text)
+    print(f"{text} (stderr)", file=sys.stderr)
     os._exit(0)
 
 
@@ -87,8 +88,11 @@ def test_every_line_is_prefixed_and_in_order(two_workers, capfd):
 def test_line_printed_just_before_exit_arrives(cluster, capfd):
     (w,) = cluster.add(1)
     fd.remote_do(say_then_exit, w, "last words")
-    seen = read_until(capfd, "last words")
+    seen = read_until(capfd, "last words (stderr)", "err")
+    if "last words" not in seen["out"]:
+        seen["out"] += read_until(capfd, "last words")["out"]
     assert f"From worker {w}:\tlast words\n" in seen["out"]
+    assert f"From worker {w}:\tlast words (stderr)\n" in seen["err"]
     deadline = time.monotonic() + 20
     while w in fd.workers() and time.monotonic() < deadline:
         time.sleep(0.05)
