@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import fastdist as fd
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
@@ -43,8 +45,9 @@ EXPECTED: dict[str, list[str]] = {
 
 def run_example(path: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
-    src = str(ROOT / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    # The fastdist this test imported (the installed one, or a built source tree).
+    here = str(Path(fd.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, str(path), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
