@@ -263,6 +263,12 @@ def test_bad_host_is_a_clear_error_not_a_hang(ssh_cluster, case):
     assert fd.workers() == before
 
 
+def test_bad_env_name_fails_before_any_login(ssh_cluster):
+    with pytest.raises(fd.ClusterError, match="invalid environment variable name"):
+        ssh_cluster.add(env={"NOT A NAME": "x"})
+    assert fd.workers() == [1]
+
+
 def test_one_bad_host_adds_nothing(ssh_cluster):
     before = fd.workers()
     with pytest.raises(fd.ClusterError, match="nobody"):

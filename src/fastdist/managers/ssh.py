@@ -338,6 +338,7 @@ class SSHManager(ClusterManager):
         items = list(self.machines.items())
         if not items:
             return
+        self._remote_environment(params)  # a bad variable name fails before any login
         with ThreadPoolExecutor(max_workers=len(items),
                                 thread_name_prefix="fastdist-ssh-launch") as pool:
             futures = [pool.submit(self._launch_on_machine, parse_machine(spec), count, params,
