@@ -420,6 +420,11 @@ BLOCKED_BUSY_FRACTION = 0.2
 """A running element whose thread ran, or waited for a core, less than this fraction
 of the time passed since the last look is blocked."""
 
+SHORT_ELEMENT_SECONDS = 0.002
+"""Elements shorter than this (on average) do not take turns: waiting for a turn
+costs a thread wake-up, more than such an element, and two of them running at
+once cost nothing worth avoiding."""
+
 # Without a way to see another thread's activity, an element waiting this long
 # starts anyway.
 _BLIND_WAIT_SECONDS = 1.0
@@ -429,7 +434,7 @@ class _Turns:
     """The elements of one pmap on one process take turns: one runs, the others wait,
     unless every running one is blocked, in which case the next starts beside them.
     CPU-bound elements thus never share a core, and elements that wait on one
-    another still all run.
+    another still all run. Short elements (`SHORT_ELEMENT_SECONDS`) skip the turns.
 
     Blocked means: the thread neither ran nor waited for a core (Linux's
     per-thread schedstat), so a busy machine, where a CPU-bound thread spends most
@@ -441,20 +446,30 @@ class _Turns:
         self._cond = threading.Condition()
         # thread ident -> [native thread id, busy seconds, wall seconds] at the last look
         self._running: dict[int, list[Any]] = {}
+        self._started: dict[int, float] = {}  # thread ident -> when its element started
+        self._duration: float | None = None  # of an element, on average
+        self._short = False
 
     def __enter__(self) -> None:
         ident = threading.get_ident()
         with self._cond:
             waited = 0.0
-            while self._running and not self._all_blocked(waited):
+            while self._running and not self._short and not self._all_blocked(waited):
                 self._cond.wait(TURN_POLL_SECONDS)
                 waited += TURN_POLL_SECONDS
-            tid = threading.get_native_id()
-            self._running[ident] = [tid, _busy_seconds(ident, tid), time.monotonic()]
+            now = time.monotonic()
+            # How busy the thread is gets measured once someone waits for it.
+            self._running[ident] = [threading.get_native_id(), None, now]
+            self._started[ident] = now
 
     def __exit__(self, *exc: object) -> None:
+        ident = threading.get_ident()
         with self._cond:
-            self._running.pop(threading.get_ident(), None)
+            self._running.pop(ident, None)
+            took = time.monotonic() - self._started.pop(ident, time.monotonic())
+            self._duration = (took if self._duration is None
+                              else 0.8 * self._duration + 0.2 * took)
+            self._short = self._duration < SHORT_ELEMENT_SECONDS
             self._cond.notify()
 
     def _all_blocked(self, waited: float) -> bool:
@@ -463,10 +478,10 @@ class _Turns:
         for ident, sample in self._running.items():
             tid, busy, wall = sample
             busy_now = _busy_seconds(ident, tid)
-            if busy_now is None or busy is None:
+            if busy_now is None:
                 blocked = blocked and waited >= _BLIND_WAIT_SECONDS
                 continue
-            if now - wall < TURN_POLL_SECONDS or (
+            if busy is None or now - wall < TURN_POLL_SECONDS or (
                     busy_now - busy >= BLOCKED_BUSY_FRACTION * (now - wall)):
                 blocked = False
             sample[1], sample[2] = busy_now, now
