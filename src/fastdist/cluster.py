@@ -293,7 +293,11 @@ def _setup_worker(n: Node, manager: ClusterManager, config: WorkerConfig) -> int
 
     pid = _take_pid()
     if config.io is not None:
-        host, port = read_worker_address(config, pid)
+        try:
+            host, port = read_worker_address(config, pid)
+        except BaseException:
+            _close_output(config)
+            raise
         if config.host is None:
             config.host = host
         if config.bind_addr is None:
@@ -302,12 +306,14 @@ def _setup_worker(n: Node, manager: ClusterManager, config: WorkerConfig) -> int
     elif config.port is None and type(manager).connect is ClusterManager.connect:
         # A manager with its own connect (a custom transport) needs neither.
         raise ClusterError(f"worker {pid}: its manager gave neither an io stream nor a port")
+    # From here on the relay owns the worker's output pipes: it prints what the worker
+    # says while it joins, and closes them when the worker exits, joined or not.
+    relay_worker_output(n, pid, config)
     instream, outstream = manager.connect(pid, config)
     join = Waiter(peer=pid)
     _joining[pid] = join
     try:
         conn = _open(n, pid, instream, outstream)
-        relay_worker_output(n, pid, config)
         body, _ = serialize.dumps(_identity_for(n, pid, config), what="identity")
         conn.send_frame(Kind.IDENTIFY, 0, 0, 1, 0, body)
         if not join.wait(worker_timeout()):
@@ -442,6 +448,16 @@ def _announce(n: Node, new_pids: list[int]) -> None:
             n.send(pid, Kind.PEERS, 0, 0, 1, 0, body)
         except Exception:  # noqa: BLE001 - a worker that died is being removed anyway
             pass
+
+
+def _close_output(config: WorkerConfig) -> None:
+    """Close the pipes of a worker that failed before its output was relayed."""
+    for stream in (config.io, getattr(config.process, "stderr", None)):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
 
 
 def _kill_unjoined(config: WorkerConfig) -> None:
