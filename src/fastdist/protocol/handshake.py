@@ -30,6 +30,12 @@ PROTOCOL_VERSION = 1
 DEFAULT_TIMEOUT = 10.0
 
 
+def handshake_timeout() -> float:
+    """FASTDIST_HANDSHAKE_TIMEOUT, read each time a connection is accepted (seconds,
+    default 10): how long an unauthenticated connection may take to prove itself."""
+    return float(os.environ.get("FASTDIST_HANDSHAKE_TIMEOUT", DEFAULT_TIMEOUT))
+
+
 def _mac(cookie: bytes, tag: bytes, first: bytes, second: bytes) -> bytes:
     return hmac.new(cookie, tag + first + second, hashlib.sha256).digest()
 
@@ -43,11 +49,11 @@ class AcceptorHandshake:
     (a version mismatch); either way the loop closes the connection.
     """
 
-    def __init__(self, cookie: bytes, timeout: float = DEFAULT_TIMEOUT,
+    def __init__(self, cookie: bytes, timeout: float | None = None,
                  version: int = PROTOCOL_VERSION) -> None:
         self.cookie = cookie
         self.version = version
-        self.deadline = time.monotonic() + timeout
+        self.deadline = time.monotonic() + (handshake_timeout() if timeout is None else timeout)
         self.done = False
         self.error: ProtocolError | None = None
         self._step = 1
