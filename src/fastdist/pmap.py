@@ -174,13 +174,15 @@ def pmap(
     try:
         if not distributed:
             return _map_locally(f, iterables, policy, bar, max(1, len(pids)))
-        args: Iterator[tuple[Any, ...]] = zip(*iterables)
+        # One iterable: its elements travel as they are, not as 1-tuples.
+        star = len(iterables) > 1
+        args: Iterator[Any] = zip(*iterables) if star else iter(iterables[0])
         sizing: _AutoSize | None = None
         if batch_size == "auto":
             first, total, args = _auto_batch_size(args, total, len(pids))
             sizing = _AutoSize(first, total, len(pids))
             batch_size = first
-        engine = _Engine(n, f, pool, pids, int(batch_size), policy, bar, sizing)
+        engine = _Engine(n, f, pool, pids, int(batch_size), policy, bar, sizing, star)
         return engine.run(args)
     finally:
         if bar is not None:
@@ -221,8 +223,8 @@ def auto_batch_size(nelements: int, nworkers: int) -> int:
     return max(1, min(AUTO_MAX_BATCH, per))
 
 
-def _auto_batch_size(args: Iterator[tuple[Any, ...]], total: int | None, nworkers: int
-                     ) -> tuple[int, int | None, Iterator[tuple[Any, ...]]]:
+def _auto_batch_size(args: Iterator[Any], total: int | None, nworkers: int
+                     ) -> tuple[int, int | None, Iterator[Any]]:
     """The first batch size, the number of elements if known now, and the elements."""
     if total is not None:
         return auto_batch_size(total, nworkers), total, args
@@ -520,27 +522,41 @@ def _turns_of(entry: Any) -> _Turns:
 _turns_lock = threading.Lock()
 
 
-def _run_one(token: Any, args: tuple[Any, ...]) -> Any:
-    """On a worker: one element, in its turn."""
+def _run_one(token: Any, item: Any, star: bool) -> Any:
+    """On a worker: one element (a tuple of arguments when `star`), in its turn."""
     entry = cached_entry(token)
     with _turns_of(entry):
-        return entry.func(*args)
+        return entry.func(*item) if star else entry.func(item)
 
 
-def _run_batch(token: Any, batch: list[tuple[Any, ...]]) -> tuple[float, list[Any]]:
+def _run_batch(token: Any, batch: list[Any], star: bool
+               ) -> tuple[float, list[Any], list[int]]:
     """On a worker: a batch, element by element; a failure is kept in its place.
-    Returns how long it took too (it sizes `batch_size="auto"` batches)."""
+
+    Returns how long it took (it sizes `batch_size="auto"` batches), the results,
+    and where the failures are, so that the caller need not look at every result."""
     entry = cached_entry(token)
-    f = entry.func
-    out: list[Any] = []
     with _turns_of(entry):
-        start = time.perf_counter()
-        for args in batch:
-            try:
-                out.append(f(*args))
-            except Exception as exc:  # noqa: BLE001 - the caller decides per element
-                out.append(_ElementFailure(encode_error(exc)[1]))
-        return time.perf_counter() - start, out
+        return _run_elements(entry.func, batch, star, None)
+
+
+def _run_elements(f: Callable[..., Any], batch: list[Any], star: bool,
+                  here: Any) -> tuple[float, list[Any], list[int]]:
+    out: list[Any] = []
+    failed: list[int] = []
+    start = time.perf_counter()
+    for i, item in enumerate(batch):
+        try:
+            if here is not None:
+                out.append(here.callpool.run_user(f, *item) if star
+                           else here.callpool.run_user(f, item))
+            else:
+                out.append(f(*item) if star else f(item))
+        except Exception as exc:  # noqa: BLE001 - the caller decides per element
+            failed.append(i)
+            out.append(_ElementFailure(None, _captured(here, exc)) if here is not None
+                       else _ElementFailure(encode_error(exc)[1]))
+    return time.perf_counter() - start, out, failed
 
 
 # -- the distributed engine ----------------------------------------------------------------
@@ -551,7 +567,7 @@ class _Unit:
 
     __slots__ = ("args", "batched", "start")
 
-    def __init__(self, start: int, args: list[tuple[Any, ...]], batched: bool) -> None:
+    def __init__(self, start: int, args: list[Any], batched: bool) -> None:
         self.start = start
         self.args = args
         self.batched = batched
@@ -582,9 +598,11 @@ class _Engine:
 
     def __init__(self, n: Any, f: Callable[..., Any], pool: AbstractWorkerPool | None,
                  pids: list[int], batch_size: int, policy: _Policy,
-                 bar: _Progress | None, sizing: _AutoSize | None = None) -> None:
+                 bar: _Progress | None, sizing: _AutoSize | None = None,
+                 star: bool = True) -> None:
         self.n = n
         self.f = f
+        self.star = star  # elements are tuples of arguments
         self.pool = pool
         self.batch_size = batch_size
         self.sizing = sizing
@@ -603,10 +621,10 @@ class _Engine:
         self._ncalls = 0
         self._slots: deque[int] = deque()
         # (due, seq, index, args, worker it failed on), a heap on (due, seq)
-        self._retries: list[tuple[float, int, int, tuple[Any, ...], int]] = []
+        self._retries: list[tuple[float, int, int, Any, int]] = []
         self._retry_seq = itertools.count()
         self._tries: dict[int, _Tries] = {}
-        self._source: Iterator[tuple[Any, ...]] | None = None
+        self._source: Iterator[Any] | None = None
         self._next_poll = 0.0
         self._turns = _Turns()  # for the elements this process runs itself
         self._depth = PIPELINE_DEPTH
@@ -619,7 +637,7 @@ class _Engine:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def run(self, args: Iterator[tuple[Any, ...]]) -> list[Any]:
+    def run(self, args: Iterator[Any]) -> list[Any]:
         self._source = args
         try:
             while True:
@@ -640,7 +658,7 @@ class _Engine:
     def _work_left(self) -> bool:
         return self._source is not None or bool(self._retries)
 
-    def _pull(self, source: Iterator[tuple[Any, ...]]) -> _Unit | None:
+    def _pull(self, source: Iterator[Any]) -> _Unit | None:
         size = self.sizing.size() if self.sizing is not None else self.batch_size
         chunk = list(itertools.islice(source, size))
         if not chunk:
@@ -792,7 +810,7 @@ class _Engine:
         runner = _run_batch if unit.batched else _run_one
         payload = unit.args if unit.batched else unit.args[0]
         try:
-            body, buffers = serialize.dumps((runner, (token, payload), {}), dest=w,
+            body, buffers = serialize.dumps((runner, (token, payload, self.star), {}), dest=w,
                                             what="pmap call")
         except Exception as exc:  # noqa: BLE001 - a failure of these elements
             if token.func is not None:
@@ -829,16 +847,11 @@ class _Engine:
         try:
             with self._turns:
                 if unit.batched:
-                    out: list[Any] = []
-                    start = time.perf_counter()
-                    for args in unit.args:
-                        try:
-                            out.append(n.callpool.run_user(self.f, *args))
-                        except Exception as exc:  # noqa: BLE001 - kept in its place
-                            out.append(_ElementFailure(None, _captured(n, exc)))
-                    call.local = ((time.perf_counter() - start, out), False)
+                    call.local = (_run_elements(self.f, unit.args, self.star, n), False)
                 else:
-                    call.local = (n.callpool.run_user(self.f, *unit.args[0]), False)
+                    item = unit.args[0]
+                    call.local = (n.callpool.run_user(self.f, *item) if self.star
+                                  else n.callpool.run_user(self.f, item), False)
         except BaseException as exc:  # noqa: BLE001 - handed to the engine
             call.local = (_captured(n, exc), True)
         self._done.put(call)
@@ -871,35 +884,38 @@ class _Engine:
             for i, args in enumerate(unit.args):
                 self._element_failed(unit.start + i, args, value, w)
         elif unit.batched:
-            seconds, value = value
+            seconds, value, failed = value
             if self.sizing is not None:
                 raw = call.waiter.value if call.waiter is not None else None
                 nbytes = (len(raw[1]) + sum(memoryview(b).nbytes for b in raw[2])
                           if raw is not None else 0)
                 self.sizing.observe(len(unit.args), seconds, nbytes)
-            ok = 0
-            for i, out in enumerate(value):
-                if type(out) is _ElementFailure:
-                    self._element_failed(unit.start + i, unit.args[i], out.exception(), w)
-                else:
-                    self.results[unit.start + i] = out
-                    ok += 1
-            self._tick(ok)
+            self.results[unit.start:unit.start + len(value)] = value
+            for i in failed:
+                self._element_failed(unit.start + i, unit.args[i], value[i].exception(), w)
+            self._tick(len(value) - len(failed))
         else:
             self.results[unit.start] = value
             self._tries.pop(unit.start, None)
             self._tick(1)
 
     def _adapt_depth(self, latency: float) -> None:
-        """Deeper pipelines while calls come back fast, back to the default when not."""
+        """Deeper pipelines while calls are short, back to the default when not.
+
+        Auto-sized batches are short by construction once measured; other calls
+        are judged by how soon they come back."""
         self._latency = latency if self._latency is None else 0.8 * self._latency + 0.2 * latency
-        depth = FAST_PIPELINE_DEPTH if self._latency < FAST_CALL_SECONDS else PIPELINE_DEPTH
+        if self.sizing is not None and self.sizing.seconds is not None:
+            work = self.sizing.seconds * self.sizing.size()
+        else:
+            work = self._latency
+        depth = FAST_PIPELINE_DEPTH if work < FAST_CALL_SECONDS else PIPELINE_DEPTH
         if depth > self._depth:
             for _ in range(depth - self._depth):
                 self._slots.extend(self._inflight)
         self._depth = depth  # a smaller depth drops surplus slots as they come up
 
-    def _element_failed(self, idx: int, args: tuple[Any, ...], raised: BaseException,
+    def _element_failed(self, idx: int, args: Any, raised: BaseException,
                         worker: int) -> None:
         if self.failure is not None:
             return
