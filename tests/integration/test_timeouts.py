@@ -26,13 +26,13 @@ class Elapsed:
 
 
 def test_future_fetch_and_wait_timeout_then_value(two_workers):
-    fut = fd.remotecall(time.sleep, two_workers[0], 0.6)
+    fut = fd.remotecall(time.sleep, two_workers[0], 2.0)
     with Elapsed() as e, pytest.raises(TimeoutError):
         fd.fetch(fut, timeout=0.2)
-    assert 0.15 <= e.seconds < 0.5
+    assert 0.15 <= e.seconds < 1.5
     with pytest.raises(TimeoutError):
         fd.wait(fut, timeout=0.05)
-    assert fd.fetch(fut, timeout=10) is None
+    assert fd.fetch(fut, timeout=30) is None
     assert fd.wait(fut, timeout=0.01) is fut
 
 
@@ -40,7 +40,7 @@ def test_future_owned_by_worker_fetch_timeout(two_workers):
     fut = fd.Future(two_workers[1])
     with Elapsed() as e, pytest.raises(TimeoutError):
         fut.fetch(timeout=0.2)
-    assert 0.15 <= e.seconds < 0.6
+    assert 0.15 <= e.seconds < 2.0
     fut.put("later")
     assert fut.fetch(timeout=10) == "later"
 
@@ -49,7 +49,7 @@ def test_remote_channel_take_timeout_on_empty(two_workers):
     rc = fd.RemoteChannel(lambda: fd.Channel(4), two_workers[0])
     with Elapsed() as e, pytest.raises(TimeoutError):
         fd.take(rc, timeout=0.25)
-    assert 0.2 <= e.seconds < 0.7
+    assert 0.2 <= e.seconds < 2.0
     with pytest.raises(TimeoutError):
         rc.take(timeout=0.05)
     # The timed-out takes left nothing waiting on the owner to steal the next value.
@@ -63,7 +63,7 @@ def test_remote_channel_fetch_and_wait_timeout(two_workers):
     rc = fd.RemoteChannel(two_workers[1])
     with Elapsed() as e, pytest.raises(TimeoutError):
         fd.fetch(rc, timeout=0.2)
-    assert 0.15 <= e.seconds < 0.6
+    assert 0.15 <= e.seconds < 2.0
     with pytest.raises(TimeoutError):
         fd.wait(rc, timeout=0.1)
     rc.put(7)
@@ -77,7 +77,7 @@ def test_remote_channel_put_timeout_when_full(two_workers):
     fd.put(rc, 1)
     with Elapsed() as e, pytest.raises(TimeoutError):
         fd.put(rc, 2, timeout=0.2)
-    assert 0.15 <= e.seconds < 0.6
+    assert 0.15 <= e.seconds < 2.0
     assert fd.take(rc) == 1
     assert not fd.isready(rc), "the timed-out put must not have landed"
 
