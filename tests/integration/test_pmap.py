@@ -65,6 +65,8 @@ def test_results_in_input_order_for_any_iterable(ws):
     assert fd.pmap(lambda a, b, c: a + b + c, "ab", "cd", "ef", batch_size=2) == ["ace", "bdf"]
     assert fd.pmap(lambda x: x, []) == []
     assert fd.pmap(lambda x: x, {3: "a", 1: "b"}) == [3, 1]
+    assert fd.pmap(lambda g: g(2), [lambda x: x + 1, lambda x: x * 3]) == [3, 6]
+    assert fd.pmap(len, ["x" * 10_000, b"y" * 100_000, (1, 2)]) == [10_000, 100_000, 2]
 
 
 def test_every_worker_takes_part(ws):
