@@ -5,8 +5,8 @@ Port of Distributed.jl `pmap.jl`. Three things differ in how, not in what:
 
 * Pipelining. Julia runs one `remotecall_fetch` per worker at a time, so each
   worker idles for a round trip between elements. Here the calling thread keeps
-  `PIPELINE_DEPTH` calls in flight per worker (`FAST_PIPELINE_DEPTH` while calls
-  come back fast) and reacts to results as they arrive (no thread per call);
+  at least `PIPELINE_DEPTH` calls in flight per worker (more for short calls:
+  `PIPELINE_COMMIT_SECONDS`) and reacts to results as they arrive (no thread per call);
   small calls are written in bursts. A worker still runs one element at a time, the
   next one waiting there (`_Turns`); but when the running element blocks (sleeps,
   waits on a channel, a lock, I/O) the next one starts, as Julia switches tasks
@@ -57,12 +57,13 @@ PIPELINE_DEPTH = 2
 """Calls in flight per worker: one running, one waiting behind it, so a worker
 never idles for a round trip."""
 
-FAST_PIPELINE_DEPTH = 4
-"""Calls in flight per worker once calls come back within `FAST_CALL_SECONDS`: more
-calls per write and per wake-up, while what waits behind a running element is
-still only a few milliseconds of work."""
+PIPELINE_COMMIT_SECONDS = 0.005
+"""Once calls have been timed on the workers, each worker gets as many calls in
+flight as make about this much work (at most `MAX_PIPELINE_DEPTH`): short calls
+then go many per write and per wake-up, and what waits behind a running element
+when the last ones are handed out is only a few milliseconds of work."""
 
-FAST_CALL_SECONDS = 0.005
+MAX_PIPELINE_DEPTH = 32
 
 AUTO_MAX_BATCH = 100
 """The largest first batch `batch_size="auto"` picks (Julia's `max_batch_size`);
@@ -523,11 +524,15 @@ def _turns_of(entry: Any) -> _Turns:
 _turns_lock = threading.Lock()
 
 
-def _run_one(token: Any, item: Any, star: bool) -> Any:
-    """On a worker: one element (a tuple of arguments when `star`), in its turn."""
+def _run_one(token: Any, item: Any, star: bool) -> tuple[float, Any]:
+    """On a worker: one element (a tuple of arguments when `star`), in its turn.
+    Returns how long it took too (it sets how many calls to keep in flight)."""
     entry = cached_entry(token)
+    f = entry.func
     with _turns_of(entry):
-        return entry.func(*item) if star else entry.func(item)
+        start = time.perf_counter()
+        value = f(*item) if star else f(item)
+        return time.perf_counter() - start, value
 
 
 def _run_batch(token: Any, batch: list[Any], star: bool
@@ -593,12 +598,11 @@ class _Unit:
 class _Call:
     """A call in flight: what it carries, where it went, and how it ended."""
 
-    __slots__ = ("local", "lost", "sent", "unit", "waiter", "wid", "worker")
+    __slots__ = ("local", "lost", "unit", "waiter", "wid", "worker")
 
     def __init__(self, unit: _Unit, worker: int) -> None:
         self.unit = unit
         self.worker = worker
-        self.sent = time.monotonic()
         self.lost = False  # the worker could not be reached: use it no more
         self.wid = 0
         self.waiter: Waiter | None = None
@@ -645,7 +649,7 @@ class _Engine:
         self._next_poll = 0.0
         self._turns = _Turns()  # for the elements this process runs itself
         self._depth = PIPELINE_DEPTH
-        self._latency: float | None = None  # seconds from sending a call to its result
+        self._work: float | None = None  # seconds a call takes on its worker, on average
         if pool is None:
             self._hold(pids)
         self._poll_interval = _POOL_POLL_SECONDS
@@ -872,8 +876,10 @@ class _Engine:
                     call.local = (_run_elements(self.f, unit.args, self.star, n), False)
                 else:
                     item = unit.args[0]
-                    call.local = (n.callpool.run_user(self.f, *item) if self.star
-                                  else n.callpool.run_user(self.f, item), False)
+                    start = time.perf_counter()
+                    value = (n.callpool.run_user(self.f, *item) if self.star
+                             else n.callpool.run_user(self.f, item))
+                    call.local = ((time.perf_counter() - start, value), False)
         except BaseException as exc:  # noqa: BLE001 - handed to the engine
             call.local = (_captured(n, exc), True)
         self._done.put(call)
@@ -883,7 +889,6 @@ class _Engine:
         self._ncalls -= 1
         if w in self._inflight:
             self._inflight[w] -= 1
-        self._adapt_depth(time.monotonic() - call.sent)
         if call.local is not None:
             value, is_error = call.local
         elif call.waiter.error is not None:  # type: ignore[union-attr]
@@ -912,26 +917,23 @@ class _Engine:
                 nbytes = (len(raw[1]) + sum(memoryview(b).nbytes for b in raw[2])
                           if raw is not None else 0)
                 self.sizing.observe(len(unit.args), seconds, nbytes)
+            self._adapt_depth(seconds)
             self.results[unit.start:unit.start + len(value)] = value
             for i in failed:
                 self._element_failed(unit.start + i, unit.args[i], value[i].exception(), w)
             self._tick(len(value) - len(failed))
         else:
+            seconds, value = value
+            self._adapt_depth(seconds)
             self.results[unit.start] = value
             self._tries.pop(unit.start, None)
             self._tick(1)
 
-    def _adapt_depth(self, latency: float) -> None:
-        """Deeper pipelines while calls are short, back to the default when not.
-
-        Auto-sized batches are short by construction once measured; other calls
-        are judged by how soon they come back."""
-        self._latency = latency if self._latency is None else 0.8 * self._latency + 0.2 * latency
-        if self.sizing is not None and self.sizing.seconds is not None:
-            work = self.sizing.seconds * self.sizing.size()
-        else:
-            work = self._latency
-        depth = FAST_PIPELINE_DEPTH if work < FAST_CALL_SECONDS else PIPELINE_DEPTH
+    def _adapt_depth(self, seconds: float) -> None:
+        """As many calls in flight per worker as make `PIPELINE_COMMIT_SECONDS` of work."""
+        self._work = seconds if self._work is None else 0.8 * self._work + 0.2 * seconds
+        depth = int(PIPELINE_COMMIT_SECONDS / max(self._work, 1e-6))
+        depth = max(PIPELINE_DEPTH, min(MAX_PIPELINE_DEPTH, depth))
         if depth > self._depth:
             for _ in range(depth - self._depth):
                 self._slots.extend(self._inflight)
