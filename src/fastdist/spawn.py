@@ -126,7 +126,7 @@ class _Pending:
         if pid == n.myid:
             try:
                 self.outcome = (n.callpool.run_user(fn, *args), False)
-            except BaseException as exc:  # noqa: BLE001 - reported like a remote failure
+            except Exception as exc:  # noqa: BLE001 - reported like a remote failure
                 err = RemoteException(n.myid, CapturedException.capture(exc))
                 err.__cause__ = exc
                 self.outcome = (err, True)
