@@ -54,8 +54,8 @@ from fastdist.workerpool import (
 __all__ = ["AUTO_MAX_BATCH", "PIPELINE_DEPTH", "auto_batch_size", "pmap"]
 
 PIPELINE_DEPTH = 2
-"""Calls in flight per worker: one running, one waiting behind it, so a worker
-never idles for a round trip."""
+"""The fewest calls in flight per worker: one running, one waiting behind it, so
+a worker never idles for a round trip."""
 
 PIPELINE_COMMIT_SECONDS = 0.005
 """Once calls have been timed on the workers, each worker gets as many calls in
