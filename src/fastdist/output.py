@@ -3,14 +3,19 @@
 What a worker prints reaches the master's matching stream, each line prefixed
 `From worker N:` (as Julia does); the pipes are read by the master's I/O loop,
 and read to their end, so lines printed just before a worker exits still
-arrive. `logging` records emitted on a worker travel to the master as LOG
-frames and go to the master's handlers with `record.worker` set.
+arrive. A reply and the output printed before it travel apart (socket and
+pipe), so before a caller uses a reply from a worker it drains that worker's
+pipes itself (`drain_worker_output`): `remotecall_fetch(print, 2, "hi")`
+returns after the line is printed. `logging` records emitted on a worker travel
+to the master as LOG frames and go to the master's handlers with
+`record.worker` set.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import threading
 from typing import Any
@@ -19,8 +24,42 @@ from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 
 
+class _WorkerPipes:
+    """The relayed pipes of one worker, polled together by `drain_worker_output`."""
+
+    def __init__(self, relays: list[_LineRelay]) -> None:
+        self.by_fd = {relay.fd: relay for relay in relays}
+        # One poll object: one syscall tells whether any pipe has something. Python
+        # forbids concurrent poll() calls on it, hence the lock.
+        self.poller = select.poll()
+        for fd in self.by_fd:
+            self.poller.register(fd, select.POLLIN)
+        self.lock = threading.Lock()
+
+    def drain(self) -> None:
+        with self.lock:
+            ready = self.poller.poll(0)
+        for fd, _ in ready:
+            relay = self.by_fd.get(fd)
+            if relay is not None:
+                relay.drain()
+
+    def forget(self, relay: _LineRelay) -> None:
+        """`relay` reached the end of its pipe: poll it no more."""
+        if self.by_fd.pop(relay.fd, None) is not None:
+            try:
+                self.poller.unregister(relay.fd)
+            except (KeyError, ValueError):
+                pass
+
+
+# The relayed pipes of each worker, by pid, for drain_worker_output.
+_pipes: dict[int, _WorkerPipes] = {}
+
+
 class _LineRelay:
-    """Reads one worker pipe on the loop thread and prints it line by line."""
+    """Reads one worker pipe and prints it line by line: on the loop thread when the
+    pipe is readable, and on a caller's thread when it drains the pipe."""
 
     def __init__(self, node: Any, pid: int, stream: Any, target: str,
                  leftover: bytes = b"") -> None:
@@ -30,25 +69,54 @@ class _LineRelay:
         self.fd = stream.fileno()
         self.target = target  # "stdout" or "stderr": looked up at print time (capture-friendly)
         self.partial = leftover
+        self.closed = False
+        # Reads, line splitting and printing happen under it, so lines stay whole and
+        # in order whichever thread reads, and the fd is never read once closed.
+        self.lock = threading.Lock()
         os.set_blocking(self.fd, False)
 
     def __call__(self) -> None:
-        try:
-            chunk = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._emit_lines(final=True)
-            self.node.loop.remove_reader(self.fd)
+        with self.lock:
+            if self.closed:
+                return
             try:
-                self.stream.close()
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
             except OSError:
-                pass
-            return
-        self.partial += chunk
-        self._emit_lines(final=False)
+                chunk = b""
+            if not chunk:
+                self._close()
+                return
+            self.partial += chunk
+            self._emit_lines(final=False)
+
+    def drain(self) -> None:
+        """Print the complete lines waiting in the pipe now; never blocks."""
+        with self.lock:
+            while not self.closed:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:  # BlockingIOError: drained
+                    return
+                if not chunk:
+                    return  # end of file: the loop thread closes the relay
+                self.partial += chunk
+                self._emit_lines(final=False)
+
+    def _close(self) -> None:
+        self._emit_lines(final=True)
+        self.closed = True
+        self.node.loop.remove_reader(self.fd)
+        pipes = _pipes.get(self.pid)
+        if pipes is not None:
+            pipes.forget(self)
+            if not pipes.by_fd:
+                _pipes.pop(self.pid, None)
+        try:
+            self.stream.close()
+        except OSError:
+            pass
 
     def _emit_lines(self, final: bool) -> None:
         *lines, self.partial = self.partial.split(b"\n")
@@ -72,15 +140,32 @@ def relay_worker_output(node: Any, pid: int, config: Any) -> None:
     leftover = b""
     if isinstance(config.userdata, dict):
         leftover = config.userdata.pop("_output_leftover", b"")
+    relays = []
     if config.io is not None and hasattr(config.io, "fileno"):
         relay = _LineRelay(node, pid, config.io, "stdout", leftover)
-        node.loop.add_reader(relay.fd, relay)
-        relay._emit_lines(final=False)
+        relays.append(relay)
+        with relay.lock:
+            relay._emit_lines(final=False)
     proc = config.process
     err = getattr(proc, "stderr", None)
     if err is not None:
-        relay = _LineRelay(node, pid, err, "stderr")
+        relays.append(_LineRelay(node, pid, err, "stderr"))
+    if relays:
+        _pipes[pid] = _WorkerPipes(relays)
+    for relay in relays:
         node.loop.add_reader(relay.fd, relay)
+
+
+def drain_worker_output(pid: int) -> None:
+    """Print what worker `pid` has written to its stdout/stderr so far, on this thread.
+
+    Called before a reply from `pid` is used, so that output a call printed
+    appears before its result is returned. Costs one `poll` when there is
+    nothing to read; a worker whose output is not relayed here costs nothing.
+    """
+    pipes = _pipes.get(pid)
+    if pipes is not None:
+        pipes.drain()
 
 
 # -- logging ----------------------------------------------------------------------------

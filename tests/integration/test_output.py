@@ -85,6 +85,32 @@ def test_every_line_is_prefixed_and_in_order(two_workers, capfd):
     assert relayed == [f"From worker {w}:\t{line}" for line in lines]
 
 
+def test_output_of_a_call_is_printed_before_the_call_returns(two_workers, capfd):
+    # The line travels on a pipe, the reply on a socket: the caller prints what the
+    # pipe holds before it returns the reply, so no wait is needed here.
+    w = two_workers[0]
+    for i in range(100):
+        fd.remotecall_fetch(say, w, f"fetched {i}")
+        assert f"From worker {w}:\tfetched {i}\n" in capfd.readouterr().out
+    for i in range(50):
+        fd.remotecall_wait(say, w, f"waited {i}", "stderr")
+        assert f"From worker {w}:\twaited {i}\n" in capfd.readouterr().err
+    for i in range(50):
+        fd.remotecall(say, w, f"fetched later {i}").fetch()
+        assert f"fetched later {i}" in capfd.readouterr().out
+
+
+def test_output_before_an_awaited_result(two_workers, capfd):
+    import asyncio
+
+    async def main():
+        for i in range(30):
+            await fd.remotecall(say, two_workers[1], f"awaited {i}")
+            assert f"awaited {i}" in capfd.readouterr().out
+
+    asyncio.run(main())
+
+
 def test_line_printed_just_before_exit_arrives(cluster, capfd):
     (w,) = cluster.add(1)
     fd.remote_do(say_then_exit, w, "last words")
