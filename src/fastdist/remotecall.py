@@ -20,6 +20,7 @@ from fastdist.exceptions import (
     FutureAlreadySetError,
     RemoteException,
 )
+from fastdist.output import drain_worker_output
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 from fastdist.protocol.values import decode_result
@@ -170,6 +171,18 @@ def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: A
 
 
 def wait_reading(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
+    """Wait for a reply from `pid` (see `_wait_reply`); False if `timeout` ran out.
+
+    Output that `pid` printed before replying travels apart from the reply (pipe
+    and socket): it is printed before the reply is used.
+    """
+    if not _wait_reply(n, pid, w, timeout):
+        return False
+    drain_worker_output(pid)
+    return True
+
+
+def _wait_reply(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
     """Wait for a reply from `pid`, reading its connection on this thread when free.
 
     The reply then wakes this thread directly rather than the I/O thread, which
@@ -373,6 +386,7 @@ async def await_future(fut: Future) -> Any:
 
     if when_ready(fut, wake):
         await arrived
+        drain_worker_output(fut.where)
         return fut.fetch()
     n = _node.current()
     wid, w = _send_fetch(n, fut)
