@@ -13,11 +13,13 @@ to the master as LOG frames and go to the master's handlers with
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
 import sys
 import threading
+import traceback
 from typing import Any
 
 from fastdist.protocol import serialize
@@ -159,13 +161,16 @@ def relay_worker_output(node: Any, pid: int, config: Any) -> None:
 def drain_worker_output(pid: int) -> None:
     """Print what worker `pid` has written to its stdout/stderr so far, on this thread.
 
-    Called before a reply from `pid` is used, so that output a call printed
-    appears before its result is returned. Costs one `poll` when there is
+    Called before a reply from `pid` is used, so that output a call printed, and
+    records it logged, appear before its result is returned. Costs one `poll` when there is
     nothing to read; a worker whose output is not relayed here costs nothing.
     """
     pipes = _pipes.get(pid)
     if pipes is not None:
         pipes.drain()
+    q = _log_queues.get(pid)
+    if q is not None and q.records:
+        q.handle_pending()
 
 
 # -- logging ----------------------------------------------------------------------------
@@ -208,6 +213,48 @@ def install_log_forwarding(node: Any, level: int) -> None:
     root = logging.getLogger()
     root.addHandler(_ForwardHandler(node))
     root.setLevel(level)
+
+
+class _LogQueue:
+    """One worker's records not yet handled, in arrival order."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.records: collections.deque[Any] = collections.deque()
+        # Held while records are handled, so they reach the handlers in order; an
+        # RLock, so that a handler that itself calls that worker does not deadlock.
+        self.lock = threading.RLock()
+
+    def handle_pending(self) -> None:
+        with self.lock:
+            while self.records:
+                body = self.records.popleft()
+                try:
+                    handle_log_record(self.pid, body)
+                except Exception:  # noqa: BLE001 - a bad record must not stop the others
+                    traceback.print_exc()
+
+
+_log_queues: dict[int, _LogQueue] = {}
+_log_queues_lock = threading.Lock()
+
+
+def queue_log_record(node: Any, pid: int, body: Any) -> None:
+    """A LOG frame from worker `pid` arrived: queue it, and handle it on a call thread.
+
+    A record logged by a call reaches the socket before the call's reply, so it is
+    queued here before the reply is seen; `drain_worker_output(pid)` then handles
+    what is queued before the reply is used, and the record is at the handlers by
+    the time the call returns.
+    """
+    q = _log_queues.get(pid)
+    if q is None:
+        with _log_queues_lock:
+            q = _log_queues.get(pid)
+            if q is None:
+                q = _log_queues[pid] = _LogQueue(pid)
+    q.records.append(body)
+    node.callpool.submit(q.handle_pending)
 
 
 def handle_log_record(pid: int, body: Any) -> None:

@@ -171,6 +171,15 @@ def test_worker_log_record_reaches_master_handler_with_worker_id(two_workers, ap
     assert handler.lines == [f"[{w}] WARNING fastdist_test_app: disk /data is 93% full"]
 
 
+def test_records_of_a_call_are_handled_before_the_call_returns(two_workers, app_logger):
+    _, handler = app_logger
+    w = two_workers[0]
+    for i in range(100):
+        fd.remotecall_fetch(log_on_worker, w, "fastdist_test_app", logging.WARNING, "n=%d", i)
+        assert handler.records and handler.records[-1].getMessage() == f"n={i}"
+    assert [r.getMessage() for r in handler.records] == [f"n={i}" for i in range(100)]
+
+
 def test_master_records_have_worker_field_too(app_logger):
     logger, handler = app_logger
     logger.warning("on the master")
