@@ -227,10 +227,9 @@ def handle_interrupt(node: Any, conn: Any, frame: Any) -> None:
 
 
 def handle_log(node: Any, conn: Any, frame: Any) -> None:
-    from fastdist.output import handle_log_record
+    from fastdist.output import queue_log_record
 
-    pid = conn.peer
-    node.callpool.submit(lambda: handle_log_record(pid, frame.body))
+    queue_log_record(node, conn.peer, frame.body)
 
 
 def handle_exit(node: Any, conn: Any, frame: Any) -> None:
