@@ -8,10 +8,12 @@ the same objects.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 from fastdist import node as _node
 from fastdist.channel import AbstractChannel
@@ -375,6 +377,8 @@ async def await_future(fut: Future) -> Any:
     """
     if fut._value is not _EMPTY or fut._materialize():
         return fut._return()
+    import asyncio  # here, not at import: workers start faster without it
+
     loop = asyncio.get_running_loop()
     arrived = loop.create_future()
 
