@@ -74,13 +74,38 @@ def _exit_unless_joined(n: Node, joining: dict[str, Any]) -> None:
 
 
 def advertised_host(bind_host: str) -> str:
-    """The address other processes should use to reach a worker bound to `bind_host`."""
+    """The address other processes should use to reach a worker bound to `bind_host`.
+
+    For a worker listening on all interfaces: what the host name resolves to,
+    unless that is a loopback address (Debian maps its own name to 127.0.1.1),
+    then the first address of a non-loopback interface.
+    """
     if bind_host not in ("0.0.0.0", "", "::"):
         return bind_host
     try:
-        return socket.gethostbyname(socket.gethostname())
+        addr = socket.gethostbyname(socket.gethostname())
     except OSError:
-        return "127.0.0.1"
+        addr = "127.0.0.1"
+    if addr.startswith("127."):
+        addr = _first_interface_address() or addr
+    return addr
+
+
+def _first_interface_address() -> str | None:
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            if name == "lo":
+                continue
+            try:
+                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on this interface
+            return socket.inet_ntoa(packed[20:24])
+    return None
 
 
 def parse_bind(bind_to: str | None) -> tuple[str, int]:
