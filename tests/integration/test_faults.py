@@ -505,3 +505,52 @@ def test_interrupting_an_idle_worker_does_nothing(cluster):
     assert fd.remotecall_fetch(spin, w, 0.5) > 0
     assert fd.remotecall_fetch(os.getpid, w) == ospid
     assert w in fd.workers()
+
+
+# -- a host cut off --------------------------------------------------------------------------
+
+
+def _ssh_flags(net):
+    flags = []
+    for h in net.hosts:
+        flags += ["-i", h.sshd.key_path]
+    return flags + ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                    "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+
+
+@pytest.mark.timeout(120)
+def test_host_cut_off_mid_pmap_finishes_on_the_rest(cluster, netns_hosts, monkeypatch):
+    # No TCP error arrives from a host whose link is cut: only the heartbeat notices.
+    monkeypatch.setenv("FASTDIST_HEARTBEAT_TIMEOUT", "3")
+    h0, h1 = netns_hosts.hosts
+    pids = fd.addprocs([(f"{h0.sshd.user}@{h0.addr}", 1), (f"{h1.sshd.user}@{h1.addr}", 1)],
+                       sshflags=_ssh_flags(netns_hosts))
+    cluster.pids.extend(pids)
+    host_of = {p: fd.remotecall_fetch(lambda: fd.node.current().host, p) for p in pids}
+    (lost,) = [p for p in pids if host_of[p] == h1.addr]
+    (kept,) = [p for p in pids if host_of[p] == h0.addr]
+
+    def where(x):  # by value: the remote hosts cannot import this test module
+        time.sleep(0.05)
+        return x, fd.myid()
+
+    data = list(range(200))
+    cut_at = []
+
+    def source():
+        for i in data:
+            if i == 40:
+                netns_hosts.cut(1)  # mid-run: the host vanishes with calls in flight
+                cut_at.append(time.monotonic())
+            yield i
+
+    got = fd.pmap(where, source(), retry_delays=[0.1] * 5)
+    assert [x for x, _ in got] == data
+    ran_on = {p for _, p in got}
+    assert lost in ran_on, "the cut-off host worked before it vanished"
+    assert {p for _, p in got[-50:]} <= {kept, 1}, "the last elements ran on the survivors"
+    assert lost not in fd.workers()
+    with pytest.raises(fd.ProcessExitedException):
+        fd.remotecall_fetch(os.getpid, lost)
+    assert fd.remotecall_fetch(fd.myid, kept) == kept
+    netns_hosts.restore(1)
