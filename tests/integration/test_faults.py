@@ -6,6 +6,7 @@ assertions are about what the rest of the cluster sees, and how fast.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import signal
@@ -505,6 +506,62 @@ def test_interrupting_an_idle_worker_does_nothing(cluster):
     assert fd.remotecall_fetch(spin, w, 0.5) > 0
     assert fd.remotecall_fetch(os.getpid, w) == ospid
     assert w in fd.workers()
+
+
+@pytest.mark.timeout(30)
+def test_an_interrupt_racing_a_finishing_call_leaves_no_stale_mark():
+    # The race at the end of a call: the call's thread has returned from user code and
+    # waits for the pool's lock to unmark itself, while interrupt() holds that lock and
+    # aims KeyboardInterrupt at it. The thread must come out unmarked, with nothing left
+    # pending, so that the next interrupt spares it (it may be idle, or reading a
+    # connection for other calls).
+    import ctypes
+
+    from fastdist.callpool import CallPool
+
+    pool = CallPool(name="race-test")
+    lines, first = inspect.getsourcelines(CallPool.run_user)
+    after_finally = next(i for i, text in enumerate(lines) if text.strip() == "finally:")
+    unmark_line = first + next(i for i in range(after_finally, len(lines)) if "_lock" in lines[i])
+    started, go = threading.Event(), threading.Event()
+    outcome = {}
+
+    def user_code():
+        started.set()
+        go.wait(5)
+        return "done"
+
+    def call():
+        try:
+            outcome["value"] = pool.run_user(user_code)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            outcome["exc"] = exc
+        try:
+            spin(0.5)  # whatever the thread does next, no late interrupt may hit it
+            outcome["after"] = "clean"
+        except KeyboardInterrupt:
+            outcome["after"] = "interrupted later"
+
+    t = threading.Thread(target=call, name="race-call")
+    t.start()
+    assert started.wait(5)
+    with pool._lock:
+        go.set()
+
+        def waiting_to_unmark():
+            frame = sys._current_frames().get(t.ident)
+            return frame is not None and frame.f_lineno == unmark_line
+
+        wait_until(waiting_to_unmark, 5, "the call's thread to wait for the pool lock")
+        # What interrupt() does for a marked thread, under the same lock.
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(t.ident), ctypes.py_object(KeyboardInterrupt))
+    t.join(5)
+    assert not t.is_alive()
+    assert outcome["after"] == "clean", outcome
+    assert outcome.get("value") == "done" or isinstance(outcome.get("exc"), KeyboardInterrupt)
+    assert pool._running_user == {}, "the finished call's thread is still marked interruptible"
+    assert pool.interrupt() == 0
 
 
 # -- a host cut off --------------------------------------------------------------------------
