@@ -17,8 +17,19 @@ pytest_plugins = ["services.plugin"]
 
 
 def child_pids(parent: int | None = None) -> set[int]:
-    """Live (non-zombie) processes whose parent is `parent` (default: this process)."""
-    parent = os.getpid() if parent is None else parent
+    """Live (non-zombie) processes whose parent is `parent`; by default this process's,
+    with the workers of its fastdist fork server in place of the server (which lives as
+    long as this process: a helper, not a worker)."""
+    if parent is not None:
+        return _children(parent)
+    found = _children(os.getpid())
+    for pid in [p for p in found if _is_fork_server(p)]:
+        found.discard(pid)
+        found |= _children(pid)
+    return found
+
+
+def _children(parent: int) -> set[int]:
     found = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -32,6 +43,16 @@ def child_pids(parent: int | None = None) -> set[int]:
         if ppid == parent and state != "Z":
             found.add(int(entry))
     return found
+
+
+def _is_fork_server(pid: int) -> bool:
+    # By command line, not fastdist.forkserver.server_pid(): that is known only once the
+    # server answers, and a test may look in between.
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"fastdist.forkserver" in f.read().split(b"\0")
+    except OSError:
+        return False
 
 
 def wait_no_children(before: set[int], timeout: float = 10.0) -> set[int]:
@@ -67,6 +88,11 @@ class Cluster:
 @pytest.fixture
 def cluster():
     """Real local worker processes: `cluster.add(n, **addprocs_kwargs)`."""
+    from fastdist import forkserver
+
+    if forkserver.enabled():
+        # Up front, so a test watching for new children of this process sees workers only.
+        forkserver.get_server()
     before = child_pids()
     c = Cluster()
     try:
