@@ -168,9 +168,13 @@ def _exit_if_nobody_connects(n: Node) -> None:
                 os._exit(1)  # whoever launched us and read our stdout is gone
             time.sleep(0.1)
         if n.myid == 0:
-            print(f"Master process (id 1) could not connect within {timeout:g} seconds.\n"
-                  "exiting.", file=sys.stderr, flush=True)
-            os._exit(1)
+            try:
+                print(f"Master process (id 1) could not connect within {timeout:g} seconds.\n"
+                      "exiting.", file=sys.stderr, flush=True)
+            finally:
+                # Exit even when the print fails: stderr's reader may be gone too
+                # (BrokenPipeError), and this thread is the worker's only way out.
+                os._exit(1)
 
     threading.Thread(target=watch, name="fastdist-connect-watch", daemon=True).start()
 
