@@ -4,11 +4,12 @@ What a worker prints reaches the master's matching stream, each line prefixed
 `From worker N:` (as Julia does); the pipes are read by the master's I/O loop,
 and read to their end, so lines printed just before a worker exits still
 arrive. A reply and the output printed before it travel apart (socket and
-pipe), so before a caller uses a reply from a worker it drains that worker's
-pipes itself (`drain_worker_output`): `remotecall_fetch(print, 2, "hi")`
-returns after the line is printed. `logging` records emitted on a worker travel
-to the master as LOG frames and go to the master's handlers with
-`record.worker` set.
+pipe), so as a reply from a worker arrives, that worker's pipes are drained
+first (`drain_worker_pipes`): `remotecall_fetch(print, 2, "hi")` returns after
+the line is printed. `logging` records emitted on a worker travel to the master
+as LOG frames, queue per worker, and go to the master's handlers, with
+`record.worker` set, in order and before the thread that waits for a reply of
+that worker uses it (`handle_worker_logs`).
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ class _WorkerPipes:
 
     def drain(self) -> None:
         with self.lock:
-            ready = self.poller.poll(0)
-        for fd, _ in ready:
-            relay = self.by_fd.get(fd)
-            if relay is not None:
+            ready = {fd for fd, _ in self.poller.poll(0)}
+        for fd, relay in list(self.by_fd.items()):
+            if fd in ready:
                 relay.drain()
+            else:
+                # The loop thread may have read the line already and be printing it:
+                # its relay's lock is held until the line is out.
+                with relay.lock:
+                    pass
 
     def forget(self, relay: _LineRelay) -> None:
         """`relay` reached the end of its pipe: poll it no more."""
@@ -158,19 +163,35 @@ def relay_worker_output(node: Any, pid: int, config: Any) -> None:
         node.loop.add_reader(relay.fd, relay)
 
 
-def drain_worker_output(pid: int) -> None:
-    """Print what worker `pid` has written to its stdout/stderr so far, on this thread.
+def drain_worker_pipes(pid: int) -> None:
+    """Print what worker `pid` has written to its stdout/stderr so far; never blocks.
 
-    Called before a reply from `pid` is used, so that output a call printed, and
-    records it logged, appear before its result is returned. Costs one `poll` when there is
-    nothing to read; a worker whose output is not relayed here costs nothing.
+    Called as a reply from `pid` arrives, before it is handed on, so that output
+    a call printed is on the master's streams before the call's result is
+    returned. Costs one `poll` when there is nothing to read; a worker whose
+    output is not relayed here costs a dictionary look-up.
     """
     pipes = _pipes.get(pid)
     if pipes is not None:
         pipes.drain()
+
+
+def handle_worker_logs(pid: int) -> None:
+    """Hand the records queued from worker `pid` to the handlers, on this thread.
+
+    Called by the thread that is about to use a reply from `pid` (never the I/O
+    thread: handlers are user code), so that records a call logged are handled
+    before its result is returned.
+    """
     q = _log_queues.get(pid)
     if q is not None and q.records:
         q.handle_pending()
+
+
+def drain_worker_output(pid: int) -> None:
+    """Both: print `pid`'s pending output and handle its queued log records."""
+    drain_worker_pipes(pid)
+    handle_worker_logs(pid)
 
 
 # -- logging ----------------------------------------------------------------------------
