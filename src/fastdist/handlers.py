@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
+from fastdist.output import drain_worker_pipes
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import (
     KNOWN_KINDS,
@@ -139,6 +140,8 @@ def read_and_take_call(conn: Any, timeout: float) -> Any:
 
 
 def handle_result(node: Any, conn: Any, frame: Any) -> None:
+    # What the call printed went on a pipe, the reply on this socket: print it first.
+    drain_worker_pipes(conn.peer)
     raw = (frame.flags, frame.body, frame.buffers)
     w = node.waiters.pop(frame.id, None)
     if w is not None:

@@ -22,7 +22,7 @@ from fastdist.exceptions import (
     FutureAlreadySetError,
     RemoteException,
 )
-from fastdist.output import drain_worker_output
+from fastdist.output import handle_worker_logs
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 from fastdist.protocol.values import decode_result
@@ -175,12 +175,11 @@ def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: A
 def wait_reading(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
     """Wait for a reply from `pid` (see `_wait_reply`); False if `timeout` ran out.
 
-    Output that `pid` printed before replying travels apart from the reply (pipe
-    and socket): it is printed before the reply is used.
+    Records that `pid` logged before replying are handled before the reply is used.
     """
     if not _wait_reply(n, pid, w, timeout):
         return False
-    drain_worker_output(pid)
+    handle_worker_logs(pid)
     return True
 
 
@@ -263,6 +262,7 @@ def _ref_header(fut: Any) -> bytes:
 
 
 def decode_value(raw: Any, where: int) -> tuple[Any, bool]:
+    handle_worker_logs(where)
     return decode_result(*raw)
 
 
@@ -390,7 +390,7 @@ async def await_future(fut: Future) -> Any:
 
     if when_ready(fut, wake):
         await arrived
-        drain_worker_output(fut.where)
+        handle_worker_logs(fut.where)
         return fut.fetch()
     n = _node.current()
     wid, w = _send_fetch(n, fut)
