@@ -101,7 +101,8 @@ def _first_interface_address() -> str | None:
             if name == "lo":
                 continue
             try:
-                packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+                request = struct.pack("256s", name.encode()[:15])
+                packed = fcntl.ioctl(s.fileno(), siocgifaddr, request)
             except OSError:
                 continue  # no IPv4 address on this interface
             return socket.inet_ntoa(packed[20:24])
