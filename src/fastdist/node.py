@@ -59,6 +59,8 @@ class Peer:
     gone: Waiter = field(default_factory=Waiter)
     last_rx: int = -1
     last_seen: float = field(default_factory=time.monotonic)
+    last_tx: int = -1
+    last_sent: float = field(default_factory=time.monotonic)
     last_ping: float = 0.0
 
     def facts(self) -> dict[str, Any]:
@@ -361,7 +363,15 @@ class Node:
             elif now - p.last_seen > timeout:
                 conn.close(TimeoutError(f"no word from process {p.pid} for {timeout:g} s"))
                 continue
-            if now - p.last_seen > timeout / 4 and now - p.last_ping > timeout / 4:
+            tx = conn.bytes_sent
+            if tx != p.last_tx:
+                p.last_tx = tx
+                p.last_sent = now
+            # Ping when the peer has gone quiet, and also when we have: a peer that is
+            # reading one long frame of ours sends nothing until its end, so it hears
+            # from us only if we speak up on our own, and so does the peer sending it.
+            quiet = now - min(p.last_seen, p.last_sent)
+            if quiet > timeout / 4 and now - p.last_ping > timeout / 4:
                 p.last_ping = now
                 try:
                     conn.send_nowait(Kind.PING, 0, 0, self.myid, 0)
