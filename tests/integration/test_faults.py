@@ -467,6 +467,29 @@ def test_stopped_worker_is_declared_dead_but_busy_ones_are_not(cluster, monkeypa
     wait_until(lambda: not os_alive(ospid), 10, "the stopped worker to be killed")
 
 
+
+def slow_reader(seconds, switch_interval):
+    # A thread that always wants the GIL, and a long switch interval: this worker's
+    # I/O thread gets the GIL back only every `switch_interval` s, so it reads slowly.
+    sys.setswitchinterval(switch_interval)
+    threading.Thread(target=spin, args=(seconds,), daemon=True).start()
+
+
+@pytest.mark.timeout(60)
+def test_a_long_transfer_is_not_mistaken_for_silence(cluster, monkeypatch):
+    # While a worker reads one long frame it has nothing to answer with (a ping queued
+    # behind the frame arrives only after it): the sender must still hear from it.
+    monkeypatch.setenv("FASTDIST_HEARTBEAT_TIMEOUT", "2")
+    (w,) = cluster.add(1)
+    fd.remotecall_fetch(slow_reader, w, 30, 0.1)
+    big = np.ones(400 * 2**20, dtype=np.uint8)
+    t = time.monotonic()
+    assert fd.remotecall_fetch(lambda a: a.nbytes, w, big) == big.nbytes
+    took = time.monotonic() - t
+    assert took > 2.5, f"the transfer took {took:.1f} s: too fast to test anything"
+    assert w in fd.workers()
+
+
 # -- interrupt ----------------------------------------------------------------------------
 
 
