@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastdist as fd
+from fastdist import transport
 from fastdist._core import _wire
 from fastdist.protocol import handshake, serialize
 from fastdist.protocol.messages import Kind
@@ -51,12 +52,20 @@ def worker_fd_count(ospid):
 class Target:
     """One live worker to attack, and how to check it is unharmed."""
 
-    def __init__(self, w):
+    def __init__(self, w, via="tcp"):
         self.w = w
         self.port = worker_port(w)
+        self.host = fd.remotecall_fetch(lambda: __import__("fastdist").node.current().host, w)
         self.ospid = fd.remotecall_fetch(os.getpid, w)
+        self.via = via
 
     def connect(self, timeout=5.0):
+        if self.via == "unix":
+            # The same-host listener beside the TCP one: the same rules apply there.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(transport.unix_name(self.host, self.port))
+            return sock
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
     def assert_unharmed(self):
@@ -71,6 +80,12 @@ class Target:
 def target(cluster):
     (w,) = cluster.add(1)
     return Target(w)
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def any_target(cluster, request):
+    (w,) = cluster.add(1)
+    return Target(w, via=request.param)
 
 
 def closed_by_peer(sock, timeout):
@@ -157,7 +172,8 @@ def evil_pickle(path):
 
 
 @pytest.mark.timeout(60)
-def test_wrong_cookie_is_refused_and_nothing_it_sends_is_unpickled(target, tmp_path):
+def test_wrong_cookie_is_refused_and_nothing_it_sends_is_unpickled(any_target, tmp_path):
+    target = any_target
     marker = tmp_path / "unpickled"
     payload = evil_pickle(marker)
 
@@ -180,7 +196,8 @@ def test_wrong_cookie_is_refused_and_nothing_it_sends_is_unpickled(target, tmp_p
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("where", ["first", "framed_first", "instead_of_proof", "after_hello"])
-def test_pickles_before_the_handshake_are_never_unpickled(target, tmp_path, where):
+def test_pickles_before_the_handshake_are_never_unpickled(any_target, tmp_path, where):
+    target = any_target
     marker = tmp_path / "unpickled"
     payload = evil_pickle(marker)
     sock = target.connect()
