@@ -202,8 +202,12 @@ def main(argv=None):
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every job timeout")
     ap.add_argument("--wait-idle", type=float, default=0.0,
                     help="before each job, wait up to this many seconds for the CPU to be idle (< 20%% busy)")
-    ap.add_argument("--out-dir", default=HERE, help="where RESULTS.md, results.json, ratios.png go")
+    ap.add_argument("--out-dir", help="where RESULTS.md, results.json, ratios.png go "
+                    "(default: bench/, or bench/.build/quick/ with --quick)")
     args = ap.parse_args(argv)
+    if args.out_dir is None:
+        # A smoke test must not overwrite the full run's committed results.
+        args.out_dir = os.path.join(BUILD, "quick") if args.quick else HERE
 
     workloads = parse_list(args.only, WORKLOADS, "workload")
     selected = parse_list(args.peers, PEERS + BASELINES, "peer")
@@ -255,7 +259,8 @@ def main(argv=None):
     except Exception as e:  # a missing matplotlib must not lose the tables
         print(f"chart not written: {e!r}", file=sys.stderr)
     print(report.render_targets_text(results))
-    print(f"done in {results['duration_s']:.0f} s; wrote RESULTS.md, results.json, ratios.png")
+    print(f"done in {results['duration_s']:.0f} s; wrote RESULTS.md, results.json, ratios.png"
+          f" to {os.path.relpath(args.out_dir)}")
     return 0
 
 
