@@ -28,9 +28,13 @@ _context = threading.local()
 # in different orders (one `import numpy`, one `numpy._core.numeric` for an
 # array) trip CPython's import deadlock detection, which hands one of them a
 # half-initialised module: the call fails with a circular-import error, and
-# numpy cannot be imported again. So unpickles run one at a time; they hold
-# the GIL anyway, so this costs no parallelism.
+# numpy cannot be imported again. So unpickles of user data run one at a time;
+# they hold the GIL anyway, so this costs no parallelism. The runtime's own
+# messages (plain dicts of builtins, decoded on the I/O thread) import nothing
+# and never wait for it: a call thread importing a big package must not hold
+# up the links between processes.
 _loads_lock = threading.RLock()
+_RUNTIME_MESSAGES = frozenset({"identity", "peer list", "log record"})
 
 
 class SerializationError(TypeError):
@@ -163,6 +167,14 @@ def dumps(obj: Any, dest: int | None = None, what: str = "value") -> tuple[bytes
     return stream.getvalue(), buffers
 
 
+def _loads(view: memoryview, body: Any, buffers: Any) -> Any:
+    if view.nbytes and view[0] == 0:
+        _, npickle = _PERSISTENT_HEADER.unpack_from(view)
+        return _BytesOutOfBandUnpickler(view[_PERSISTENT_HEADER.size:], list(buffers),
+                                        npickle).load()
+    return pickle.loads(body, buffers=buffers)
+
+
 def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
     """Unpickle a stream and its out-of-band buffers (zero copy for arrays).
 
@@ -172,12 +184,10 @@ def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
     """
     try:
         view = memoryview(body)
+        if what in _RUNTIME_MESSAGES:
+            return _loads(view, body, buffers)
         with _loads_lock:
-            if view.nbytes and view[0] == 0:
-                _, npickle = _PERSISTENT_HEADER.unpack_from(view)
-                return _BytesOutOfBandUnpickler(view[_PERSISTENT_HEADER.size:], list(buffers),
-                                                npickle).load()
-            return pickle.loads(body, buffers=buffers)
+            return _loads(view, body, buffers)
     except Exception as exc:
         raise SerializationError(
             f"could not deserialise the {what}: {type(exc).__name__}: {exc}") from exc
