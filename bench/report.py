@@ -58,7 +58,10 @@ WORKLOAD_TEXT = {
     "a call on every worker; Pool / ProcessPoolExecutor / loky with the spawn start method "
     "and n tasks that hold their worker until all n have checked in; dask: `LocalCluster` + "
     "`Client` + `client.run` on every worker; ray: `ray.init(num_cpus=n)` and n actors "
-    "answering). Teardown follows each repetition and is not timed. Lower is better.",
+    "answering). Every repetition runs in a fresh process that has imported the system but "
+    "started nothing yet, so each one is a cold start for every system; teardown is not timed. "
+    "fastdist's row *again in the same process* is a second `addprocs` after the first, "
+    "with what the first left running (its fork server). Lower is better.",
 }
 MATRIX_COLUMNS = [
     ("W1", "rtt", "W1 round trip"),
@@ -531,7 +534,7 @@ def render_markdown(results):
                 if r.get("error") and median(r) is None:
                     L.append(f"| {PEER_NAMES[p]} | {r['label']} | **error** | `{r['error']}` | | | {r.get('note') or ''} |")
                     continue
-                if p == "fastdist":
+                if p == "fastdist" and r["ref"] == r["key"]:
                     rr = "1 (reference)"
                 else:
                     rr = fmt_ratio(ratio(r, refs.get(r["ref"])))
