@@ -36,6 +36,10 @@ class CallPool:
         self._queued = 0  # tasks put and not yet taken
         self._nthreads = 0
         self._running_user: dict[int, int] = {}  # thread ident -> depth of user calls
+        # Threads running user code that are dispatching frames they read for others
+        # (see shield), and the interrupts held back from them meanwhile.
+        self._shielded: set[int] = set()
+        self._deferred: set[int] = set()
         self._closed = False
         self._stall = threading.Event()
         threading.Thread(target=self._watch_stalls, name=f"{name}-watchdog", daemon=True).start()
@@ -176,10 +180,42 @@ class CallPool:
         with self._lock:
             idents = list(self._running_user)
             for ident in idents:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
+                if ident in self._shielded:
+                    self._deferred.add(ident)
+                else:
+                    _raise_in(ident)
         return len(idents)
+
+    def is_running_user(self) -> bool:
+        return threading.get_ident() in self._running_user
+
+    def shield(self) -> None:
+        """Hold interrupts of this thread back until `unshield`.
+
+        A call that waits for a reply may read its connection itself and dispatch
+        every frame it finds, most of them other calls' (remotecall.py). A
+        KeyboardInterrupt landing in that dispatch would drop those frames and
+        hang their callers, so it waits until the dispatch is over. Call it inside
+        the `try` whose `finally` calls `unshield`.
+        """
+        with self._lock:
+            self._shielded.add(threading.get_ident())
+
+    def unshield(self) -> None:
+        """Let interrupts through again, raising one that was held back."""
+        ident = threading.get_ident()
+        with self._lock:
+            self._shielded.discard(ident)
+            if ident in self._deferred:
+                self._deferred.discard(ident)
+                if ident in self._running_user:
+                    _raise_in(ident)
 
     @property
     def nthreads(self) -> int:
         return self._nthreads
+
+
+def _raise_in(ident: int) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))

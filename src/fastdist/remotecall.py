@@ -203,11 +203,21 @@ def _wait_reply(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
     if read_direct is None:
         return w.wait(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
+    # An interruptible call must not take an interrupt while it dispatches others' frames.
+    shield = n.callpool.is_running_user()
     while not w.done():
         left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
         if left <= 0:
             return False
-        if read_direct(left) < 0:
+        if shield:
+            try:
+                n.callpool.shield()
+                r = read_direct(left)
+            finally:
+                n.callpool.unshield()
+        else:
+            r = read_direct(left)
+        if r < 0:
             # Someone else reads this connection: its dispatch sets our waiter.
             w.wait(min(left, 0.05))
     return True
