@@ -533,6 +533,56 @@ def test_interrupting_an_idle_worker_does_nothing(cluster):
     assert w in fd.workers()
 
 
+
+def nested_calls_forever(started):
+    started.put(1)
+    while True:
+        fd.remotecall_fetch(int, 1, "7")  # waits for pid 1, reading that link itself
+
+
+@pytest.mark.timeout(90)
+def test_interrupting_nested_calls_loses_no_other_call(cluster):
+    # A call waiting for a reply reads its connection itself and dispatches every frame
+    # it finds there, most of them other calls'. An interrupt must not land in the
+    # middle of that, or those frames are dropped and their callers hang.
+    (w,) = cluster.add(1)
+    stop = threading.Event()
+
+    def other_calls():
+        n = 0
+        while not stop.is_set():
+            try:
+                assert fd.remotecall(lambda x: x, w, n).fetch(timeout=10) == n
+            except fd.RemoteException as exc:  # the interrupt hit this call: fine
+                assert isinstance(exc.__cause__, KeyboardInterrupt)
+            n += 1
+        return n
+
+    started = fd.RemoteChannel(lambda: fd.Channel(1), 1)
+    others = [Outcome(f"other-{i}", other_calls) for i in range(2)]
+    interrupted = 0
+    end = time.monotonic() + 6
+    try:
+        while time.monotonic() < end and not any(o.exc for o in others):
+            fut = fd.remotecall(nested_calls_forever, w, started)
+            started.take(timeout=10)
+            time.sleep(0.03)  # a few nested round trips, with other calls' frames among them
+            fd.interrupt(w)
+            with pytest.raises(fd.RemoteException) as info:
+                fut.fetch(timeout=10)
+            assert isinstance(info.value.__cause__, KeyboardInterrupt)
+            interrupted += 1
+    finally:
+        stop.set()
+        for o in others:
+            o.thread.join(15)
+    for o in others:
+        assert o.exc is None, f"{o.name}: {o.exc!r}"
+        assert o.value > 0
+    assert interrupted > 20
+    assert fd.remotecall_fetch(lambda: 3, w) == 3
+
+
 @pytest.mark.timeout(30)
 def test_an_interrupt_racing_a_finishing_call_leaves_no_stale_mark():
     # The race at the end of a call: the call's thread has returned from user code and
