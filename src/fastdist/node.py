@@ -219,8 +219,16 @@ class Node:
     def on_frames(self, conn: Any, frames: list[Any]) -> None:
         from fastdist.handlers import dispatch
 
-        for frame in frames:
-            dispatch(self, conn, frame)
+        for i, frame in enumerate(frames):
+            try:
+                dispatch(self, conn, frame)
+            except BaseException:
+                # A KeyboardInterrupt (Ctrl-C in the main thread) can land on a thread
+                # reading a connection for everyone: the frames after this one belong to
+                # other callers, so they are dispatched before it propagates.
+                for rest in frames[i + 1:]:
+                    dispatch(self, conn, rest)
+                raise
 
     def on_authenticated(self, conn: Any) -> None:
         """The handshake passed; the peer names itself with its first frame (IDENTIFY)."""

@@ -637,6 +637,9 @@ cdef class SocketConnection:
             with nogil:
                 r = poll(&pfd, 1, ms)
             if r > 0:
+                # A Ctrl-C that came while we waited raises here, before any frame is
+                # taken: raised while dispatching, it would drop other callers' frames.
+                PyErr_CheckSignals()
                 self._read_available()
             elif r < 0 and errno == EINTR:
                 PyErr_CheckSignals()
