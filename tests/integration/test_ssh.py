@@ -249,7 +249,8 @@ def test_bad_host_is_a_clear_error_not_a_hang(ssh_cluster, case):
         "auth": ([spec_of(srv, "nobody")], {}, "Permission denied"),
         "refused": ([f"{srv.user}@127.0.0.1:1"], {}, "Connection refused"),
         "no-python": ([ssh_cluster.spec], {"exename": "/nonexistent/python3"}, "not found"),
-        "no-fastdist": ([ssh_cluster.spec], {"exeflags": "-I"}, "No module named"),
+        # -I ignores PYTHONPATH, -S leaves site-packages out: no fastdist either way.
+        "no-fastdist": ([ssh_cluster.spec], {"exeflags": ["-I", "-S"]}, "No module named"),
         "auto-auth": ([(spec_of(srv, "nobody"), "auto")], {}, "Permission denied"),
         "multiplex-auth": ([(spec_of(srv, "nobody"), 2)], {"multiplex": True},
                            "Permission denied"),
