@@ -128,6 +128,9 @@ cdef extern from "<sys/mman.h>" nogil:
 # less in 2 MiB ones, and that cost, not the copy, bounds large transfers.
 HUGE_BUFFER_NBYTES = 4 * 1024 * 1024
 HUGE_PAGE_NBYTES = 2 * 1024 * 1024
+# Above this, no huge-page advice: with THP defrag on "madvise", faulting in
+# gigabytes of advised memory can stall for seconds in direct compaction.
+HUGE_ADVICE_MAX_NBYTES = 1024 * 1024 * 1024
 # Freed large mappings kept for the next receive of a similar size (their pages
 # are already faulted in): at most this many, of at most this many bytes in all.
 cdef int CACHE_SLOTS = 2
@@ -144,7 +147,8 @@ cdef char* _take_mapping(Py_ssize_t length):
     cdef void* p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     if p == MAP_FAILED:
         return NULL
-    madvise(p, length, MADV_HUGEPAGE)
+    if length <= HUGE_ADVICE_MAX_NBYTES:
+        madvise(p, length, MADV_HUGEPAGE)
     return <char*>p
 
 
