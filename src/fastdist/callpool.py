@@ -30,7 +30,7 @@ STALL_SECONDS = 0.005
 class CallPool:
     def __init__(self, name: str = "fastdist-call") -> None:
         self._name = name
-        self._tasks: queue.SimpleQueue[Callable[[], object] | None] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting in get()
         self._queued = 0  # tasks put and not yet taken

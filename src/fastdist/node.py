@@ -10,6 +10,7 @@ master or worker — runs one Node; the master is pid 1.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import os
 import resource
@@ -324,7 +325,7 @@ class Node:
             if p.conn is None:
                 if owner not in self._ref_connecting:
                     self._ref_connecting.add(owner)
-                    self.callpool.submit(lambda o=owner: self._connect_for_refs(o))
+                    self.callpool.submit(functools.partial(self._connect_for_refs, owner))
                 continue
             del self._ref_backlog[owner]
             try:

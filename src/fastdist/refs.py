@@ -208,8 +208,8 @@ class _RefBase:
         return RRID(self.whence, self.id)
 
     def __eq__(self, other: object) -> bool:
-        return (type(other) is type(self) and self.whence == other.whence  # type: ignore[attr-defined]
-                and self.id == other.id)  # type: ignore[attr-defined]
+        return (type(other) is type(self) and self.whence == other.whence
+                and self.id == other.id)
 
     def __hash__(self) -> int:
         return hash((self.whence, self.id))
@@ -237,11 +237,11 @@ class _RefBase:
                                              urgent=True)
 
 
-def _adopt(cls: type, where: int, whence: int, ref_id: int, counted: bool) -> Any:
+def _adopt(cls: Any, where: int, whence: int, ref_id: int, counted: bool) -> Any:
     """The live local object for a reference arriving here, one hold added if `counted`."""
     n = _node.current()
     rrid = RRID(whence, ref_id)
-    obj = n.live_refs.get(rrid)
+    obj: Any = n.live_refs.get(rrid)
     if obj is None or type(obj) is not cls:
         obj = cls.__new__(cls)
         obj._init_ref(where, whence, ref_id, 0)

@@ -96,7 +96,8 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
     if _is_pool(pid_or_pool):
         from fastdist.workerpool import pool_remotecall
 
-        return pool_remotecall(pid_or_pool, f, args, kwargs)
+        fut: Future = pool_remotecall(pid_or_pool, f, args, kwargs)
+        return fut
     n = _node.current()
     pid = int(pid_or_pool)
     if pid == n.myid:

@@ -118,7 +118,7 @@ def listen(host: str, port: int = 0) -> socket.socket:
 
 def accept_ready(listener: socket.socket) -> list[socket.socket]:
     """Every connection waiting on a non-blocking listener, tuned and non-blocking."""
-    accepted = []
+    accepted: list[socket.socket] = []
     while True:
         try:
             sock, _ = listener.accept()

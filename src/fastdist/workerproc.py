@@ -7,6 +7,7 @@ given, and serves until its master goes away — it never outlives the master.
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import signal
@@ -14,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from fastdist import node as _node
 from fastdist.node import Node, worker_timeout
@@ -143,7 +144,7 @@ def start_worker(out: Any = None, cookie: str | None = None, close_stdin: bool =
     if stderr_to_stdout:
         os.dup2(1, 2)
     for stream in (sys.stdout, sys.stderr):
-        stream.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+        cast(io.TextIOWrapper, stream).reconfigure(line_buffering=True)
     if sys.flags.no_site:
         _define_site_builtins()
     n = init_worker(cookie)

@@ -6,7 +6,7 @@ to build.
 """
 
 try:
-    from fastdist._core import _msgloop, _wire
+    from fastdist._core import _msgloop, _wire  # type: ignore[attr-defined]
 except ImportError as exc:  # pragma: no cover - exercised by an install check
     raise ImportError(
         "fastdist's compiled core (fastdist._core._wire / _msgloop) is not built. "

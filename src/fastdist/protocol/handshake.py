@@ -58,7 +58,7 @@ class AcceptorHandshake:
         self.error: ProtocolError | None = None
         self._step = 1
         self._buf = b""
-        self._want = _wire.HELLO_NBYTES
+        self._want: int = _wire.HELLO_NBYTES
         self._nonce_c = b""
         self._nonce_s = b""
 
@@ -77,13 +77,15 @@ class AcceptorHandshake:
                 # Tell the connector why, then fail: the loop sends `out` before raising `error`.
                 self.error = ProtocolError(
                     f"protocol version mismatch: peer speaks {version}, we speak {self.version}")
-                return _wire.pack_accept(self.version, _wire.STATUS_VERSION_MISMATCH,
-                                         bytes(32), bytes(32))
+                mismatch: bytes = _wire.pack_accept(self.version, _wire.STATUS_VERSION_MISMATCH,
+                                                     bytes(32), bytes(32))
+                return mismatch
             self._nonce_s = os.urandom(_wire.NONCE_NBYTES)
             mac_a = _mac(self.cookie, b"A", self._nonce_c, self._nonce_s)
             self._step = 3
             self._want = _wire.PROOF_NBYTES
-            return _wire.pack_accept(self.version, _wire.STATUS_OK, self._nonce_s, mac_a)
+            accept: bytes = _wire.pack_accept(self.version, _wire.STATUS_OK, self._nonce_s, mac_a)
+            return accept
         if self._step == 3:
             mac_c = _wire.unpack_proof(msg)
             expected = _mac(self.cookie, b"C", self._nonce_s, self._nonce_c)
@@ -91,7 +93,8 @@ class AcceptorHandshake:
                 raise ProtocolError("the peer does not hold the cluster cookie")
             self.done = True
             self._want = 0
-            return _wire.WELCOME
+            welcome: bytes = _wire.WELCOME
+            return welcome
         raise ProtocolError("handshake already finished")
 
 

@@ -62,7 +62,7 @@ _BY_REFERENCE: dict[int, Any] = {}
 _BY_REFERENCE_MAX = 4096
 
 
-class _Pickler(cloudpickle.CloudPickler):
+class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped base
     """cloudpickle's Pickler, with large bytes and memoryviews sent out of band too."""
 
     def reducer_override(self, obj: Any) -> Any:
