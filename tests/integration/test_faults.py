@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import pytest
+from support import os_alive, wait_until
 
 import fastdist as fd
 from fastdist import node as _node
@@ -27,27 +28,6 @@ DEATH_NOTICE_SECONDS = 5.0
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def os_alive(ospid):
-    """True while process `ospid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{ospid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def open_fds():
@@ -470,7 +450,6 @@ def test_stopped_worker_is_declared_dead_but_busy_ones_are_not(cluster, monkeypa
     wait_until(lambda: not os_alive(ospid), 10, "the stopped worker to be killed")
 
 
-
 def slow_reader(seconds, switch_interval):
     # A thread that always wants the GIL, and a long switch interval: this worker's
     # I/O thread gets the GIL back only every `switch_interval` s, so it reads slowly.
@@ -536,7 +515,6 @@ def test_interrupting_an_idle_worker_does_nothing(cluster):
     assert fd.remotecall_fetch(spin, w, 0.5) > 0
     assert fd.remotecall_fetch(os.getpid, w) == ospid
     assert w in fd.workers()
-
 
 
 def nested_calls_forever(started):

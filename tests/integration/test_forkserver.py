@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from support import os_alive, wait_until
 
 import fastdist as fd
 from fastdist import forkserver
@@ -20,27 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def os_alive(ospid):
-    """True while process `ospid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{ospid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def handle(pid):

@@ -16,6 +16,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import wait_until
 
 import fastdist as fd
 from fastdist import transport
@@ -28,17 +29,6 @@ VERSION = handshake.PROTOCOL_VERSION
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def worker_port(w):

@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import sys
 import threading
 import time
-import types
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-
-def _load(name: str) -> types.ModuleType:
-    try:
-        return importlib.import_module(f"fastdist.{name}")
-    except ImportError:
-        # The package __init__ needs the compiled core; these modules are pure Python,
-        # so they are tested without it.
-        pkg = types.ModuleType("fastdist")
-        pkg.__path__ = [str(Path(__file__).resolve().parents[2] / "src" / "fastdist")]
-        sys.modules["fastdist"] = pkg
-        return importlib.import_module(f"fastdist.{name}")
-
-
-asyncmap = _load("asyncmap").asyncmap
+from fastdist.asyncmap import asyncmap
 
 
 class Gauge:

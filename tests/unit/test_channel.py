@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import pickle
-import sys
 import threading
 import time
-import types
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fastdist.channel as channel_mod
+from fastdist.exceptions import ChannelClosedError
 
-def _load(name: str) -> types.ModuleType:
-    try:
-        return importlib.import_module(f"fastdist.{name}")
-    except ImportError:
-        # The package __init__ needs the compiled core; these modules are pure Python,
-        # so they are tested without it.
-        pkg = types.ModuleType("fastdist")
-        pkg.__path__ = [str(Path(__file__).resolve().parents[2] / "src" / "fastdist")]
-        sys.modules["fastdist"] = pkg
-        return importlib.import_module(f"fastdist.{name}")
-
-
-channel_mod = _load("channel")
 Channel = channel_mod.Channel
 AbstractChannel = channel_mod.AbstractChannel
-ChannelClosedError = _load("exceptions").ChannelClosedError
 
 BLOCKED = 0.15  # how long a call must stay blocked to count as blocked
 

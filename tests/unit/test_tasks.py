@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 import threading
-import types
-from pathlib import Path
 
 import pytest
 
+import fastdist.tasks as tasks
+from fastdist.exceptions import CompositeException
 
-def _load(name: str) -> types.ModuleType:
-    try:
-        return importlib.import_module(f"fastdist.{name}")
-    except ImportError:
-        # The package __init__ needs the compiled core; these modules are pure Python,
-        # so they are tested without it.
-        pkg = types.ModuleType("fastdist")
-        pkg.__path__ = [str(Path(__file__).resolve().parents[2] / "src" / "fastdist")]
-        sys.modules["fastdist"] = pkg
-        return importlib.import_module(f"fastdist.{name}")
-
-
-tasks = _load("tasks")
 Task, run_async, sync, register_sync = tasks.Task, tasks.run_async, tasks.sync, tasks.register_sync
-CompositeException = _load("exceptions").CompositeException
 
 
 def fail(exc: BaseException, gate: threading.Event | None = None) -> None:

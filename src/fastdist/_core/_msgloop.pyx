@@ -126,6 +126,21 @@ def _report(where):
     traceback.print_exc()
 
 
+cdef bytes _small_frame(int kind, int flags, unsigned int aux, unsigned int whence,
+                        unsigned long long ref_id, body):
+    """A whole frame without out-of-band buffers, as one bytes object (to queue)."""
+    cdef Py_ssize_t body_n = len(body)
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, PRELUDE_NBYTES + body_n)
+    cdef char* p = PyBytes_AS_STRING(frame)
+    cdef const unsigned char[::1] view
+    encode_prelude(p, <unsigned char>kind, <unsigned char>flags, aux, whence, ref_id,
+                   body_n, 0, NULL)
+    if body_n:
+        view = memoryview(body).cast("B")
+        memcpy(p + PRELUDE_NBYTES, &view[0], body_n)
+    return frame
+
+
 cdef class MessageLoop:
     """An epoll loop over sockets (framed connections) and plain readable fds."""
 
@@ -482,16 +497,7 @@ cdef class SocketConnection:
             return
         if self.closed:
             raise ConnectionResetError("connection closed")
-        cdef Py_ssize_t body_n = len(body)
-        cdef bytes frame = PyBytes_FromStringAndSize(NULL, PRELUDE_NBYTES + body_n)
-        cdef char* p = PyBytes_AS_STRING(frame)
-        encode_prelude(p, <unsigned char>kind, <unsigned char>flags, aux, whence, ref_id,
-                       body_n, 0, NULL)
-        cdef const unsigned char[::1] view
-        if body_n:
-            view = memoryview(body).cast("B")
-            memcpy(p + PRELUDE_NBYTES, &view[0], body_n)
-        self.pending.append(frame)
+        self.pending.append(_small_frame(kind, flags, aux, whence, ref_id, body))
         self._try_flush_nowait()
 
     def send_deferred(self, int kind, int flags, unsigned int aux, unsigned int whence,
@@ -504,17 +510,8 @@ cdef class SocketConnection:
         """
         if self.closed:
             raise ConnectionResetError("connection closed")
-        cdef Py_ssize_t body_n = len(body)
-        cdef bytes frame = PyBytes_FromStringAndSize(NULL, PRELUDE_NBYTES + body_n)
-        cdef char* p = PyBytes_AS_STRING(frame)
-        encode_prelude(p, <unsigned char>kind, <unsigned char>flags, aux, whence, ref_id,
-                       body_n, 0, NULL)
-        cdef const unsigned char[::1] view
-        if body_n:
-            view = memoryview(body).cast("B")
-            memcpy(p + PRELUDE_NBYTES, &view[0], body_n)
         cdef bint first = not self.pending
-        self.pending.append(frame)
+        self.pending.append(_small_frame(kind, flags, aux, whence, ref_id, body))
         if first:
             self.loop.dirty.append(self)
             self.loop.wakeup()
