@@ -89,40 +89,50 @@ class CallPool:
         Returns when this thread is no longer needed as the fast reader (the
         connection is gone or being read by someone else).
         """
-        from fastdist.handlers import read_and_take_call
+        from fastdist.handlers import run_taking_back, take_call
 
         with self._lock:
             if self._fast_reader_active or self.fast_connection is None:
                 return
             self._fast_reader_active = True
         busy = 0
+        held = None  # the connection this thread is the reader of, if any
         try:
             while True:
                 conn = self.fast_connection() if self.fast_connection is not None else None
                 if conn is None or getattr(conn, "is_closed", True):
                     return
-                task = read_and_take_call(conn, 5.0)
-                if task is False:
-                    # The I/O thread holds the connection for a moment, or a user
-                    # thread reads it for its own reply: try again shortly.
-                    busy += 1
-                    if busy > 5:
-                        return
-                    time.sleep(0.001)
-                    continue
+                if held is not conn:
+                    if not conn.begin_direct():
+                        # The I/O thread holds the connection for a moment, or a user
+                        # thread reads it for its own reply: try again shortly.
+                        busy += 1
+                        if busy > 50:
+                            return
+                        time.sleep(0 if busy < 10 else 0.001)
+                        continue
+                    held = conn
                 busy = 0
-                if task is not None:
-                    with self._lock:
-                        self._fast_reader_active = False
-                    try:
-                        task()
-                    except BaseException:  # noqa: BLE001 - never kill the thread
-                        traceback.print_exc()
-                    with self._lock:
-                        if self._fast_reader_active:
-                            return  # another idle thread took the role meanwhile
-                        self._fast_reader_active = True
+                task = take_call(conn, 5.0)
+                if task is None:
+                    continue
+                # Run it with the connection given back, so others' calls are served.
+                conn.end_direct()
+                held = None
+                with self._lock:
+                    self._fast_reader_active = False
+                try:
+                    if run_taking_back(conn, task):
+                        held = conn
+                except BaseException:  # noqa: BLE001 - never kill the thread
+                    traceback.print_exc()
+                with self._lock:
+                    if self._fast_reader_active:
+                        return  # another idle thread took the role meanwhile
+                    self._fast_reader_active = True
         finally:
+            if held is not None:
+                held.end_direct()
             with self._lock:
                 self._fast_reader_active = False
 

@@ -91,6 +91,13 @@ def _run_call(node: Any, conn: Any, frame: Any, rv: RemoteValue | None) -> None:
         for pid, wid in fetchers:
             send_value(node, pid, wid, rv)
     flags, body, buffers = encode_error(value) if failed else encode_result(value, caller)
+    before_reply = getattr(_local, "before_reply", None)
+    if before_reply is not None:
+        _local.before_reply = None
+        # Only before a small reply: while a long one goes out, the loop thread must
+        # keep reading (heartbeats), and the next request cannot come before it anyway.
+        if not buffers and len(body) <= SMALL_REPLY_NBYTES:
+            before_reply(conn)
     try:
         conn.send_frame(Kind.RESULT, flags, 0, caller, frame.id, body, buffers)
     except ConnectionError:
@@ -112,6 +119,9 @@ def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
 
 
 _local = threading.local()
+# Replies up to this size (and without out-of-band buffers) may be sent by a thread
+# that already holds the connection's reader role (see run_taking_back).
+SMALL_REPLY_NBYTES = 16 * 1024
 
 
 def handle_call(node: Any, conn: Any, frame: Any) -> None:
@@ -126,17 +136,34 @@ def handle_call(node: Any, conn: Any, frame: Any) -> None:
         node.callpool.submit(task)
 
 
-def read_and_take_call(conn: Any, timeout: float) -> Any:
-    """Read `conn` on this thread; return the first call read (to run here), if any."""
+def take_call(conn: Any, timeout: float) -> Any:
+    """As `conn`'s reader (begin_direct), read it on this thread; return the first
+    call read, to be run here, or None."""
     slot: list[Any] = []
     _local.inline_slot = slot
     try:
-        r = conn.read_direct(timeout)
+        conn.poll_direct(timeout)
     finally:
         _local.inline_slot = None
-    if r < 0:
-        return False
     return slot[0] if slot else None
+
+
+def run_taking_back(conn: Any, task: Any) -> bool:
+    """Run a call taken from `conn`; just before its reply goes out, become `conn`'s
+    reader again, so that the next request wakes this thread and not the loop
+    thread. True if this thread is the reader afterwards."""
+    regained: list[bool] = []
+
+    def before_reply(c: Any) -> None:
+        if c is conn and conn.begin_direct():
+            regained.append(True)
+
+    _local.before_reply = before_reply
+    try:
+        task()
+    finally:
+        _local.before_reply = None
+    return bool(regained)
 
 
 def handle_result(node: Any, conn: Any, frame: Any) -> None:

@@ -157,12 +157,25 @@ def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: A
     wid = n.next_id()
     w = Waiter(peer=pid)
     n.waiters[wid] = w
+    # Reading while sending is fine for a small request; during a long send nobody
+    # would read the peer's heartbeats, so a large one takes the role afterwards.
+    reader = _become_reader(n, pid) if not buffers and len(body) <= DEFER_MAX_NBYTES else None
     try:
-        n.send(pid, kind, flags, 0, n.myid, wid, body, buffers)
-    except BaseException:
-        n.waiters.pop(wid, None)
-        raise
-    if not wait_reading(n, pid, w, timeout):
+        try:
+            n.send(pid, kind, flags, 0, n.myid, wid, body, buffers)
+        except BaseException:
+            n.waiters.pop(wid, None)
+            raise
+        if reader is not None:
+            answered = _poll_reply(reader, w, timeout)
+            if answered:
+                handle_worker_logs(pid)
+        else:
+            answered = wait_reading(n, pid, w, timeout)
+    finally:
+        if reader is not None:
+            reader.end_direct()
+    if not answered:
         n.waiters.pop(wid, None)
         raise TimeoutError(f"no answer from process {pid} within {timeout} s")
     if w.error is not None:
@@ -171,6 +184,33 @@ def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: A
     if is_error:
         raise value
     return value
+
+
+def _become_reader(n: Any, pid: int) -> Any:
+    """The connection to `pid`, if this thread could become its reader before sending
+    a request (so the reply wakes this thread alone); else None.
+
+    Not inside an interruptible call: there, replies are read with the interrupt
+    shield of `_wait_reply`.
+    """
+    if n.callpool.is_running_user():
+        return None
+    conn = n.connection_to(pid)
+    begin = getattr(conn, "begin_direct", None)
+    if begin is None or not begin():
+        return None
+    return conn
+
+
+def _poll_reply(conn: Any, w: Waiter, timeout: float | None) -> bool:
+    """As `conn`'s reader, read until `w` is set; False if `timeout` ran out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not w.done():
+        left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        if left <= 0:
+            return False
+        conn.poll_direct(left)
+    return True
 
 
 def wait_reading(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:

@@ -612,39 +612,62 @@ cdef class SocketConnection:
         self._deliver()
         return 0
 
-    def read_direct(self, double timeout):
-        """Wait up to `timeout` s for frames and dispatch them on this thread, not the loop's.
-
-        A thread about to block on a reply from this peer calls it, so the reply
-        wakes that thread directly instead of the loop thread, which would then
-        have to wake it: one thread hand-off less per round trip. Returns 1 if
-        something was read, 0 on timeout, -1 if another thread is reading.
+    def begin_direct(self):
+        """Become this connection's reader: the loop thread leaves it alone until
+        `end_direct()`. A thread about to send a request and wait for its reply
+        calls it *before* sending, so the reply can only wake that thread — not
+        the loop thread, which would then have to wake it. False if another
+        thread is reading it now.
         """
-        cdef pollfd pfd
-        cdef int r, ms = <int>(timeout * 1000) if timeout >= 0 else -1
         if self.closed or self.handshake is not None:
-            return -1
+            return False
         if not PyThread_acquire_lock(self.read_lock, NOWAIT_LOCK):
-            return -1
+            return False
         try:
             self.loop._set_read_interest(self, False)
-            pfd.fd = self.fd
-            pfd.events = POLLIN
-            pfd.revents = 0
-            with nogil:
-                r = poll(&pfd, 1, ms)
-            if r > 0:
-                # A Ctrl-C that came while we waited raises here, before any frame is
-                # taken: raised while dispatching, it would drop other callers' frames.
-                PyErr_CheckSignals()
-                self._read_available()
-            elif r < 0 and errno == EINTR:
-                PyErr_CheckSignals()
-        finally:
+        except BaseException:
+            PyThread_release_lock(self.read_lock)
+            raise
+        return True
+
+    def poll_direct(self, double timeout):
+        """As this connection's reader, wait up to `timeout` s for frames and dispatch
+        them on this thread; 1 if something was read, 0 on timeout."""
+        cdef pollfd pfd
+        cdef int r, ms = <int>(timeout * 1000) if timeout >= 0 else -1
+        if self.closed:
+            return 1
+        pfd.fd = self.fd
+        pfd.events = POLLIN
+        pfd.revents = 0
+        with nogil:
+            r = poll(&pfd, 1, ms)
+        if r > 0:
+            # A Ctrl-C that came while we waited raises here, before any frame is
+            # taken: raised while dispatching, it would drop other callers' frames.
+            PyErr_CheckSignals()
+            self._read_available()
+        elif r < 0 and errno == EINTR:
+            PyErr_CheckSignals()
+        return 1 if r > 0 else 0
+
+    def end_direct(self):
+        """Give the connection back to the loop thread."""
+        try:
             if not self.closed:
                 self.loop._set_read_interest(self, True)
+        finally:
             PyThread_release_lock(self.read_lock)
-        return 1 if r > 0 else 0
+
+    def read_direct(self, double timeout):
+        """`begin_direct`, `poll_direct(timeout)`, `end_direct`: 1 if something was
+        read, 0 on timeout, -1 if another thread is reading."""
+        if not self.begin_direct():
+            return -1
+        try:
+            return self.poll_direct(timeout)
+        finally:
+            self.end_direct()
 
     def _deliver(self):
         frames = self.reader.take_frames()
