@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from typing import Any
 
 # An idle thread exits after this long; a burst of blocked calls leaves no crowd behind.
 IDLE_EXIT_SECONDS = 30.0
@@ -44,7 +45,7 @@ class CallPool:
         self._stall = threading.Event()
         threading.Thread(target=self._watch_stalls, name=f"{name}-watchdog", daemon=True).start()
         # At most one idle thread reads the busiest connection itself (see _fast_read).
-        self.fast_connection: Callable[[], object] | None = None
+        self.fast_connection: Callable[[], Any] | None = None
         self._fast_reader_active = False
 
     def submit(self, task: Callable[[], object]) -> None:
