@@ -1,7 +1,11 @@
-"""Helpers shared by the integration tests: waiting on a condition, seeing a process."""
+"""Helpers shared by the integration tests: waiting on a condition, seeing a process,
+a master process killed in the middle, reading captured output."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,3 +31,46 @@ def os_alive(ospid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+# A master whose workers print their address and wait, while it never connects:
+# killing it shows whether workers that never joined outlive their master.
+# It prints each worker's OS pid on a line of its own.
+UNJOINED_MASTER = """\
+import time
+import fastdist.cluster as cluster
+import fastdist as fd
+
+def setup(n, manager, config):
+    cluster.read_worker_address(config, 0)
+    print(config.ospid, flush=True)
+    time.sleep(600)
+cluster._setup_worker = setup
+fd.addprocs(2)
+"""
+
+
+def reap_master(master: subprocess.Popen[bytes], ospids: list[int]) -> None:
+    """After a test that runs a master subprocess: kill it and whatever it left."""
+    if master.poll() is None:
+        master.kill()
+        master.wait()
+    if master.stdout is not None:
+        master.stdout.close()
+    for p in ospids:
+        if os_alive(p):
+            os.kill(p, signal.SIGKILL)
+
+
+def read_until(capture: Any, needle: str, stream: str = "out",
+               timeout: float = 10.0) -> dict[str, str]:
+    """Everything `capture` (capfd or capsys) collects until `needle` shows on `stream`."""
+    seen = {"out": "", "err": ""}
+    deadline = time.monotonic() + timeout
+    while True:
+        got = capture.readouterr()
+        seen["out"] += got.out
+        seen["err"] += got.err
+        if needle in seen[stream] or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.02)

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from support import os_alive, wait_until
+from support import UNJOINED_MASTER, os_alive, reap_master, wait_until
 
 import fastdist as fd
 from fastdist import node as _node
@@ -348,6 +348,7 @@ def test_workers_never_outlive_a_killed_master(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     master = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, env=env,
                               start_new_session=True)
+    ospids: list[int] = []
     try:
         line = master.stdout.readline().decode()
         ospids = [int(x) for x in line.split()]
@@ -357,35 +358,15 @@ def test_workers_never_outlive_a_killed_master(tmp_path):
         wait_until(lambda: not any(os_alive(p) for p in ospids), 5,
                    f"workers {ospids} to exit after their master was killed")
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
-        master.stdout.close()
-        for p in ospids if "ospids" in dir() else ():
-            if os_alive(p):
-                os.kill(p, signal.SIGKILL)
+        reap_master(master, ospids)
 
 
-MASTER_KILLED_DURING_LAUNCH = """\
-import os, sys, threading, time
-import fastdist.cluster as cluster
-import fastdist as fd
-
-# Once a worker has printed its address (it is listening, waiting for the master),
-# report its OS pid and never connect: the master is killed while its workers wait.
-def setup(n, manager, config):
-    cluster.read_worker_address(config, 0)
-    print(config.ospid, flush=True)
-    time.sleep(600)
-cluster._setup_worker = setup
-fd.addprocs(2)
-"""
 
 
 @pytest.mark.timeout(60)
 def test_workers_exit_when_the_master_dies_before_connecting(tmp_path):
     path = tmp_path / "master.py"
-    path.write_text(MASTER_KILLED_DURING_LAUNCH)
+    path.write_text(UNJOINED_MASTER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), FASTDIST_WORKER_TIMEOUT="60")
     master = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, env=env,
                               start_new_session=True)
@@ -399,13 +380,7 @@ def test_workers_exit_when_the_master_dies_before_connecting(tmp_path):
         wait_until(lambda: not any(os_alive(p) for p in ospids), 5,
                    f"workers {ospids} to exit after their master died")
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
-        master.stdout.close()
-        for p in ospids:
-            if os_alive(p):
-                os.kill(p, signal.SIGKILL)
+        reap_master(master, ospids)
 
 
 # -- liveness -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from support import os_alive, wait_until
+from support import UNJOINED_MASTER, os_alive, read_until, reap_master, wait_until
 
 import fastdist as fd
 from fastdist import forkserver
@@ -58,16 +58,6 @@ def import_value(module):
     return importlib.import_module(module).VALUE
 
 
-def read_until(capture, needle, stream="out", timeout=10.0):
-    seen = {"out": "", "err": ""}
-    deadline = time.monotonic() + timeout
-    while True:
-        got = capture.readouterr()
-        seen["out"] += got.out
-        seen["err"] += got.err
-        if needle in seen[stream] or time.monotonic() > deadline:
-            return seen
-        time.sleep(0.02)
 
 
 def master_env(**extra):
@@ -365,28 +355,9 @@ def test_neither_server_nor_workers_outlive_the_master(tmp_path, how):
         wait_until(lambda: not any(os_alive(p) for p in left), 5,
                    f"the fork server and workers {left} to exit with their master")
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
-        master.stdout.close()
-        for p in left:
-            if os_alive(p):
-                os.kill(p, signal.SIGKILL)
+        reap_master(master, left)
 
 
-UNJOINED_MASTER = """\
-import time
-import fastdist.cluster as cluster
-import fastdist as fd
-
-# Workers print their address and wait; the master never connects, and is killed.
-def setup(n, manager, config):
-    cluster.read_worker_address(config, 0)
-    print(config.ospid, flush=True)
-    time.sleep(600)
-cluster._setup_worker = setup
-fd.addprocs(2)
-"""
 
 
 def test_unjoined_forked_workers_exit_with_a_killed_master(tmp_path):
@@ -407,10 +378,4 @@ def test_unjoined_forked_workers_exit_with_a_killed_master(tmp_path):
         wait_until(lambda: not any(os_alive(p) for p in [server, *ospids]), 5,
                    "the server and its unjoined workers to exit")
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
-        master.stdout.close()
-        for p in ospids:
-            if os_alive(p):
-                os.kill(p, signal.SIGKILL)
+        reap_master(master, ospids)

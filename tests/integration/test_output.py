@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from support import read_until
 
 import fastdist as fd
 
@@ -40,17 +41,6 @@ def log_exception_on_worker(name):
         logging.getLogger(name).exception("division failed")
 
 
-def read_until(capture, needle, stream="out", timeout=10.0):
-    """Everything `capture` (capfd or capsys) collects until `needle` shows on `stream`."""
-    seen = {"out": "", "err": ""}
-    deadline = time.monotonic() + timeout
-    while True:
-        got = capture.readouterr()
-        seen["out"] += got.out
-        seen["err"] += got.err
-        if needle in seen[stream] or time.monotonic() > deadline:
-            return seen
-        time.sleep(0.02)
 
 
 def test_worker_stdout_reaches_master_stdout_prefixed(two_workers, capfd):
