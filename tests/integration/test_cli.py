@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from support import os_alive as alive
 
 from fastdist.__main__ import UsageError, parse_args, read_machine_file
 
@@ -38,14 +39,6 @@ if code == "raise":
 if code:
     sys.exit(int(code))
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def gone(pids, timeout: float = 10.0) -> bool:

@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import pytest
+from support import os_alive as alive
 
 import fastdist as fd
 from fastdist.managers.ssh import SSHManager, parse_machine
@@ -39,14 +40,6 @@ def flags_without_port(srv) -> list[str]:
 def spec_of(srv, user: str | None = None) -> str:
     host = f"[{srv.host}]" if ":" in srv.host else srv.host
     return f"{user or srv.user}@{host}:{srv.port}"
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05) -> bool:
