@@ -76,6 +76,23 @@ class ClusterManager(abc.ABC):
         return sock, sock
 
 
+def send_cookie(proc: Any) -> None:
+    """Give a launched worker (or its launcher: ssh, srun) the cluster cookie on its
+    stdin — never on a command line, where other users could read it — then close it.
+
+    A launcher that died at once is not an error here: the framework reports it
+    when no address line comes.
+    """
+    from fastdist.cluster import cluster_cookie
+
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write((cluster_cookie() + "\n").encode())
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+
+
 def launch(manager: ClusterManager, params: dict[str, Any], launched: list[WorkerConfig],
            launch_ntfy: threading.Condition) -> None:
     """Julia's `launch(manager, params, launched, c)`."""

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.base import ClusterManager, WorkerConfig, send_cookie
 
 if TYPE_CHECKING:
     # Imported when first used: `python -m fastdist.forkserver` imports this module
@@ -101,7 +101,7 @@ class LocalManager(ClusterManager):
                               "workers as fresh processes.", file=sys.stderr, flush=True)
                         forked = None
                 if proc is None:
-                    proc = _popen_worker(cmd, cookie, params.get("dir"), environ)
+                    proc = _popen_worker(cmd, params.get("dir"), environ)
                 config = WorkerConfig(io=proc.stdout, process=proc, ospid=proc.pid,
                                       environ=params.get("env"), enable_threaded_blas=threaded,
                                       exename=params.get("exename"),
@@ -151,16 +151,11 @@ def _worker_dir(dir: Any) -> str | None:
     return cwd
 
 
-def _popen_worker(cmd: list[str], cookie: bytes, dir: Any,
+def _popen_worker(cmd: list[str], dir: Any,
                   environ: dict[str, str]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=dir, env=environ)
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(cookie)
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass  # it died at once; the framework reports its exit
+    send_cookie(proc)
     return proc
 
 

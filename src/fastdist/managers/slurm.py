@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from fastdist.exceptions import ClusterError
-from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.base import ClusterManager, WorkerConfig, send_cookie
 from fastdist.managers.local import escalate_exit, worker_command, worker_environment
 
 # How many of srun's own lines (and each task's early stderr) a launch error quotes.
@@ -111,7 +111,6 @@ class SlurmManager(ClusterManager):
             ClusterError: srun is missing, exited, or its tasks did not report within
                 FASTDIST_WORKER_TIMEOUT; the message quotes what srun said.
         """
-        from fastdist.cluster import cluster_cookie
         from fastdist.node import worker_timeout
 
         if self.np == 0:
@@ -126,12 +125,7 @@ class SlurmManager(ClusterManager):
         except FileNotFoundError:
             raise ClusterError("cannot launch Slurm workers: srun is not on PATH") from None
         self.srun = proc
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write((cluster_cookie() + "\n").encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # srun died at once; reported below
+        send_cookie(proc)  # srun hands its stdin to every task
         writers: list[int] = []
         configs: list[WorkerConfig] = []
         for task in range(self.np):

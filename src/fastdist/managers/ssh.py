@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastdist.exceptions import ClusterError
-from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.base import ClusterManager, WorkerConfig, send_cookie
 from fastdist.managers.local import BLAS_THREAD_VARS, escalate_exit
 
 # Julia's default: sshd's MaxStartups lets 10 unauthenticated connections in at once.
@@ -493,8 +493,6 @@ class SSHManager(ClusterManager):
                     params: dict[str, Any], launched: list[WorkerConfig],
                     launch_ntfy: threading.Condition) -> str | None:
         """Start one ssh session; wait until its worker reports. Returns an error or None."""
-        from fastdist.cluster import cluster_cookie
-
         # A new session: Ctrl-C at the master's terminal interrupts calls through
         # messages, it does not kill the ssh sessions (Julia's `detach`).
         # ssh's stderr is read here, not by the framework: before the worker joins it
@@ -509,12 +507,7 @@ class SSHManager(ClusterManager):
         finally:
             os.close(err_w)
         stderr = _StderrRelay(err_r)
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write((cluster_cookie() + "\n").encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # ssh died at once; reported below
+        send_cookie(proc)  # down ssh's stdin to the remote worker
         config = WorkerConfig(
             io=proc.stdout, process=proc, ospid=None, host=machine.host,
             bind_addr=self._bind_addr_for(machine), tunnel=bool(params.get("tunnel")),
