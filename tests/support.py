@@ -37,13 +37,15 @@ def os_alive(ospid: int) -> bool:
 # killing it shows whether workers that never joined outlive their master.
 # It prints each worker's OS pid on a line of its own.
 UNJOINED_MASTER = """\
-import time
+import os, time
 import fastdist.cluster as cluster
 import fastdist as fd
 
+# Workers are set up on concurrent threads: print() writes the number and the newline
+# separately, so two threads could interleave them; one os.write per line cannot.
 def setup(n, manager, config):
     cluster.read_worker_address(config, 0)
-    print(config.ospid, flush=True)
+    os.write(1, f"{config.ospid}\\n".encode())
     time.sleep(600)
 cluster._setup_worker = setup
 fd.addprocs(2)
