@@ -19,6 +19,15 @@ def inc(x):
     return x + 1
 
 
+def spin_for(seconds):
+    """Compute (not sleep) for `seconds`: a call whose reply takes that long."""
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def getpid(*args):
     return os.getpid()
 

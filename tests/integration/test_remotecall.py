@@ -244,3 +244,29 @@ def test_pending_call_to_killed_worker_raises_promptly(cluster):
     assert info.value.worker_id == pid
     assert time.monotonic() - t0 < 5
     assert pid not in fd.workers()
+
+
+def _cpu_seconds(ospid):
+    with open(f"/proc/{ospid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_waiting_spins_only_briefly_and_never_when_idle(cluster):
+    # Waiters poll without sleeping for a moment before they block (spin-then-block).
+    # Right after a burst of round trips, the master and the worker must go quiet:
+    # a spin that never ended would burn a whole core here.
+    pid = cluster.add(1)[0]
+    ospid = fd.remotecall_fetch(os.getpid, pid)
+    for _ in range(500):
+        fd.remotecall_fetch(add, pid, 1)
+    time.sleep(0.2)
+    before = [_cpu_seconds(os.getpid()), _cpu_seconds(ospid)]
+    time.sleep(2.0)
+    used = [_cpu_seconds(os.getpid()) - before[0], _cpu_seconds(ospid) - before[1]]
+    assert max(used) < 0.2, f"CPU seconds used in 2 s idle (master, worker): {used}"
+    # A call that takes 50 ms: the waiting master gives up spinning and sleeps.
+    before_master = _cpu_seconds(os.getpid())
+    for _ in range(10):
+        fd.remotecall_fetch(time.sleep, pid, 0.05)
+    assert _cpu_seconds(os.getpid()) - before_master < 0.25

@@ -6,6 +6,17 @@ from libc.stdint cimport uint64_t
 from fastdist._core._wire cimport FrameReader
 
 
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLOUT
+
+
 cdef class MessageLoop:
     cdef int epfd                   # the epoll instance every registered fd lives in
     cdef int wakefd                 # eventfd that wakeup() writes to, to end an epoll_wait
@@ -38,6 +49,8 @@ cdef class SocketConnection:
     cdef bint write_interest        # EPOLLOUT is registered
     cdef bint read_interest         # EPOLLIN is registered (off while a thread reads directly)
     cdef bint closed                # no more reads or writes
+    cdef int spin_misses            # consecutive spins that ended without data (capped)
+    cdef int spin_skip              # waits left to block at once before spinning again
     cdef bint close_fd_pending      # the fd is shut down but a sender still holds send_lock
     cdef readonly uint64_t msgs_sent
     cdef readonly uint64_t bytes_sent
@@ -53,3 +66,4 @@ cdef class SocketConnection:
     cdef int _on_readable(self) except -1
     cdef int _read_available(self) except -1
     cdef int _read_handshake(self) except -1
+    cdef int _spin(self, pollfd* pfd) noexcept nogil
