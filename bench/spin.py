@@ -88,7 +88,7 @@ def run_once(spin_us: int) -> dict[str, float]:
     env = dict(os.environ, FASTDIST_SPIN_US=str(spin_us),
                PYTHONPATH=os.pathsep.join([str(SRC), str(HERE)]))
     proc = subprocess.run([sys.executable, "-c", JOB], env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"spin={spin_us} µs failed:\n{proc.stderr}")
     result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -98,7 +98,8 @@ def run_once(spin_us: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--spins", default="0,100", help="settings in µs; the first is the reference")
+    parser.add_argument("--spins", default="0,100",
+                        help="settings in µs; the first is the reference")
     args = parser.parse_args()
     spins = [int(s) for s in args.spins.split(",")]
     samples: dict[int, list[dict[str, float]]] = {s: [] for s in spins}
