@@ -127,9 +127,10 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     # One BLAS thread: spinning helper threads would make the counts vary run to run.
+    # No spin-then-block either: how many polls a spin makes depends on timing.
     env = dict(os.environ, FASTDIST_WORKER_TIMEOUT="600", FASTDIST_HEARTBEAT_TIMEOUT="600",
                FASTDIST_FORKSERVER="0", PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FASTDIST_SPIN_US="0")
     figures = {
         "remotecall_fetch_master": per_call_master(args.calls, env),
         "remotecall_fetch_worker": per_call_worker(args.calls, env),

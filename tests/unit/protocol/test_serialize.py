@@ -1,0 +1,90 @@
+"""serialize.dumps/loads: the plain-data fast path, by-value functions, reducers
+registered with copyreg at any time, and out-of-band buffers."""
+
+from __future__ import annotations
+
+import copyreg
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from fastdist.protocol import serialize
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def roundtrip(obj):
+    body, buffers = serialize.dumps(obj)
+    return serialize.loads(body, buffers), body, buffers
+
+
+def test_plain_data_takes_the_c_pickler_and_round_trips():
+    obj = (1, 2.5, 3j, True, None, "text", b"bytes", [1, (2, 3)], {"k": [4]})
+    assert serialize._plain(obj)
+    back, body, buffers = roundtrip(obj)
+    assert back == obj and buffers == []
+    assert body == pickle.dumps(obj, 5)
+
+
+def test_what_is_not_plain():
+    assert not serialize._plain(b"x" * serialize.OOB_THRESHOLD)  # goes out of band
+    assert not serialize._plain({1: 2})  # only str keys are checked cheaply
+    assert not serialize._plain([[[[1]]]])  # deeper than the look goes
+    assert not serialize._plain(list(range(serialize._PLAIN_MAX_ITEMS + 1)))
+    assert not serialize._plain(np.zeros(3))
+    assert not serialize._plain(lambda: 1)
+
+
+def test_a_function_is_plain_only_once_found_importable():
+    serialize._BY_REFERENCE.pop(id(os.getpid), None)
+    assert not serialize._plain((os.getpid, (), {}))
+    serialize.dumps((os.getpid, (), {}))
+    assert serialize._plain((os.getpid, (), {}))
+
+
+def test_local_functions_still_travel_by_value():
+    k = 41
+
+    def closure(x):
+        return x + k
+
+    back, _, _ = roundtrip((closure, (1,), {}))
+    assert back[0](1) == 42 and back[1] == (1,)
+    again, _, _ = roundtrip((lambda y: y * 2, (), {}))
+    assert again[0](4) == 8
+
+
+class Registered:
+    def __init__(self, value):
+        self.value = value
+
+
+def _rebuild(value):
+    return Registered(value * 10)
+
+
+def test_a_reducer_registered_after_pickling_started_is_used():
+    serialize.dumps(np.zeros(2))  # the dispatch table is built by now
+    copyreg.pickle(Registered, lambda r: (_rebuild, (r.value,)))
+    try:
+        back, _, _ = roundtrip(Registered(4))
+        assert back.value == 40
+    finally:
+        copyreg.dispatch_table.pop(Registered, None)
+
+
+def test_cloudpickle_reducers_apply():
+    # Modules pickle by reference only through cloudpickle's own reducer table.
+    back, _, _ = roundtrip(os)
+    assert back is os
+
+
+def test_arrays_and_large_bytes_travel_out_of_band():
+    a = np.arange(serialize.OOB_THRESHOLD, dtype=np.float64)
+    big = b"y" * (2 * serialize.OOB_THRESHOLD)
+    back, body, buffers = roundtrip((a, big, memoryview(big)))
+    assert len(buffers) == 3 and len(body) < 1024
+    np.testing.assert_array_equal(back[0], a)
+    assert back[1] == big and bytes(back[2]) == big
