@@ -32,6 +32,7 @@ class _WorkerPipes:
 
     def __init__(self, relays: list[_LineRelay]) -> None:
         self.by_fd = {relay.fd: relay for relay in relays}
+        self.relays = tuple(relays)  # a snapshot: the loop thread may forget one meanwhile
         # One poll object: one syscall tells whether any pipe has something. Python
         # forbids concurrent poll() calls on it, hence the lock.
         self.poller = select.poll()
@@ -40,20 +41,25 @@ class _WorkerPipes:
         self.lock = threading.Lock()
 
     def drain(self) -> None:
+        # Runs for every reply: the common case (nothing printed) is one poll and a
+        # look at each relay's lock.
         with self.lock:
-            ready = {fd for fd, _ in self.poller.poll(0)}
-        for fd, relay in list(self.by_fd.items()):
-            if fd in ready:
+            ready = self.poller.poll(0)
+        for fd, _ in ready:
+            relay = self.by_fd.get(fd)
+            if relay is not None:
                 relay.drain()
-            else:
-                # The loop thread may have read the line already and be printing it:
-                # its relay's lock is held until the line is out.
+        for relay in self.relays:
+            # The loop thread may have read a line before our poll and be printing
+            # it: it holds the relay's lock from the read until the line is out.
+            if relay.lock.locked():
                 with relay.lock:
                     pass
 
     def forget(self, relay: _LineRelay) -> None:
         """`relay` reached the end of its pipe: poll it no more."""
         if self.by_fd.pop(relay.fd, None) is not None:
+            self.relays = tuple(self.by_fd.values())
             try:
                 self.poller.unregister(relay.fd)
             except (KeyError, ValueError):
