@@ -16,7 +16,7 @@ import pickle
 import struct
 import threading
 import types
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 
@@ -74,7 +74,7 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped base
     # cloudpickle's reducers and copyreg's, merged into one plain dict: the C pickler
     # looks every non-atomic object's type up in it, and cloudpickle's ChainMap
     # answers those look-ups in Python. `_refresh_dispatch` keeps it current.
-    dispatch_table: dict[type, Any] = {}
+    dispatch_table: ClassVar[dict[type, Any]] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
@@ -88,7 +88,7 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped base
             return NotImplemented
         reduced = super().reducer_override(obj)
         if reduced is NotImplemented:
-            if isinstance(obj, _NAMED) or isinstance(obj, type):
+            if isinstance(obj, _NAMED):  # a function, or a class of any metaclass
                 if len(_BY_REFERENCE) < _BY_REFERENCE_MAX:
                     _BY_REFERENCE[id(obj)] = obj  # holding it keeps its id from being reused
             elif not issubclass(t, type) and len(_DEFAULT_REDUCE) < _DEFAULT_REDUCE_MAX:
@@ -173,14 +173,14 @@ def _plain(obj: Any, depth: int = 3) -> bool:
     if t is tuple or t is list:
         if depth == 0 or len(obj) > _PLAIN_MAX_ITEMS:
             return False
-        for x in obj:
+        for x in obj:  # noqa: SIM110 - a loop: all() over a generator costs twice as much
             if not _plain(x, depth - 1):
                 return False
         return True
     if t is dict:
         if depth == 0 or len(obj) > _PLAIN_MAX_ITEMS:
             return False
-        for k, v in obj.items():
+        for k, v in obj.items():  # noqa: SIM110 - as above
             if type(k) is not str or not _plain(v, depth - 1):
                 return False
         return True
