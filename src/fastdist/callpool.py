@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,11 @@ class CallPool:
         # At most one idle thread reads the busiest connection itself (see _fast_read).
         self.fast_connection: Callable[[], Any] | None = None
         self._fast_reader_active = False
+        # The calls that thread read, and those that arrive on the same connection
+        # while it runs them: run by it, in order (see submit_in_order).
+        self._lane: deque[Callable[[], object]] = deque()
+        self._lane_conn: Any = None  # the connection whose calls join the lane; None: closed
+        self._lane_started = 0  # lane tasks begun so far: the watchdog's sign of progress
 
     def submit(self, task: Callable[[], object]) -> None:
         """Run `task()` on a pool thread; never blocks.
@@ -68,6 +74,67 @@ class CallPool:
         elif short:
             self._stall.set()
 
+    def submit_in_order(self, conn: Any, task: Callable[[], object]) -> None:
+        """Run a call read from `conn`: behind the calls the fast reader is running
+        if they came from the same connection (one thread, no hand-off, no GIL
+        contention), else as `submit`. A lane task that does not start within
+        STALL_SECONDS (the one before it blocks, or runs long) goes to the pool,
+        so a call waiting for a later one cannot hold it up."""
+        if self._lane_conn is conn:
+            self._lane.append(task)
+            if not self._stall.is_set():
+                self._stall.set()
+            if self._lane_conn is conn:
+                return
+            self._spill_lane()  # the lane closed meanwhile: nobody would run it
+            return
+        self.submit(task)
+
+    def _spill_lane(self) -> None:
+        """Hand the lane's waiting tasks to the pool (each is taken exactly once)."""
+        while True:
+            try:
+                task = self._lane.popleft()
+            except IndexError:
+                return
+            self.submit(task)
+
+    def _run_lane(self, conn: Any, tasks: list[Callable[[], object]]) -> bool:
+        """On the fast reader, the connection given back: run `tasks`, and the calls
+        that join them, in order. True if this thread is `conn`'s reader afterwards."""
+        from fastdist.handlers import run_taking_back
+
+        self._lane.extend(tasks)
+        self._lane_conn = conn
+        if not self._stall.is_set():
+            self._stall.set()
+        regained = False
+        try:
+            while True:
+                try:
+                    task = self._lane.popleft()
+                except IndexError:
+                    break
+                self._lane_started += 1
+                if regained:
+                    # Calls that joined before we took the connection back: run them
+                    # with it given back, so the loop thread keeps reading meanwhile.
+                    conn.end_direct()
+                    regained = False
+                try:
+                    if self._lane:
+                        task()
+                    else:
+                        # The last one known: become the reader again just before its
+                        # reply, so the next request wakes this thread.
+                        regained = run_taking_back(conn, task)
+                except BaseException:  # noqa: BLE001 - never kill the thread
+                    traceback.print_exc()
+        finally:
+            self._lane_conn = None
+            self._spill_lane()
+        return regained
+
     def _start_thread(self) -> None:
         threading.Thread(target=self._serve, name=f"{self._name}-{self._nthreads}",
                          daemon=True).start()
@@ -75,22 +142,26 @@ class CallPool:
     def _watch_stalls(self) -> None:
         while True:
             self._stall.wait()
+            lane_mark = self._lane_started
             time.sleep(STALL_SECONDS)
+            if self._lane and self._lane_started == lane_mark:
+                self._spill_lane()  # the fast reader is stuck in a call: the rest go on
             with self._lock:
                 if self._queued <= self._idle:
-                    self._stall.clear()
+                    if not self._lane:
+                        self._stall.clear()
                     continue
                 self._nthreads += 1
             self._start_thread()
 
     def _fast_read(self) -> None:
-        """Serve the connection to pid 1 from this idle thread, running the first call
-        read on it here: a call then costs no hand-off from the I/O thread.
+        """Serve the connection to pid 1 from this idle thread, running the calls read
+        on it here, in order: a call then costs no hand-off from the I/O thread.
 
         Returns when this thread is no longer needed as the fast reader (the
         connection is gone or being read by someone else).
         """
-        from fastdist.handlers import run_taking_back, take_call
+        from fastdist.handlers import take_calls
 
         with self._lock:
             if self._fast_reader_active or self.fast_connection is None:
@@ -114,19 +185,16 @@ class CallPool:
                         continue
                     held = conn
                 busy = 0
-                task = take_call(conn, 5.0)
-                if task is None:
+                tasks = take_calls(conn, 5.0)
+                if not tasks:
                     continue
-                # Run it with the connection given back, so others' calls are served.
+                # Run them with the connection given back, so others' calls are served.
                 conn.end_direct()
                 held = None
                 with self._lock:
                     self._fast_reader_active = False
-                try:
-                    if run_taking_back(conn, task):
-                        held = conn
-                except BaseException:  # noqa: BLE001 - never kill the thread
-                    traceback.print_exc()
+                if self._run_lane(conn, tasks):
+                    held = conn
                 with self._lock:
                     if self._fast_reader_active:
                         return  # another idle thread took the role meanwhile

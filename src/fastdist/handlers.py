@@ -128,24 +128,24 @@ def handle_call(node: Any, conn: Any, frame: Any) -> None:
     rv = node.store.lookup(RRID(frame.whence, frame.id)) if frame.kind == Kind.CALL else None
     task = lambda: _run_call(node, conn, frame, rv)  # noqa: E731
     slot = getattr(_local, "inline_slot", None)
-    if slot is not None and not slot:
-        # A call thread is reading this connection itself: it runs the first call
-        # it reads, once it has given the connection back (callpool.py).
+    if slot is not None:
+        # A call thread is reading this connection itself: it runs the calls it
+        # reads, in order, once it has given the connection back (callpool.py).
         slot.append(task)
     else:
-        node.callpool.submit(task)
+        node.callpool.submit_in_order(conn, task)
 
 
-def take_call(conn: Any, timeout: float) -> Any:
-    """As `conn`'s reader (begin_direct), read it on this thread; return the first
-    call read, to be run here, or None."""
+def take_calls(conn: Any, timeout: float) -> list[Any]:
+    """As `conn`'s reader (begin_direct), read it on this thread; return the calls
+    read, to be run here in order (possibly none)."""
     slot: list[Any] = []
     _local.inline_slot = slot
     try:
         conn.poll_direct(timeout)
     finally:
         _local.inline_slot = None
-    return slot[0] if slot else None
+    return slot
 
 
 def run_taking_back(conn: Any, task: Any) -> bool:

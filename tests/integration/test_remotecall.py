@@ -270,3 +270,21 @@ def test_waiting_spins_only_briefly_and_never_when_idle(cluster):
     for _ in range(10):
         fd.remotecall_fetch(time.sleep, pid, 0.05)
     assert _cpu_seconds(os.getpid()) - before_master < 0.25
+
+
+def test_a_call_that_waits_for_a_later_call_to_the_same_worker(cluster):
+    # Calls read together run in order on one thread of the worker; one that blocks
+    # must not hold up those behind it (they move to other threads).
+    pid = cluster.add(1)[0]
+    ch = fd.RemoteChannel(lambda: fd.Channel(0), pid)
+    for i in range(20):
+        taker = fd.remotecall(fd.take, pid, ch)
+        putter = fd.remotecall(fd.put, pid, ch, i)
+        assert fd.fetch(taker) == i
+        fd.fetch(putter)
+    # A burst of slow calls still runs side by side once the first has blocked a while.
+    start = time.monotonic()
+    futures = [fd.remotecall(time.sleep, pid, 0.5) for _ in range(4)]
+    for f in futures:
+        fd.fetch(f)
+    assert time.monotonic() - start < 1.5
