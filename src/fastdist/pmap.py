@@ -551,6 +551,18 @@ def _run_elements(f: Callable[..., Any], batch: list[Any], star: bool,
     out: list[Any] = []
     failed: list[int] = []
     start = time.perf_counter()
+    if here is None:
+        # map() in C, resumed past each failure: list.extend keeps what it appended
+        # before f raised, and the iterator has moved past the failing element.
+        items = iter(batch)
+        while True:
+            try:
+                out.extend(itertools.starmap(f, items) if star else map(f, items))
+                break
+            except Exception as exc:  # noqa: BLE001 - the caller decides per element
+                failed.append(len(out))
+                out.append(_ElementFailure(encode_error(exc)[1]))
+        return time.perf_counter() - start, out, failed
     for i, item in enumerate(batch):
         try:
             if here is not None:

@@ -48,6 +48,8 @@ DEFER_MAX_NBYTES = 16 * 1024
 
 
 def _is_pool(target: Any) -> bool:
+    if type(target) is int:  # the common case, without an ABC isinstance check
+        return False
     from fastdist.workerpool import AbstractWorkerPool
 
     return isinstance(target, AbstractWorkerPool)
