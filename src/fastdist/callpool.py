@@ -92,28 +92,28 @@ class CallPool:
 
     def _spill_lane(self) -> None:
         """Hand the lane's waiting tasks to the pool (each is taken exactly once)."""
-        while True:
+        while self._lane:
             try:
                 task = self._lane.popleft()
-            except IndexError:
+            except IndexError:  # another thread emptied it meanwhile
                 return
             self.submit(task)
 
-    def _run_lane(self, conn: Any, tasks: list[Callable[[], object]]) -> bool:
+    def _run_lane(self, conn: Any, tasks: list[Callable[[], object]],
+                  run_taking_back: Callable[[Any, Callable[[], object]], bool]) -> bool:
         """On the fast reader, the connection given back: run `tasks`, and the calls
         that join them, in order. True if this thread is `conn`'s reader afterwards."""
-        from fastdist.handlers import run_taking_back
-
         self._lane.extend(tasks)
         self._lane_conn = conn
-        if not self._stall.is_set():
-            self._stall.set()
+        if len(tasks) > 1 and not self._stall.is_set():
+            self._stall.set()  # the watchdog looks after the ones waiting
         regained = False
+        lane = self._lane
         try:
-            while True:
+            while lane:
                 try:
-                    task = self._lane.popleft()
-                except IndexError:
+                    task = lane.popleft()
+                except IndexError:  # the watchdog handed the rest to the pool meanwhile
                     break
                 self._lane_started += 1
                 if regained:
@@ -122,7 +122,7 @@ class CallPool:
                     conn.end_direct()
                     regained = False
                 try:
-                    if self._lane:
+                    if lane:
                         task()
                     else:
                         # The last one known: become the reader again just before its
@@ -132,7 +132,8 @@ class CallPool:
                     traceback.print_exc()
         finally:
             self._lane_conn = None
-            self._spill_lane()
+            if lane:
+                self._spill_lane()  # what joined after our last look
         return regained
 
     def _start_thread(self) -> None:
@@ -161,7 +162,7 @@ class CallPool:
         Returns when this thread is no longer needed as the fast reader (the
         connection is gone or being read by someone else).
         """
-        from fastdist.handlers import take_calls
+        from fastdist.handlers import run_taking_back, take_calls
 
         with self._lock:
             if self._fast_reader_active or self.fast_connection is None:
@@ -193,7 +194,7 @@ class CallPool:
                 held = None
                 with self._lock:
                     self._fast_reader_active = False
-                if self._run_lane(conn, tasks):
+                if self._run_lane(conn, tasks, run_taking_back):
                     held = conn
                 with self._lock:
                     if self._fast_reader_active:
