@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
-from fastdist.output import drain_worker_pipes
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import (
     KNOWN_KINDS,
@@ -167,8 +166,7 @@ def run_taking_back(conn: Any, task: Any) -> bool:
 
 
 def handle_result(node: Any, conn: Any, frame: Any) -> None:
-    # What the call printed went on a pipe, the reply on this socket: print it first.
-    drain_worker_pipes(conn.peer)
+    # The worker's output printed before this reply was drained by Node.on_frames.
     raw = (frame.flags, frame.body, frame.buffers)
     w = node.waiters.pop(frame.id, None)
     if w is not None:

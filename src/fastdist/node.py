@@ -25,6 +25,7 @@ from typing import Any
 from fastdist._core._msgloop import MessageLoop
 from fastdist.callpool import CallPool
 from fastdist.exceptions import ProcessExitedException, ProtocolError
+from fastdist.output import drain_worker_pipes
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import REF_RECORD, Kind
 from fastdist.refs import RefStore, Waiter
@@ -220,6 +221,13 @@ class Node:
     def on_frames(self, conn: Any, frames: list[Any]) -> None:
         from fastdist.handlers import dispatch
 
+        for frame in frames:
+            if frame.kind == Kind.RESULT:
+                # What calls printed went on a pipe, their replies on this socket, the
+                # pipe first: draining it once now prints the output of every call
+                # answered in this batch before any of their results is handed on.
+                drain_worker_pipes(conn.peer)
+                break
         for i, frame in enumerate(frames):
             try:
                 dispatch(self, conn, frame)
