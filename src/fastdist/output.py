@@ -4,9 +4,10 @@ What a worker prints reaches the master's matching stream, each line prefixed
 `From worker N:` (as Julia does); the pipes are read by the master's I/O loop,
 and read to their end, so lines printed just before a worker exits still
 arrive. A reply and the output printed before it travel apart (socket and
-pipe), so as a reply from a worker arrives, that worker's pipes are drained
-first (`drain_worker_pipes`): `remotecall_fetch(print, 2, "hi")` returns after
-the line is printed. `logging` records emitted on a worker travel to the master
+pipe), so as replies from a worker arrive, that worker's pipes are drained
+first, once per batch of frames read together (`drain_worker_pipes`, called by
+`Node.on_frames`): `remotecall_fetch(print, 2, "hi")` returns after the line is
+printed. `logging` records emitted on a worker travel to the master
 as LOG frames, queue per worker, and go to the master's handlers, with
 `record.worker` set, in order and before the thread that waits for a reply of
 that worker uses it (`handle_worker_logs`).
@@ -172,9 +173,10 @@ def relay_worker_output(node: Any, pid: int, config: Any) -> None:
 def drain_worker_pipes(pid: int) -> None:
     """Print what worker `pid` has written to its stdout/stderr so far; never blocks.
 
-    Called as a reply from `pid` arrives, before it is handed on, so that output
-    a call printed is on the master's streams before the call's result is
-    returned. Costs one `poll` when there is nothing to read; a worker whose
+    Called as replies from `pid` arrive, before they are handed on (once per
+    batch of frames: each call's output went into the pipe before its reply was
+    sent), so that output a call printed is on the master's streams before the
+    call's result is returned. Costs one `poll` when there is nothing to read; a worker whose
     output is not relayed here costs a dictionary look-up.
     """
     pipes = _pipes.get(pid)
