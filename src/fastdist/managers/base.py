@@ -10,6 +10,7 @@ by default; anything with `read`/`write` for custom transports).
 from __future__ import annotations
 
 import abc
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,16 @@ class ClusterManager(abc.ABC):
         host = config.bind_addr or config.host
         sock = open_stream(str(host), int(config.port), worker_timeout())
         return sock, sock
+
+
+def print_err(line: str) -> None:
+    """Write a launcher's line (what a worker said before it joined) to this process's
+    stderr; a closed or missing stderr drops it."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def send_cookie(proc: Any) -> None:

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from fastdist.exceptions import ClusterError
-from fastdist.managers.base import ClusterManager, WorkerConfig, send_cookie
+from fastdist.managers.base import ClusterManager, WorkerConfig, print_err, send_cookie
 from fastdist.managers.local import escalate_exit, worker_command, worker_environment
 
 # How many of srun's own lines (and each task's early stderr) a launch error quotes.
@@ -213,7 +213,7 @@ class SlurmManager(ClusterManager):
                         self._early_stderr.setdefault(task, []).append(line)
                         continue
                     out = f"From worker {pid}:\t{line}"
-            _print_err(out)
+            print_err(out)
         proc.stderr.close()
         proc.wait()  # reap srun whenever the step ends, however it ends
 
@@ -226,7 +226,7 @@ class SlurmManager(ClusterManager):
                 self._pids[task] = pid
                 early = self._early_stderr.pop(task, [])
             for line in early:
-                _print_err(f"From worker {pid}:\t{line}")
+                print_err(f"From worker {pid}:\t{line}")
         elif op == "deregister":
             with self._lock:
                 self._live -= 1
@@ -243,11 +243,3 @@ def _split_label(raw: bytes) -> tuple[int, bytes] | None:
     if not sep or not head.isdigit():
         return None
     return int(head), rest[1:] if rest.startswith(b" ") else rest
-
-
-def _print_err(line: str) -> None:
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass

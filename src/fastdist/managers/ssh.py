@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastdist.exceptions import ClusterError
-from fastdist.managers.base import ClusterManager, WorkerConfig, send_cookie
+from fastdist.managers.base import ClusterManager, WorkerConfig, print_err, send_cookie
 from fastdist.managers.local import BLAS_THREAD_VARS, escalate_exit
 
 # Julia's default: sshd's MaxStartups lets 10 unauthenticated connections in at once.
@@ -231,7 +231,7 @@ class _StderrRelay:
                         self.early.append(line)
                         del self.early[:-self.KEEP_LINES]
                         continue
-                _print_err(f"From worker {pid}:\t{line}")
+                print_err(f"From worker {pid}:\t{line}")
         self.done.set()
 
     def joined(self, pid: int) -> None:
@@ -239,21 +239,13 @@ class _StderrRelay:
             self.pid = pid
             early, self.early = self.early, []
         for line in early:
-            _print_err(f"From worker {pid}:\t{line}")
+            print_err(f"From worker {pid}:\t{line}")
 
     def early_text(self, timeout: float = 1.0) -> str:
         """What the session said before joining (waits briefly for its end)."""
         self.done.wait(timeout)
         with self.lock:
             return "\n".join(self.early).strip()[-ERROR_TAIL_NBYTES:]
-
-
-def _print_err(line: str) -> None:
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 class SSHManager(ClusterManager):
