@@ -577,20 +577,8 @@ def _run_elements(f: Callable[..., Any], batch: list[Any], star: bool,
     return time.perf_counter() - start, out, failed
 
 
-# Values that plain pickle writes exactly as cloudpickle does (nothing by reference),
-# small enough that no buffer of theirs would travel out of band.
-_PLAIN_TYPES = frozenset({int, float, complex, bool, type(None), str, bytes})
-_PLAIN_MAX_NBYTES = 4096
+# The protocol of calls pickled straight by the C pickler (see `_Engine._send`).
 PICKLE_PROTOCOL = 5
-
-
-def _plain(item: Any, star: bool) -> bool:
-    """Whether a single element (a tuple of arguments when `star`) is plain data."""
-    for v in (item if star else (item,)):
-        t = type(v)
-        if t not in _PLAIN_TYPES or ((t is str or t is bytes) and len(v) > _PLAIN_MAX_NBYTES):
-            return False
-    return True
 
 
 # -- the distributed engine ----------------------------------------------------------------
@@ -843,8 +831,9 @@ class _Engine:
         runner = _run_batch if unit.batched else _run_one
         payload = unit.args if unit.batched else unit.args[0]
         try:
-            if runner is _run_one and token.func is None and _plain(payload, self.star):
-                # The bulk of a batch_size=1 pmap: the C pickler alone is 3x faster.
+            if runner is _run_one and token.func is None and serialize.is_plain(payload):
+                # The bulk of a batch_size=1 pmap: the C pickler alone is 3x faster (the
+                # token carries no function once that has reached the worker).
                 body = pickle.dumps((runner, (token, payload, self.star), {}), PICKLE_PROTOCOL)
                 buffers: list[memoryview] = []
             else:

@@ -161,7 +161,7 @@ _PLAIN_SCALARS = frozenset({int, float, complex, bool, type(None), str})
 _PLAIN_MAX_ITEMS = 16
 
 
-def _plain(obj: Any, depth: int = 3) -> bool:
+def is_plain(obj: Any, depth: int = 3) -> bool:
     """Whether `obj` is small plain data (and functions already found importable):
     most calls and results are, and `pickle.dumps` writes them ~5x faster than a
     CloudPickler, which costs a Python-level hook per object."""
@@ -174,14 +174,14 @@ def _plain(obj: Any, depth: int = 3) -> bool:
         if depth == 0 or len(obj) > _PLAIN_MAX_ITEMS:
             return False
         for x in obj:  # noqa: SIM110 - a loop: all() over a generator costs twice as much
-            if not _plain(x, depth - 1):
+            if not is_plain(x, depth - 1):
                 return False
         return True
     if t is dict:
         if depth == 0 or len(obj) > _PLAIN_MAX_ITEMS:
             return False
         for k, v in obj.items():  # noqa: SIM110 - as above
-            if type(k) is not str or not _plain(v, depth - 1):
+            if type(k) is not str or not is_plain(v, depth - 1):
                 return False
         return True
     if t in _NAMED:
@@ -195,7 +195,7 @@ def dumps(obj: Any, dest: int | None = None, what: str = "value") -> tuple[bytes
     Raises:
         SerializationError: `obj` (described as `what` in the message) cannot be pickled.
     """
-    if _plain(obj):
+    if is_plain(obj):
         return pickle.dumps(obj, 5), []
     _refresh_dispatch()
     buffers: list[memoryview] = []

@@ -22,26 +22,26 @@ def roundtrip(obj):
 
 def test_plain_data_takes_the_c_pickler_and_round_trips():
     obj = (1, 2.5, 3j, True, None, "text", b"bytes", [1, (2, 3)], {"k": [4]})
-    assert serialize._plain(obj)
+    assert serialize.is_plain(obj)
     back, body, buffers = roundtrip(obj)
     assert back == obj and buffers == []
     assert body == pickle.dumps(obj, 5)
 
 
 def test_what_is_not_plain():
-    assert not serialize._plain(b"x" * serialize.OOB_THRESHOLD)  # goes out of band
-    assert not serialize._plain({1: 2})  # only str keys are checked cheaply
-    assert not serialize._plain([[[[1]]]])  # deeper than the look goes
-    assert not serialize._plain(list(range(serialize._PLAIN_MAX_ITEMS + 1)))
-    assert not serialize._plain(np.zeros(3))
-    assert not serialize._plain(lambda: 1)
+    assert not serialize.is_plain(b"x" * serialize.OOB_THRESHOLD)  # goes out of band
+    assert not serialize.is_plain({1: 2})  # only str keys are checked cheaply
+    assert not serialize.is_plain([[[[1]]]])  # deeper than the look goes
+    assert not serialize.is_plain(list(range(serialize._PLAIN_MAX_ITEMS + 1)))
+    assert not serialize.is_plain(np.zeros(3))
+    assert not serialize.is_plain(lambda: 1)
 
 
 def test_a_function_is_plain_only_once_found_importable():
     serialize._BY_REFERENCE.pop(id(os.getpid), None)
-    assert not serialize._plain((os.getpid, (), {}))
+    assert not serialize.is_plain((os.getpid, (), {}))
     serialize.dumps((os.getpid, (), {}))
-    assert serialize._plain((os.getpid, (), {}))
+    assert serialize.is_plain((os.getpid, (), {}))
 
 
 def test_local_functions_still_travel_by_value():
