@@ -3,9 +3,11 @@ a master process killed in the middle, reading captured output."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +23,17 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def eventually(pred: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
+    """Whether `pred` comes true within `timeout` s (for `assert eventually(...), why`,
+    where the failure message should show state gathered while waiting)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
 
 
 def os_alive(ospid: int) -> bool:
@@ -50,6 +63,26 @@ def setup(n, manager, config):
 cluster._setup_worker = setup
 fd.addprocs(2)
 """
+
+
+def workers_outlive_a_crashed_master(script: str, exit_timeout: float,
+                                     gone_timeout: float) -> bool:
+    """Run `script` as a master that prints its workers' OS pids (a JSON list), waits
+    for a line on stdin, then dies without removing them (`os._exit`); whether any of
+    those workers is still alive `gone_timeout` s after it died."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, env=env) as master:
+        try:
+            assert master.stdout is not None and master.stdin is not None
+            ospids = json.loads(master.stdout.readline())
+            assert all(os_alive(p) for p in ospids)
+            master.stdin.write("\n")
+            master.stdin.flush()
+            master.wait(timeout=exit_timeout)
+            return not eventually(lambda: not any(os_alive(p) for p in ospids), gone_timeout)
+        finally:
+            master.kill()
 
 
 def reap_master(master: subprocess.Popen[bytes], ospids: list[int]) -> None:

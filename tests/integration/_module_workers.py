@@ -1,35 +1,36 @@
 """Workers shared by the tests of one module (pools, pmap, spawn): starting two
 workers per test would cost more than the tests themselves.
 
-`start()` adds workers; `stop()` removes every worker and returns the worker
-processes left behind (counted as the `cluster` fixture counts them), which a
-fixture asserts is empty. A test that must change membership (kill or remove
-a worker) adds an extra worker of its own.
+`shared_workers(n)` adds workers for a module-scoped fixture; at its end it removes
+every worker and asserts that no worker process is left behind (counted as the
+`cluster` fixture counts them). A test that must change membership (kill or
+remove a worker) adds an extra worker of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 from conftest import child_pids, wait_no_children
 
 import fastdist as fd
 
 
-class ModuleWorkers:
-    def __init__(self) -> None:
-        self.before: set[int] = set()
-
-    def start(self, n: int = 2) -> list[int]:
-        self.before = child_pids()
-        return fd.addprocs(n)
-
-    def stop(self, timeout: float = 10.0) -> set[int]:
-        live = [p for p in fd.workers() if p != 1]
-        if live:
-            fd.rmprocs(live, waitfor=30)
-        return wait_no_children(self.before, timeout)
+@contextlib.contextmanager
+def shared_workers(n: int = 2) -> Iterator[list[int]]:
+    """`n` workers for the tests of a module; afterwards every worker is removed, and
+    none of their processes may be left behind."""
+    before = child_pids()
+    pids = fd.addprocs(n)
+    yield pids
+    live = [p for p in fd.workers() if p != 1]
+    if live:
+        fd.rmprocs(live, waitfor=30)
+    left = wait_no_children(before, 10.0)
+    assert not left, f"worker processes left behind: {sorted(left)}"
 
 
 def os_pid(w: int) -> int:

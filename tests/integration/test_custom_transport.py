@@ -5,7 +5,6 @@ large data and pmap work over it; a worker never outlives the stream to its mast
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import eventually, workers_outlive_a_crashed_master
 from support import os_alive as alive
 
 import fastdist as fd
@@ -33,15 +33,6 @@ def load_example():
 
 
 example = load_example()
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture
@@ -118,7 +109,7 @@ def test_rmprocs_and_interrupt_over_the_stream(stream_workers):
         fd.fetch(fut, timeout=10)
     fd.rmprocs(a, waitfor=10)
     assert a not in fd.workers()
-    assert wait_until(lambda: not alive(ospid))
+    assert eventually(lambda: not alive(ospid), 10)
     assert fd.remotecall_fetch(fd.myid, b) == b
 
 
@@ -168,20 +159,9 @@ os._exit(1)
 
 
 def test_workers_exit_when_the_master_dies():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     script = MASTER.format(examples=str(EXAMPLE.parent))
-    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True, env=env) as master:
-        try:
-            ospids = json.loads(master.stdout.readline())
-            assert all(alive(p) for p in ospids)
-            master.stdin.write("\n")
-            master.stdin.flush()
-            master.wait(timeout=20)
-            assert wait_until(lambda: not any(alive(p) for p in ospids)), \
-                "stream workers outlived their master"
-        finally:
-            master.kill()
+    assert not workers_outlive_a_crashed_master(script, exit_timeout=20, gone_timeout=10), \
+        "stream workers outlived their master"
 
 
 def test_example_runs_as_a_script():

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from _module_workers import ModuleWorkers, os_pid, wait_gone
+from _module_workers import os_pid, shared_workers, wait_gone
 
 import fastdist as fd
 from fastdist.protocol.serialize import SerializationError
@@ -25,11 +25,8 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def ws():
-    mw = ModuleWorkers()
-    pids = mw.start(2)
-    yield pids
-    left = mw.stop()
-    assert not left, f"worker processes left behind: {sorted(left)}"
+    with shared_workers(2) as pids:
+        yield pids
 
 
 def fails_first_time(path, x):

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from support import eventually
 
 import fastdist as fd
 from fastdist.managers.slurm import SlurmManager, srun_flags
@@ -21,15 +22,6 @@ def squeue(env) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True,
                          env={**os.environ, **env}, check=True, timeout=30).stdout
     return [line for line in out.splitlines() if line.strip()]
-
-
-def wait_until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def test_srun_flags_follow_the_keywords():
@@ -75,7 +67,7 @@ def test_slurm_workers_are_one_job_step(cluster, slurm_cluster, capfd):
         seen["err"] += err
         return all(f"out of {p}" in seen["out"] for p in pids) and "err of task" in seen["err"]
 
-    assert wait_until(arrived, 10), seen
+    assert eventually(arrived, 10), seen
     for p in pids:
         assert f"From worker {p}:\tout of {p}" in seen["out"]
     assert f"From worker {pids[1]}:\terr of task" in seen["err"]
@@ -83,8 +75,8 @@ def test_slurm_workers_are_one_job_step(cluster, slurm_cluster, capfd):
     fd.rmprocs(pids[0], waitfor=30)
     assert fd.remotecall_fetch(fd.myid, pids[1]) == pids[1]
     fd.rmprocs(pids[1:], waitfor=30)
-    assert wait_until(lambda: manager.srun.poll() is not None), "srun outlived its workers"
-    assert wait_until(lambda: not squeue(slurm_cluster.env)), "the job outlived its workers"
+    assert eventually(lambda: manager.srun.poll() is not None, 20), "srun outlived its workers"
+    assert eventually(lambda: not squeue(slurm_cluster.env), 20), "the job outlived its workers"
 
 
 def test_a_bad_srun_option_is_a_clear_error(cluster, slurm_cluster):
@@ -102,8 +94,8 @@ def test_a_step_that_never_starts_times_out_and_is_cancelled(cluster, slurm_clus
         fd.addprocs(manager)
     assert time.monotonic() - t0 < 30
     assert fd.workers() == [1]
-    assert wait_until(lambda: manager.srun.poll() is not None)
-    assert wait_until(lambda: not squeue(slurm_cluster.env)), "the pending job was left queued"
+    assert eventually(lambda: manager.srun.poll() is not None, 20)
+    assert eventually(lambda: not squeue(slurm_cluster.env), 20), "the pending job was left queued"
 
 
 INSIDE_ALLOCATION = """

@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from _module_workers import ModuleWorkers
+from _module_workers import shared_workers
 
 import fastdist as fd
 from fastdist.workerpool import cached_function_count
@@ -20,14 +20,11 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="module")
 def ws():
-    mw = ModuleWorkers()
-    pids = mw.start(2)
-    yield pids
-    main = sys.modules["__main__"]
-    for name in [n for n in vars(main) if n.startswith("sp_")]:
-        delattr(main, name)
-    left = mw.stop()
-    assert not left, f"worker processes left behind: {sorted(left)}"
+    with shared_workers(2) as pids:
+        yield pids
+        main = sys.modules["__main__"]
+        for name in [n for n in vars(main) if n.startswith("sp_")]:
+            delattr(main, name)
 
 
 def main_attr(name, default="<unset>"):

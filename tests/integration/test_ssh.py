@@ -4,15 +4,14 @@ master, its removal or its ssh session."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
+from support import eventually, workers_outlive_a_crashed_master
 from support import os_alive as alive
 
 import fastdist as fd
@@ -40,15 +39,6 @@ def flags_without_port(srv) -> list[str]:
 def spec_of(srv, user: str | None = None) -> str:
     host = f"[{srv.host}]" if ":" in srv.host else srv.host
     return f"{user or srv.user}@{host}:{srv.port}"
-
-
-def wait_until(predicate, timeout: float = 15.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def cmdline(pid: int) -> str:
@@ -208,7 +198,7 @@ def test_multiplex_shares_one_connection(ssh_cluster):
     control = next(f for f in flags if f.startswith("ControlPath="))[len("ControlPath="):]
     assert os.path.exists(control)
     fd.rmprocs(pids, waitfor=30)
-    assert wait_until(lambda: not os.path.exists(control)), \
+    assert eventually(lambda: not os.path.exists(control), 15), \
         "the shared connection outlived its workers"
 
 
@@ -224,7 +214,7 @@ def test_output_and_stderr_are_relayed_separately(ssh_cluster, capfd):
         seen["err"] += err
         return "out over ssh" in seen["out"] and "err over ssh" in seen["err"]
 
-    assert wait_until(arrived, 10)
+    assert eventually(arrived, 10)
     assert f"From worker {pid}:\tout over ssh" in seen["out"]
     assert f"From worker {pid}:\terr over ssh" in seen["err"]
     assert "err over ssh" not in seen["out"]
@@ -279,8 +269,8 @@ def test_rmprocs_ends_remote_worker_and_ssh(ssh_cluster):
     ssh_proc = peer_config(pid).process
     fd.rmprocs(pid, waitfor=30)
     assert pid not in fd.workers()
-    assert wait_until(lambda: not alive(worker_ospid))
-    assert wait_until(lambda: ssh_proc.poll() is not None)
+    assert eventually(lambda: not alive(worker_ospid), 15)
+    assert eventually(lambda: ssh_proc.poll() is not None, 15)
 
 
 def test_worker_whose_ssh_session_dies_exits(ssh_cluster, capfd):
@@ -288,8 +278,8 @@ def test_worker_whose_ssh_session_dies_exits(ssh_cluster, capfd):
     victim, other = pids
     worker_ospid = fd.remotecall_fetch(os.getpid, victim)
     peer_config(victim).process.kill()
-    assert wait_until(lambda: victim not in fd.workers()), "worker kept after its ssh died"
-    assert wait_until(lambda: not alive(worker_ospid)), "remote worker outlived its ssh session"
+    assert eventually(lambda: victim not in fd.workers(), 15), "worker kept after its ssh died"
+    assert eventually(lambda: not alive(worker_ospid), 15), "remote worker outlived its ssh session"
     with pytest.raises(fd.ProcessExitedException):
         fd.remotecall_fetch(fd.myid, victim)
     assert fd.remotecall_fetch(fd.myid, other) == other
@@ -310,19 +300,8 @@ os._exit(1)  # a crash: nobody removes the workers
 def test_workers_exit_when_the_master_dies(sshd_server, tunnel):
     script = MASTER_SCRIPT.format(spec=spec_of(sshd_server), flags=flags_without_port(sshd_server),
                                   tunnel=tunnel)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True, env=env) as master:
-        try:
-            ospids = json.loads(master.stdout.readline())
-            assert all(alive(p) for p in ospids)
-            master.stdin.write("\n")
-            master.stdin.flush()
-            master.wait(timeout=30)
-            assert wait_until(lambda: not any(alive(p) for p in ospids), 20), \
-                "remote workers outlived their master"
-        finally:
-            master.kill()
+    assert not workers_outlive_a_crashed_master(script, exit_timeout=30, gone_timeout=20), \
+        "remote workers outlived their master"
 
 
 # -- IPv6 ---------------------------------------------------------------------------------
