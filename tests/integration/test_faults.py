@@ -361,8 +361,6 @@ def test_workers_never_outlive_a_killed_master(tmp_path):
         reap_master(master, ospids)
 
 
-
-
 @pytest.mark.timeout(60)
 def test_workers_exit_when_the_master_dies_before_connecting(tmp_path):
     path = tmp_path / "master.py"

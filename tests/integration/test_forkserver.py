@@ -58,8 +58,6 @@ def import_value(module):
     return importlib.import_module(module).VALUE
 
 
-
-
 def master_env(**extra):
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
 
@@ -356,8 +354,6 @@ def test_neither_server_nor_workers_outlive_the_master(tmp_path, how):
                    f"the fork server and workers {left} to exit with their master")
     finally:
         reap_master(master, left)
-
-
 
 
 def test_unjoined_forked_workers_exit_with_a_killed_master(tmp_path):

@@ -41,8 +41,6 @@ def log_exception_on_worker(name):
         logging.getLogger(name).exception("division failed")
 
 
-
-
 def test_worker_stdout_reaches_master_stdout_prefixed(two_workers, capfd):
     w = two_workers[0]
     fd.remotecall_fetch(say, w, "hello from the worker")
