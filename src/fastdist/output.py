@@ -42,8 +42,8 @@ class _WorkerPipes:
         self.lock = threading.Lock()
 
     def drain(self) -> None:
-        # Runs for every reply: the common case (nothing printed) is one poll and a
-        # look at each relay's lock.
+        # Runs for every batch of replies: the common case (nothing printed) is one
+        # poll and a look at each relay's lock.
         with self.lock:
             ready = self.poller.poll(0)
         for fd, _ in ready:
@@ -176,8 +176,8 @@ def drain_worker_pipes(pid: int) -> None:
     Called as replies from `pid` arrive, before they are handed on (once per
     batch of frames: each call's output went into the pipe before its reply was
     sent), so that output a call printed is on the master's streams before the
-    call's result is returned. Costs one `poll` when there is nothing to read; a worker whose
-    output is not relayed here costs a dictionary look-up.
+    call's result is returned. Costs one `poll` when there is nothing to read; a
+    worker whose output is not relayed here costs a dictionary look-up.
     """
     pipes = _pipes.get(pid)
     if pipes is not None:
