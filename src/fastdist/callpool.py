@@ -36,6 +36,7 @@ class CallPool:
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting in get()
         self._queued = 0  # tasks put and not yet taken
+        self._taken = 0  # tasks taken so far: the watchdog's sign that the pool progresses
         self._nthreads = 0
         self._running_user: dict[int, int] = {}  # thread ident -> depth of user calls
         # Threads running user code that are dispatching frames they read for others
@@ -143,7 +144,7 @@ class CallPool:
     def _watch_stalls(self) -> None:
         while True:
             self._stall.wait()
-            lane_mark = self._lane_started
+            lane_mark, taken_mark = self._lane_started, self._taken
             time.sleep(STALL_SECONDS)
             if self._lane and self._lane_started == lane_mark:
                 self._spill_lane()  # the fast reader is stuck in a call: the rest go on
@@ -151,6 +152,10 @@ class CallPool:
                 if self._queued <= self._idle:
                     if not self._lane:
                         self._stall.clear()
+                    continue
+                if self._taken != taken_mark:
+                    # A backlog of calls that are being taken is not a stall: another
+                    # thread would only fight the busy ones for the GIL.
                     continue
                 self._nthreads += 1
             self._start_thread()
@@ -227,6 +232,7 @@ class CallPool:
             with self._lock:
                 self._idle -= 1
                 self._queued -= 1
+                self._taken += 1
             try:
                 task()
             except BaseException:  # noqa: BLE001 - a task must never kill its thread

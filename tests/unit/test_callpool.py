@@ -1,0 +1,50 @@
+"""Tests for the call thread pool: it grows for blocked calls, not for a backlog."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from fastdist.callpool import MIN_THREADS, CallPool
+
+
+@pytest.mark.timeout(30)
+def test_a_backlog_of_short_calls_does_not_grow_the_pool() -> None:
+    # Thousands of calls queued at once are being taken as fast as they run: that is
+    # no stall, and every extra thread would only fight the busy ones for the GIL.
+    pool = CallPool(name="backlog-test")
+    done = threading.Semaphore(0)
+    n = 20_000
+
+    def short() -> None:
+        sum(range(200))
+        done.release()
+
+    for _ in range(n):
+        pool.submit(short)
+    for _ in range(n):
+        assert done.acquire(timeout=20)
+    assert pool.nthreads <= MIN_THREADS + 1
+
+
+@pytest.mark.timeout(30)
+def test_calls_blocked_on_a_later_call_get_threads_of_their_own() -> None:
+    # Each of these calls waits for the last one: the pool must keep adding threads
+    # until that one runs, or all of them wait forever.
+    pool = CallPool(name="blocked-test")
+    release = threading.Event()
+    finished = threading.Semaphore(0)
+    n_blocked = MIN_THREADS + 6
+
+    def blocked() -> None:
+        release.wait(20)
+        finished.release()
+
+    for _ in range(n_blocked):
+        pool.submit(blocked)
+    pool.submit(release.set)
+    for _ in range(n_blocked):
+        assert finished.acquire(timeout=10)
+    assert release.is_set()
+    assert pool.nthreads >= n_blocked + 1
