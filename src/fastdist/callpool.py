@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+_get_ident = threading.get_ident
+
 # An idle thread exits after this long; a burst of blocked calls leaves no crowd behind.
 IDLE_EXIT_SECONDS = 30.0
 # Threads started without waiting; beyond this a queued call waits this long for a
@@ -54,6 +56,7 @@ class CallPool:
         self._lane: deque[Callable[[], object]] = deque()
         self._lane_conn: Any = None  # the connection whose calls join the lane; None: closed
         self._lane_started = 0  # lane tasks begun so far: the watchdog's sign of progress
+        self._lane_thread = 0  # ident of the thread running the lane
 
     def submit(self, task: Callable[[], object]) -> None:
         """Run `task()` on a pool thread; never blocks.
@@ -91,6 +94,19 @@ class CallPool:
             return
         self.submit(task)
 
+    def lane_continues(self, conn: Any) -> bool:
+        """True on the lane's thread while more of `conn`'s calls wait in the lane.
+
+        The reply of the call it just ran may then wait for the next ones' and go
+        out with them in one write (see handlers.py): before the lane's last call,
+        or when the watchdog finds the lane stuck, queued replies are flushed.
+        """
+        if self._lane_conn is not conn or not self._lane or self._lane_thread != _get_ident():
+            return False
+        if not self._stall.is_set():
+            self._stall.set()
+        return True
+
     def _spill_lane(self) -> None:
         """Hand the lane's waiting tasks to the pool (each is taken exactly once)."""
         while self._lane:
@@ -105,6 +121,7 @@ class CallPool:
         """On the fast reader, the connection given back: run `tasks`, and the calls
         that join them, in order. True if this thread is `conn`'s reader afterwards."""
         self._lane.extend(tasks)
+        self._lane_thread = _get_ident()
         self._lane_conn = conn
         if len(tasks) > 1 and not self._stall.is_set():
             self._stall.set()  # the watchdog looks after the ones waiting
@@ -126,6 +143,7 @@ class CallPool:
                     if lane:
                         task()
                     else:
+                        _flush_queued(conn)  # replies queued behind this one go out first
                         # The last one known: become the reader again just before its
                         # reply, so the next request wakes this thread.
                         regained = run_taking_back(conn, task)
@@ -133,8 +151,10 @@ class CallPool:
                     traceback.print_exc()
         finally:
             self._lane_conn = None
+            self._lane_thread = 0
             if lane:
                 self._spill_lane()  # what joined after our last look
+            _flush_queued(conn)
         return regained
 
     def _start_thread(self) -> None:
@@ -146,8 +166,14 @@ class CallPool:
             self._stall.wait()
             lane_mark, taken_mark = self._lane_started, self._taken
             time.sleep(STALL_SECONDS)
-            if self._lane and self._lane_started == lane_mark:
-                self._spill_lane()  # the fast reader is stuck in a call: the rest go on
+            if self._lane_started == lane_mark:
+                # The fast reader is stuck in a call: the rest go on, and the replies
+                # it queued meanwhile go out.
+                lane_conn = self._lane_conn
+                if self._lane:
+                    self._spill_lane()
+                if lane_conn is not None:
+                    _flush_queued(lane_conn)
             with self._lock:
                 if self._queued <= self._idle:
                     if not self._lane:
@@ -300,6 +326,15 @@ class CallPool:
     @property
     def nthreads(self) -> int:
         return self._nthreads
+
+
+def _flush_queued(conn: Any) -> None:
+    """Write the replies a lane queued on `conn` (see `lane_continues`)."""
+    if getattr(conn, "has_pending", False):
+        try:
+            conn.flush()
+        except ConnectionError:
+            pass  # the caller is gone: nobody to answer
 
 
 def _raise_in(ident: int) -> None:

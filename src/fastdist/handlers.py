@@ -90,6 +90,17 @@ def _run_call(node: Any, conn: Any, frame: Any, rv: RemoteValue | None) -> None:
         for pid, wid in fetchers:
             send_value(node, pid, wid, rv)
     flags, body, buffers = encode_error(value) if failed else encode_result(value, caller)
+    if not buffers and len(body) <= SMALL_REPLY_NBYTES and node.callpool.lane_continues(conn):
+        # More calls from this caller are waiting here: the reply goes out with theirs.
+        queue = getattr(conn, "queue_frame", None)
+        if queue is not None:
+            try:
+                if queue(Kind.RESULT, flags, 0, caller, frame.id, body) < MAX_QUEUED_REPLIES:
+                    return
+                conn.flush()
+            except ConnectionError:
+                pass
+            return
     before_reply = getattr(_local, "before_reply", None)
     if before_reply is not None:
         _local.before_reply = None
@@ -121,6 +132,9 @@ _local = threading.local()
 # Replies up to this size (and without out-of-band buffers) may be sent by a thread
 # that already holds the connection's reader role (see run_taking_back).
 SMALL_REPLY_NBYTES = 16 * 1024
+# Replies a worker's lane queues before writing them together (see lane_continues):
+# one write per this many pipelined calls, not per call.
+MAX_QUEUED_REPLIES = 32
 
 
 def handle_call(node: Any, conn: Any, frame: Any) -> None:

@@ -288,3 +288,17 @@ def test_a_call_that_waits_for_a_later_call_to_the_same_worker(cluster):
     for f in futures:
         fd.fetch(f)
     assert time.monotonic() - start < 1.5
+
+
+def test_a_quick_reply_is_not_held_back_by_slow_calls_behind_it(cluster):
+    # A worker writes the replies of calls read together in one go; a reply queued
+    # while slow calls run must still go out within moments, not when they end.
+    pid = cluster.add(1)[0]
+    for _ in range(3):
+        quick = fd.remotecall(abs, pid, -1)
+        slow = [fd.remotecall(time.sleep, pid, 2) for _ in range(2)]
+        start = time.monotonic()
+        assert fd.fetch(quick) == 1
+        assert time.monotonic() - start < 0.5
+        for f in slow:
+            fd.fetch(f)

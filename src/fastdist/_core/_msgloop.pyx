@@ -528,6 +528,19 @@ cdef class SocketConnection:
             self.loop.dirty.append(self)
             self.loop.wakeup()
 
+    def queue_frame(self, int kind, int flags, unsigned int aux, unsigned int whence,
+                    unsigned long long ref_id, body=b""):
+        """Queue a small frame for this thread's next `send_frame` or `flush`.
+
+        Unlike `send_deferred` the loop thread is not woken: the caller is about to
+        send again (a worker's replies while more calls wait in its lane) and
+        promises to flush. Returns how many frames are queued.
+        """
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        self.pending.append(_small_frame(kind, flags, aux, whence, ref_id, body))
+        return len(self.pending)
+
     @property
     def has_pending(self):
         return bool(self.pending)
