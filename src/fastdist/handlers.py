@@ -17,12 +17,15 @@ from typing import Any
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import (
+    FLAG_ERROR,
+    FLAG_RELEASED,
+    FLAG_RESTORE,
     KNOWN_KINDS,
     REF_RECORD,
     Kind,
 )
 from fastdist.protocol.values import encode_error, encode_result
-from fastdist.refs import RRID, Future, RemoteValue
+from fastdist.refs import RRID, RemoteValue
 
 # FETCH and PUT_FUTURE bodies start with the reference they are about.
 REF_HEADER = struct.Struct("<IQ")
@@ -69,7 +72,7 @@ def _decode_call(node: Any, frame: Any) -> tuple[Any, tuple[Any, ...], dict[str,
     return f, args, kwargs
 
 
-def _run_call(node: Any, conn: Any, frame: Any, rv: RemoteValue | None) -> None:
+def _run_call(node: Any, conn: Any, frame: Any) -> None:
     """On a call thread: run the call and deliver what it produced."""
     caller = frame.whence
     kind = frame.kind
@@ -84,12 +87,20 @@ def _run_call(node: Any, conn: Any, frame: Any, rv: RemoteValue | None) -> None:
             print(f"fastdist: error in remote_do on worker {node.myid}:", file=sys.stderr)
             traceback.print_exception(type(value), value, value.__traceback__)
         return
-    if kind == Kind.CALL and rv is not None:
-        # Keep the value as owner (others may fetch it) and push it to the caller.
-        fetchers = node.store.set_value(rv, obj=value, is_error=failed)
-        for pid, wid in fetchers:
-            send_value(node, pid, wid, rv)
+    released = 0
+    if kind == Kind.CALL:
+        rv = node.store.get(RRID(caller, frame.id))
+        if rv is None:
+            # Nobody but the caller holds the reference (no other process was handed
+            # it, or its hold has not arrived): push the value and keep nothing. The
+            # caller restores it here should it have passed the reference on.
+            released = FLAG_RELEASED
+        else:
+            # Keep the value as owner (others fetch it here) and push it to the caller.
+            for pid, wid in node.store.set_value(rv, obj=value, is_error=failed):
+                send_value(node, pid, wid, rv)
     flags, body, buffers = encode_error(value) if failed else encode_result(value, caller)
+    flags |= released
     if not buffers and len(body) <= SMALL_REPLY_NBYTES and node.callpool.lane_continues(conn):
         # More calls from this caller are waiting here: the reply goes out with theirs.
         queue = getattr(conn, "queue_frame", None)
@@ -138,8 +149,7 @@ MAX_QUEUED_REPLIES = 32
 
 
 def handle_call(node: Any, conn: Any, frame: Any) -> None:
-    rv = node.store.lookup(RRID(frame.whence, frame.id)) if frame.kind == Kind.CALL else None
-    task = lambda: _run_call(node, conn, frame, rv)  # noqa: E731
+    task = lambda: _run_call(node, conn, frame)  # noqa: E731
     slot = getattr(_local, "inline_slot", None)
     if slot is not None:
         # A call thread is reading this connection itself: it runs the calls it
@@ -186,10 +196,9 @@ def handle_result(node: Any, conn: Any, frame: Any) -> None:
     if w is not None:
         w.set(raw)
         return
-    fut = node.live_refs.get(RRID(node.myid, frame.id))
-    if type(fut) is Future:
-        fut._deliver(raw)
-    # Otherwise the Future was dropped before its result came: nothing waits for it.
+    fut = node.pushes.pop(frame.id, None)
+    if fut is not None:
+        fut._deliver(raw, frame.flags & FLAG_RELEASED)
 
 
 def handle_fetch(node: Any, conn: Any, frame: Any) -> None:
@@ -205,8 +214,12 @@ def handle_fetch(node: Any, conn: Any, frame: Any) -> None:
 
 def handle_put_future(node: Any, conn: Any, frame: Any) -> None:
     whence, ref_id = REF_HEADER.unpack_from(frame.body)
-    rv = node.store.lookup(RRID(whence, ref_id))
+    rrid = RRID(whence, ref_id)
+    rv = node.store.lookup(rrid)
     value_body = memoryview(frame.body)[REF_HEADER.size:]
+    if frame.flags & FLAG_RESTORE:
+        _restore(node, rrid, rv, (frame.flags & FLAG_ERROR, value_body, frame.buffers))
+        return
     try:
         fetchers = node.store.set_value(rv, raw=(0, value_body, frame.buffers))
     except FutureAlreadySetError as exc:
@@ -217,6 +230,20 @@ def handle_put_future(node: Any, conn: Any, frame: Any) -> None:
         node.callpool.submit(lambda p=pid, w=wid: send_value(node, p, w, rv))
     flags, body, _ = encode_result(None, None)
     conn.send_nowait(Kind.RESULT, flags, 0, frame.whence, frame.id, body)
+
+
+def _restore(node: Any, rrid: RRID, rv: RemoteValue, raw: Any) -> None:
+    """A value this process pushed and released comes back, because its caller passed
+    the reference on before the value reached it: store it for the holders, whose
+    holds arrived before it, and drop the creator's hold, which the push used up."""
+    if not rv.ready:
+        try:
+            fetchers = node.store.set_value(rv, raw=raw, is_error=bool(raw[0] & FLAG_ERROR))
+        except FutureAlreadySetError:
+            fetchers = []
+        for pid, wid in fetchers:
+            node.callpool.submit(lambda p=pid, w=wid: send_value(node, p, w, rv))
+    node.store.change(rrid, rrid.whence, -1)
 
 
 # -- references, liveness, cluster membership ---------------------------------------------

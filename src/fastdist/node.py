@@ -27,7 +27,7 @@ from fastdist.callpool import CallPool
 from fastdist.exceptions import ProcessExitedException, ProtocolError
 from fastdist.output import drain_worker_pipes
 from fastdist.protocol import serialize
-from fastdist.protocol.messages import REF_RECORD, Kind
+from fastdist.protocol.messages import FLAG_ERROR, FLAG_RESTORE, REF_RECORD, Kind
 from fastdist.refs import RefStore, Waiter
 
 # Unauthenticated connections a process keeps at once; past this the oldest goes.
@@ -81,6 +81,7 @@ class Node:
         self.lazy = True
         self.store = RefStore()
         self.live_refs: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
+        self.pushes: dict[int, Any] = {}  # id -> Future whose remotecall will push its value
         self.waiters: dict[int, Waiter] = {}
         self.peers: dict[int, Peer] = {}
         self.removed: set[int] = set()
@@ -94,6 +95,9 @@ class Node:
         self._ref_queue: collections.deque[tuple[int, int, int, int, int]] = collections.deque()
         self._ref_backlog: dict[int, list[bytes]] = {}
         self._ref_connecting: set[int] = set()
+        # Serialises sending reference changes: the loop thread's batches, and a value
+        # restored to its owner (which must follow the holds queued before it).
+        self._ref_send_lock = threading.Lock()
         self._last_tick = 0.0
         self._stream_conns: list[Any] = []
         _raise_fd_limit()
@@ -311,8 +315,34 @@ class Node:
         if len(self._ref_queue) == 1 or urgent:
             self.loop.wakeup()
 
+    def queue_restore(self, owner: int, whence: int, ref_id: int, raw: Any) -> None:
+        """Give a released pushed value back to its owner (see refs.Future._deliver),
+        after every hold change queued so far, on a call thread (it may be large)."""
+        self.callpool.submit(functools.partial(self._restore_value, owner, whence, ref_id, raw))
+
+    def _restore_value(self, owner: int, whence: int, ref_id: int, raw: Any) -> None:
+        from fastdist.handlers import REF_HEADER
+
+        flags, body, buffers = raw
+        with self._ref_send_lock:
+            self._flush_ref_changes_locked()
+            try:
+                self.send(owner, Kind.PUT_FUTURE, FLAG_RESTORE | (flags & FLAG_ERROR), 0,
+                          self.myid, 0, REF_HEADER.pack(whence, ref_id) + bytes(body), buffers)
+            except ProcessExitedException:
+                pass  # the owner is gone, and with it whoever was to fetch the value
+        self.loop.wakeup()  # changes queued meanwhile waited for the lock
+
     def _flush_ref_changes(self) -> None:
         """On the loop thread: apply local changes, send remote ones (FIFO per owner)."""
+        if not self._ref_send_lock.acquire(blocking=False):
+            return  # a value is being restored; it wakes the loop when done
+        try:
+            self._flush_ref_changes_locked()
+        finally:
+            self._ref_send_lock.release()
+
+    def _flush_ref_changes_locked(self) -> None:
         q = self._ref_queue
         while q:
             owner, whence, ref_id, client, delta = q.popleft()

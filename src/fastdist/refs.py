@@ -266,7 +266,7 @@ class Future(_RefBase):
         42
     """
 
-    __slots__ = ("_value", "_is_error", "_raw", "_push", "_lock", "__weakref__")
+    __slots__ = ("_value", "_is_error", "_raw", "_push", "_shared", "_lock", "__weakref__")
 
     def __init__(self, pid: int | None = None) -> None:
         n = _node.current()
@@ -282,21 +282,44 @@ class Future(_RefBase):
         self._is_error = False
         self._raw: Any = None
         self._push: Waiter | None = None
+        self._shared = False  # passed to another process while its pushed value was due
         self._lock = _allocate_lock()
 
     @classmethod
     def _for_call(cls, n: Any, where: int) -> Future:
-        """The Future of a remotecall: its result will be pushed to this process."""
+        """The Future of a remotecall: its result will be pushed to this process.
+
+        Until it is, the node holds it (`Node.pushes`, by id): the push finds it
+        there, and should it be released (see `_deliver`) the value can still be
+        given back to its owner when others were handed the reference. It joins
+        `live_refs` only if it travels (`__reduce__`): a weak mapping entry per
+        call would cost more than the rest of the Future.
+        """
         self = cls.__new__(cls)
-        self._init_ref(where, n.myid, n.next_id(), 1)
-        self._init_future()
+        self.where, self.whence, self.id, self._holds = where, n.myid, n.next_id(), 1
+        self._value, self._is_error, self._raw, self._shared = _EMPTY, False, None, False
         self._push = Waiter(peer=where)
-        n.live_refs[self.rrid] = self
+        self._lock = _allocate_lock()
+        n.pushes[self.id] = self
         return self
 
-    def _deliver(self, raw: Any) -> None:
-        """A pushed result arrived (I/O thread): keep the bytes, give back our hold."""
-        self._raw = raw
+    def _deliver(self, raw: Any, released: int = 0) -> None:
+        """A pushed result arrived (I/O thread): keep the bytes, give back our hold.
+
+        `released`: the owner kept no copy, so our creator's hold is used up; if we
+        passed the reference on meanwhile, the value goes back to the owner for
+        the processes we gave it to (their holds reach it first: same queue).
+        """
+        with self._lock:
+            self._raw = raw
+            shared = self._shared
+        if released:
+            if self._holds > 0:
+                self._holds -= 1
+            if shared:
+                n = _node.peek()
+                if n is not None:
+                    n.queue_restore(self.where, self.whence, self.id, raw)
         self._release_holds()
         if self._push is not None:
             self._push.set(True)
@@ -371,12 +394,23 @@ class Future(_RefBase):
         return await_future(self).__await__()
 
     def __reduce__(self) -> Any:
-        if self._value is not _EMPTY or self._materialize():
-            # A cached value travels with the reference; no hold is needed for it.
-            return (_rebuild_future, (self.where, self.whence, self.id, True,
-                                      self._is_error, self._value))
-        self._note_sent()
-        return (_rebuild_future, (self.where, self.whence, self.id, False, False, None))
+        if self._value is _EMPTY and not self._materialize():
+            with self._lock:
+                pending = self._raw is None
+                if pending:
+                    # The receiver's hold is queued before the value can arrive and
+                    # be seen as released (see `_deliver`).
+                    self._shared = True
+                    self._note_sent()
+            if pending:
+                n = _node.current()
+                if n.live_refs.get(self.rrid) is None:
+                    n.live_refs[self.rrid] = self  # so that it comes back as itself
+                return (_rebuild_future, (self.where, self.whence, self.id, False, False, None))
+            self._materialize()  # it arrived meanwhile
+        # A cached value travels with the reference; no hold is needed for it.
+        return (_rebuild_future, (self.where, self.whence, self.id, True,
+                                  self._is_error, self._value))
 
     def __repr__(self) -> str:
         state = "ready" if self._value is not _EMPTY else "pending"
@@ -540,9 +574,11 @@ def remoteref_id(r: _RefBase) -> RRID:
 
 def fail_pushed_futures(n: Any, pid: int) -> None:
     """A worker died: Futures waiting for its pushed results get ProcessExitedException."""
-    for obj in list(n.live_refs.values()):
-        if type(obj) is Future and obj.where == pid and obj._push is not None:
-            obj._push.fail(ProcessExitedException(pid))
+    for ref_id, fut in list(n.pushes.items()):
+        if fut.where == pid and n.pushes.pop(ref_id, None) is not None:
+            fut._holds = 0  # nothing left to give back to
+            if fut._push is not None:
+                fut._push.fail(ProcessExitedException(pid))
 
 
 __all__ = ["RRID", "Future", "RemoteChannel", "channel_from_id", "remoteref_id"]

@@ -399,6 +399,7 @@ def put_future(fut: Future, value: Any) -> None:
             if isinstance(exc.captured.ex, FutureAlreadySetError):
                 raise FutureAlreadySetError("Future can be set only once") from exc
             raise
+        n.pushes.pop(fut.id, None)  # a remotecall's own result can no longer set it
     fut._cache(value, False)
 
 

@@ -219,6 +219,49 @@ def test_many_calls_leave_nothing_behind(two_workers):
     assert settle(1, base_1) == base_1
 
 
+def _fails(i):
+    raise ValueError(f"failed {i}")
+
+
+def _error_text(fut):
+    try:
+        fd.fetch(fut)
+    except fd.RemoteException as exc:
+        return str(exc.captured.ex)
+    return "no error"
+
+
+def _sum_of(fut):
+    return float(fd.fetch(fut).sum())
+
+
+def test_futures_passed_on_before_their_values_arrive_still_reach_them(two_workers, monkeypatch):
+    # A remotecall's value is pushed to its caller, and the owner keeps no copy when
+    # nobody else holds the Future by then. Passing the Future on at once races the
+    # receiver's hold against the end of the call; when the call wins, the caller
+    # sends the value back to the owner. Either way the receiver gets the value
+    # (errors and out-of-band arrays too) and nothing is left behind.
+    from fastdist import node as _node
+
+    owner, other = two_workers
+    base, base_other = settle(owner, refs_on(owner)), settle(other, refs_on(other))
+    n = _node.current()
+    restored = []
+    restore = n.queue_restore
+    monkeypatch.setattr(n, "queue_restore", lambda *a: (restored.append(a[2]), restore(*a)))
+    for i in range(200):
+        assert fd.remotecall_fetch(fd.fetch, other, fd.remotecall(abs, owner, -i)) == i
+        failing = fd.remotecall(_fails, owner, i)
+        assert fd.remotecall_fetch(_error_text, other, failing) == f"failed {i}"
+    for i in range(50):
+        fut = fd.remotecall(np.full, owner, 100_000, float(i))  # 800 kB: out of band
+        assert fd.remotecall_fetch(_sum_of, other, fut) == i * 100_000
+    assert restored, "no value was restored: the race this test is about never happened"
+    assert settle(owner, base) == base
+    assert settle(other, base_other) == base_other
+    assert not n.pushes
+
+
 def test_owner_death_fails_uncached_but_cached_still_returns(cluster):
     import os
     import signal

@@ -15,12 +15,12 @@ class Kind(enum.IntEnum):
     """The `kind` byte of a frame."""
 
     IDENTIFY = 1  # first frame on a connection: body = pickled dict (pid, role, cluster facts)
-    CALL = 2  # run f(*a, **k); keep the result as owner of (whence, id) and push it to whence
+    CALL = 2  # run f(*a, **k); push the result to whence (kept here too if others hold it)
     CALL_FETCH = 3  # run f(*a, **k); reply RESULT to (whence, id), keep nothing
     REMOTE_DO = 4  # run f(*a, **k); no reply
     RESULT = 5  # the value (or error, FLAG_ERROR) for waiter (whence, id)
     FETCH = 6  # send the value of ref (whence, id) owned here; aux = requester's waiter id
-    PUT_FUTURE = 7  # set the value of Future (whence, id) owned here; aux = requester's waiter id
+    PUT_FUTURE = 7  # set the value of Future (whence, id) owned here (see FLAG_RESTORE)
     REFS = 8  # batched reference-count changes, body = packed REF_RECORDs
     PING = 9  # liveness probe; answered by PONG on the I/O thread
     PONG = 10
@@ -36,6 +36,13 @@ KNOWN_KINDS = frozenset(int(k) for k in Kind)
 
 # Flags.
 FLAG_ERROR = 0x01  # RESULT: the body is a pickled CapturedException (or a stand-in)
+# RESULT pushed for a CALL: the owner kept no copy (nobody else held the reference), so
+# the caller's hold is used up. Should the caller have passed the reference on before
+# the value came, it sends the value back with PUT_FUTURE + FLAG_RESTORE.
+FLAG_RELEASED = 0x02
+# PUT_FUTURE: a released value coming back (FLAG_ERROR may be set too): store it if
+# unset, drop the creator's hold, reply nothing.
+FLAG_RESTORE = 0x04
 
 # REFS body: one record per change, (whence u32, client pid u32, id u64, delta i64).
 REF_RECORD = struct.Struct("<IIqq")
