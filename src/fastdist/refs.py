@@ -25,6 +25,8 @@ from fastdist.exceptions import (
     FutureAlreadySetError,
     ProcessExitedException,
 )
+from fastdist.output import handle_worker_logs
+from fastdist.protocol.values import decode_result
 
 _allocate_lock = threading.Lock
 # Guards Waiter callback lists only; the set/wait fast path never takes it.
@@ -338,9 +340,8 @@ class Future(_RefBase):
         raw = self._raw
         if raw is None:
             return False
-        from fastdist.remotecall import decode_value
-
-        value, is_error = decode_value(raw, self.where)
+        handle_worker_logs(self.where)  # what the call logged comes before its value
+        value, is_error = decode_result(*raw)
         self._cache(value, is_error)
         return True
 

@@ -27,6 +27,8 @@ from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 from fastdist.protocol.values import decode_result
 from fastdist.refs import _EMPTY, Future, Waiter
+from fastdist.tasks import _current_block as _sync_block
+from fastdist.tasks import register_sync
 
 __all__ = [
     "close",
@@ -54,11 +56,6 @@ def _is_pool(target: Any) -> bool:
 
     return isinstance(target, AbstractWorkerPool)
 
-
-def _register_sync(obj: Any) -> None:
-    from fastdist.tasks import register_sync
-
-    register_sync(obj)
 
 
 def _encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -126,7 +123,8 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
         else:
             # Written with the next burst; whoever waits for it flushes first.
             n.send_deferred(pid, Kind.CALL, 0, 0, n.myid, fut.id, body)
-    _register_sync(fut)
+    if _sync_block.get() is not None:
+        register_sync(fut)
     return fut
 
 
@@ -312,11 +310,6 @@ def _ref_header(fut: Any) -> bytes:
     from fastdist.handlers import REF_HEADER
 
     return REF_HEADER.pack(fut.whence, fut.id)
-
-
-def decode_value(raw: Any, where: int) -> tuple[Any, bool]:
-    handle_worker_logs(where)
-    return decode_result(*raw)
 
 
 def fetch_future(fut: Future, timeout: float | None) -> Any:

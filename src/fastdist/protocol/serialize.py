@@ -228,8 +228,9 @@ def dumps(obj: Any, dest: int | None = None, what: str = "value") -> tuple[bytes
     return stream.getvalue(), buffers
 
 
-def _loads(view: memoryview, body: Any, buffers: Any) -> Any:
-    if view.nbytes and view[0] == 0:
+def _loads(body: Any, buffers: Any) -> Any:
+    if body[0] == 0:  # (an empty body raises IndexError: a corrupt stream)
+        view = memoryview(body).cast("B")
         _, npickle = _PERSISTENT_HEADER.unpack_from(view)
         return _BytesOutOfBandUnpickler(view[_PERSISTENT_HEADER.size:], list(buffers),
                                         npickle).load()
@@ -244,11 +245,10 @@ def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
             a class this process does not have, a corrupt stream).
     """
     try:
-        view = memoryview(body)
         if what in _RUNTIME_MESSAGES:
-            return _loads(view, body, buffers)
+            return _loads(body, buffers)
         with _loads_lock:
-            return _loads(view, body, buffers)
+            return _loads(body, buffers)
     except Exception as exc:
         raise SerializationError(
             f"could not deserialise the {what}: {type(exc).__name__}: {exc}") from exc
