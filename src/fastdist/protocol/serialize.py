@@ -229,6 +229,8 @@ def dumps(obj: Any, dest: int | None = None, what: str = "value") -> tuple[bytes
 
 
 def _loads(body: Any, buffers: Any) -> Any:
+    if type(body) is not bytes:
+        body = memoryview(body)  # a receive buffer: indexable as a view
     if body[0] == 0:  # (an empty body raises IndexError: a corrupt stream)
         view = memoryview(body).cast("B")
         _, npickle = _PERSISTENT_HEADER.unpack_from(view)
