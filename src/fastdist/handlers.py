@@ -68,7 +68,17 @@ def _unknown_kind(node: Any, conn: Any, frame: Any) -> None:
 
 
 def _decode_call(node: Any, frame: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-    f, args, kwargs = serialize.loads(frame.body, frame.buffers, what="call")
+    k = frame.aux  # the length of the function's own pickle, if it has one
+    if not k:
+        f, args, kwargs = serialize.loads(frame.body, frame.buffers, what="call")
+        return f, args, kwargs
+    body = frame.body
+    if type(body) is not bytes:
+        body = memoryview(body)  # a large body's receive buffer: sliced without a copy
+    if k > len(body):
+        raise ProtocolError(f"a call's function pickle is longer ({k}) than its body")
+    f = serialize.loads_function(bytes(body[:k]))
+    args, kwargs = serialize.loads(body[k:], frame.buffers, what="call's arguments")
     return f, args, kwargs
 
 

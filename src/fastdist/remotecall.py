@@ -59,8 +59,16 @@ def _is_pool(target: Any) -> bool:
 
 
 def _encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 pid: int) -> tuple[bytes, list[memoryview]]:
-    return serialize.dumps((f, args, kwargs), dest=pid, what="call (function and arguments)")
+                 pid: int) -> tuple[int, bytes, list[memoryview]]:
+    """(aux, body, buffers) of a call frame: a function that travels by name is
+    pickled once and its pickle put before that of `(args, kwargs)`, its length
+    in `aux`; any other call is one pickle of `(f, args, kwargs)` and `aux` 0."""
+    fpickle = serialize.function_pickle(f)
+    if fpickle is not None:
+        body, buffers = serialize.dumps((args, kwargs), dest=pid, what="call's arguments")
+        return len(fpickle), fpickle + body, buffers
+    body, buffers = serialize.dumps((f, args, kwargs), dest=pid, what="call")
+    return 0, body, buffers
 
 
 def _run_local(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -116,13 +124,18 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
 
         n.callpool.submit(run)
     else:
-        body, buffers = _encode_call(f, args, kwargs, pid)
+        aux, body, buffers = _encode_call(f, args, kwargs, pid)
         fut = Future._for_call(n, pid)
-        if buffers or len(body) > DEFER_MAX_NBYTES:
-            n.send(pid, Kind.CALL, 0, 0, n.myid, fut.id, body, buffers)
-        else:
-            # Written with the next burst; whoever waits for it flushes first.
-            n.send_deferred(pid, Kind.CALL, 0, 0, n.myid, fut.id, body)
+        try:
+            if buffers or len(body) > DEFER_MAX_NBYTES:
+                n.send(pid, Kind.CALL, 0, aux, n.myid, fut.id, body, buffers)
+            else:
+                # Written with the next burst; whoever waits for it flushes first.
+                n.send_deferred(pid, Kind.CALL, 0, aux, n.myid, fut.id, body)
+        except BaseException:
+            n.pushes.pop(fut.id, None)  # no value will come for it
+            fut._holds = 0
+            raise
     if _sync_block.get() is not None:
         register_sync(fut)
     return fut
@@ -147,12 +160,12 @@ def remotecall_fetch(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Any
     pid = int(pid_or_pool)
     if pid == n.myid:
         return _run_local(f, args, kwargs)
-    body, buffers = _encode_call(f, args, kwargs, pid)
-    return call_and_wait(n, pid, Kind.CALL_FETCH, 0, body, buffers)
+    aux, body, buffers = _encode_call(f, args, kwargs, pid)
+    return call_and_wait(n, pid, Kind.CALL_FETCH, 0, body, buffers, aux=aux)
 
 
 def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: Any,
-                  timeout: float | None = None) -> Any:
+                  timeout: float | None = None, aux: int = 0) -> Any:
     """Send a request frame to `pid` and wait for its RESULT; return the value."""
     wid = n.next_id()
     w = Waiter(peer=pid)
@@ -162,7 +175,7 @@ def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: A
     reader = _become_reader(n, pid) if not buffers and len(body) <= DEFER_MAX_NBYTES else None
     try:
         try:
-            n.send(pid, kind, flags, 0, n.myid, wid, body, buffers)
+            n.send(pid, kind, flags, aux, n.myid, wid, body, buffers)
         except BaseException:
             n.waiters.pop(wid, None)
             raise
@@ -299,8 +312,8 @@ def remote_do(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> None:
 
         n.callpool.submit(run)
         return
-    body, buffers = _encode_call(f, args, kwargs, pid)
-    n.send(pid, Kind.REMOTE_DO, 0, 0, n.myid, 0, body, buffers)
+    aux, body, buffers = _encode_call(f, args, kwargs, pid)
+    n.send(pid, Kind.REMOTE_DO, 0, aux, n.myid, 0, body, buffers)
 
 
 # -- Future internals used by refs.Future ------------------------------------------------

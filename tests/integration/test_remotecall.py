@@ -219,6 +219,12 @@ def test_rmprocs_then_calls_raise_process_exited(cluster):
     assert pids[0] not in fd.workers()
     with pytest.raises(fd.ProcessExitedException):
         fd.remotecall_fetch(add, pids[0], 1)
+    with pytest.raises(fd.ProcessExitedException):
+        fd.remotecall(add, pids[0], 1)
+    # Nothing waits for a value from it: the Future that could not be sent is forgotten.
+    from fastdist import node as _node
+
+    assert not [f for f in _node.current().pushes.values() if f.where == pids[0]]
     assert fd.remotecall_fetch(add, pids[1], 1) == 1
 
 

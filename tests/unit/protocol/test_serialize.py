@@ -44,6 +44,32 @@ def test_a_function_is_plain_only_once_found_importable():
     assert serialize.is_plain((os.getpid, (), {}))
 
 
+def test_a_function_pickle_is_cached_only_for_functions_that_travel_by_name():
+    import json
+
+    assert serialize.function_pickle(lambda: 1) is None
+    serialize.dumps(json.dumps)  # found importable: travels by name from now on
+    data = serialize.function_pickle(json.dumps)
+    assert data is not None and serialize.function_pickle(json.dumps) is data
+    assert serialize.loads_function(data) is json.dumps
+
+
+def test_a_cached_function_rebound_in_its_module_is_looked_up_again(monkeypatch):
+    # A worker that reloads a module (or rebinds one of its functions) runs the
+    # function the module names now, as an uncached unpickle would.
+    import json
+
+    serialize.dumps(json.loads)
+    data = serialize.function_pickle(json.loads)
+    assert serialize.loads_function(data) is json.loads  # cached now
+
+    def replacement(s):
+        return "replaced"
+
+    monkeypatch.setattr(json, "loads", replacement)
+    assert serialize.loads_function(data) is replacement
+
+
 def test_local_functions_still_travel_by_value():
     k = 41
 
@@ -88,3 +114,13 @@ def test_arrays_and_large_bytes_travel_out_of_band():
     assert len(buffers) == 3 and len(body) < 1024
     np.testing.assert_array_equal(back[0], a)
     assert back[1] == big and bytes(back[2]) == big
+
+
+def test_a_body_in_any_buffer_unpickles():
+    # Large bodies arrive in receive buffers that only have the buffer protocol.
+    obj = {"k": list(range(10))}
+    body, buffers = serialize.dumps(obj)
+    assert serialize.loads(bytearray(body), buffers) == obj
+    assert serialize.loads(memoryview(body), buffers) == obj
+    with pytest.raises(serialize.SerializationError):
+        serialize.loads(b"")
