@@ -187,6 +187,7 @@ class RefStore:
 
 
 _EMPTY = object()
+_PUSHED: Any = object()  # Future._push of a remotecall Future nobody has waited on yet
 
 
 class _RefBase:
@@ -283,7 +284,7 @@ class Future(_RefBase):
         self._value: Any = _EMPTY
         self._is_error = False
         self._raw: Any = None
-        self._push: Waiter | None = None
+        self._push: Any = None  # remotecall Futures: _PUSHED, or the Waiter of the push
         self._shared = False  # passed to another process while its pushed value was due
         self._lock = _allocate_lock()
 
@@ -300,10 +301,25 @@ class Future(_RefBase):
         self = cls.__new__(cls)
         self.where, self.whence, self.id, self._holds = where, n.myid, n.next_id(), 1
         self._value, self._is_error, self._raw, self._shared = _EMPTY, False, None, False
-        self._push = Waiter(peer=where)
+        self._push = _PUSHED  # its Waiter is made only if someone waits before the value
         self._lock = _allocate_lock()
         n.pushes[self.id] = self
         return self
+
+    def _push_waiter(self) -> Waiter:
+        """The Waiter that the push of this remotecall Future's value sets; made on
+        first need, already set if the value is here (most arrive before anyone
+        waits, and a Waiter per call costs a lock and a tracked object)."""
+        w = self._push
+        if w is _PUSHED:
+            with self._lock:
+                w = self._push
+                if w is _PUSHED:
+                    w = self._push = Waiter(peer=self.where)
+                    if self._raw is not None:
+                        w.set(True)
+        assert isinstance(w, Waiter)
+        return w
 
     def _deliver(self, raw: Any, released: int = 0) -> None:
         """A pushed result arrived (I/O thread): keep the bytes, give back our hold.
@@ -315,6 +331,7 @@ class Future(_RefBase):
         with self._lock:
             self._raw = raw
             shared = self._shared
+            waiter = self._push
         if released:
             if self._holds > 0:
                 self._holds -= 1
@@ -322,15 +339,17 @@ class Future(_RefBase):
                 n = _node.peek()
                 if n is not None:
                     n.queue_restore(self.where, self.whence, self.id, raw)
-        self._release_holds()
-        if self._push is not None:
-            self._push.set(True)
+        if self._holds > 0:
+            self._release_holds()
+        if waiter is not _PUSHED:
+            waiter.set(True)
 
     def _cache(self, value: Any, is_error: bool) -> Any:
         with self._lock:
             if self._value is _EMPTY:
                 self._value, self._is_error, self._raw = value, is_error, None
-        self._release_holds()
+        if self._holds > 0:
+            self._release_holds()
         return self._value
 
     def _materialize(self) -> bool:
@@ -358,18 +377,23 @@ class Future(_RefBase):
             ProcessExitedException: the owner died before the value could be fetched.
             TimeoutError: `timeout` seconds passed (the call itself goes on).
         """
-        if self._value is not _EMPTY or self._materialize():
-            return self._return()
-        from fastdist.remotecall import fetch_future
+        value = self._value
+        if value is _EMPTY:
+            if not self._materialize():
+                from fastdist.remotecall import fetch_future
 
-        return fetch_future(self, timeout)
+                return fetch_future(self, timeout)
+            value = self._value
+        if self._is_error:
+            raise value
+        return value
 
     def isready(self) -> bool:
         """True when a fetch would not wait."""
         if self._value is not _EMPTY or self._raw is not None:
             return True
         if self._push is not None:
-            return self._push.done()
+            return self._push is not _PUSHED and self._push_waiter().done()
         from fastdist.remotecall import future_isready
 
         return future_isready(self)
@@ -579,7 +603,7 @@ def fail_pushed_futures(n: Any, pid: int) -> None:
         if fut.where == pid and n.pushes.pop(ref_id, None) is not None:
             fut._holds = 0  # nothing left to give back to
             if fut._push is not None:
-                fut._push.fail(ProcessExitedException(pid))
+                fut._push_waiter().fail(ProcessExitedException(pid))
 
 
 __all__ = ["RRID", "Future", "RemoteChannel", "channel_from_id", "remoteref_id"]

@@ -328,10 +328,11 @@ def _ref_header(fut: Any) -> bytes:
 def fetch_future(fut: Future, timeout: float | None) -> Any:
     n = _node.current()
     if fut._push is not None:
-        if not wait_reading(n, fut.where, fut._push, timeout):
+        push = fut._push_waiter()
+        if not wait_reading(n, fut.where, push, timeout):
             raise TimeoutError(f"the value of {fut!r} did not arrive within {timeout} s")
-        if fut._push.error is not None and not fut._materialize():
-            raise fut._push.error
+        if push.error is not None and not fut._materialize():
+            raise push.error
         fut._materialize()
         return fut._return()
     if fut.where == n.myid:
@@ -420,7 +421,7 @@ def when_ready(fut: Future, callback: Callable[[], object]) -> bool:
         callback()
         return True
     if fut._push is not None:
-        fut._push.add_done_callback(lambda _w: callback())
+        fut._push_waiter().add_done_callback(lambda _w: callback())
         return True
     n = _node.current()
     if fut.where == n.myid:
@@ -479,7 +480,7 @@ def fetch(x: Any, timeout: float | None = None) -> Any:
     Raises:
         TimeoutError: `timeout` seconds passed first (the call itself goes on).
     """
-    if isinstance(x, (Future, AbstractChannel)):
+    if type(x) is Future or isinstance(x, (Future, AbstractChannel)):
         return x.fetch(timeout) if timeout is not None else x.fetch()
     from fastdist.tasks import Task
 
