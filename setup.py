@@ -1,4 +1,4 @@
-"""Build the Cython core: fastdist._core._wire and fastdist._core._msgloop."""
+"""Build the Cython core: fastdist._core._wire, _msgloop and _shm."""
 
 import os
 
@@ -25,7 +25,7 @@ extensions = [
         define_macros=macros,
         extra_compile_args=extra,
     )
-    for name in ("_wire", "_msgloop")
+    for name in ("_wire", "_msgloop", "_shm")
 ]
 
 setup(

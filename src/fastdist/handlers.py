@@ -129,6 +129,8 @@ def _run_call(node: Any, conn: Any, frame: Any) -> None:
         # keep reading (heartbeats), and the next request cannot come before it anyway.
         if not buffers and len(body) <= SMALL_REPLY_NBYTES:
             before_reply(conn)
+    if buffers:
+        flags, buffers = node.shm.outgoing(conn, flags, buffers)
     try:
         conn.send_frame(Kind.RESULT, flags, 0, caller, frame.id, body, buffers)
     except ConnectionError:
@@ -264,6 +266,14 @@ def handle_refs(node: Any, conn: Any, frame: Any) -> None:
         node.store.change(RRID(whence, ref_id), client, delta)
 
 
+def handle_shm_offer(node: Any, conn: Any, frame: Any) -> None:
+    node.shm.on_offer(conn, frame.body)
+
+
+def handle_shm_accept(node: Any, conn: Any, frame: Any) -> None:
+    node.shm.on_accept(conn.peer)
+
+
 def handle_ping(node: Any, conn: Any, frame: Any) -> None:
     conn.send_nowait(Kind.PONG, 0, 0, node.myid, 0)
 
@@ -341,6 +351,8 @@ HANDLERS: dict[int, Handler] = {
     Kind.LOG: handle_log,
     Kind.EXIT: handle_exit,
     Kind.FORGET_FUNCS: handle_forget_funcs,
+    Kind.SHM_OFFER: handle_shm_offer,
+    Kind.SHM_ACCEPT: handle_shm_accept,
 }
 
 assert set(HANDLERS) == KNOWN_KINDS, "every message kind has exactly one handler"

@@ -29,6 +29,7 @@ from fastdist.output import drain_worker_pipes
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_ERROR, FLAG_RESTORE, REF_RECORD, Kind
 from fastdist.refs import RefStore, Waiter
+from fastdist.sharedmem import FLAG_SHM, SharedMemory
 
 # Unauthenticated connections a process keeps at once; past this the oldest goes.
 MAX_PENDING_HANDSHAKES = 256
@@ -90,6 +91,7 @@ class Node:
         self.listener: socket.socket | None = None
         self.unix_listener: socket.socket | None = None
         self.callpool = CallPool()
+        self.shm = SharedMemory()
         self.worker_removed_callbacks: list[Any] = []
         self._ids = itertools.count(1)
         self._ref_queue: collections.deque[tuple[int, int, int, int, int]] = collections.deque()
@@ -193,6 +195,8 @@ class Node:
              body: Any = b"", buffers: Any = ()) -> None:
         """Send a frame to `pid`; a dead or unreachable peer is ProcessExitedException."""
         conn = self.connection_to(pid)
+        if buffers:
+            flags, buffers = self.shm.outgoing(conn, flags, buffers)
         try:
             conn.send_frame(kind, flags, aux, whence, ref_id, body, buffers)
         except ConnectionError as exc:
@@ -234,6 +238,8 @@ class Node:
                 break
         for i, frame in enumerate(frames):
             try:
+                if frame.flags & FLAG_SHM and not self._map_shared(conn, frame):
+                    continue
                 dispatch(self, conn, frame)
             except BaseException:
                 # A KeyboardInterrupt (Ctrl-C in the main thread) can land on a thread
@@ -242,6 +248,19 @@ class Node:
                 for rest in frames[i + 1:]:
                     dispatch(self, conn, rest)
                 raise
+
+    def _map_shared(self, conn: Any, frame: Any) -> bool:
+        """Give a frame whose buffers are in shared memory those buffers; False (the
+        frame answered with the error, if it asked for an answer) if they cannot be
+        mapped."""
+        try:
+            self.shm.incoming(conn.peer, frame)
+            return True
+        except Exception as exc:  # noqa: BLE001 - that frame fails, the connection lives
+            from fastdist.handlers import _reply_error
+
+            _reply_error(self, conn, frame, exc)
+            return False
 
     def on_authenticated(self, conn: Any) -> None:
         """The handshake passed; the peer names itself with its first frame (IDENTIFY)."""
@@ -277,6 +296,7 @@ class Node:
                 self.waiters.pop(wid, None)
                 w.fail(err)
         fail_pushed_futures(self, pid)
+        self.shm.forget(pid)
         self.store.drop_client(pid)
         self._ref_backlog.pop(pid, None)
         for callback in list(self.worker_removed_callbacks):
@@ -431,7 +451,7 @@ class Node:
         peers = {}
         for pid, p in list(self.peers.items()):
             if p.conn is not None:
-                peers[pid] = p.conn.stats()
+                peers[pid] = {**p.conn.stats(), **self.shm.stats(pid)}
         return {"pid": self.myid, "peers": peers, "refs": len(self.store)}
 
 

@@ -30,6 +30,8 @@ class Kind(enum.IntEnum):
     LOG = 14  # worker -> master: body = pickled logging record dict
     EXIT = 15  # master -> worker: finish and exit
     FORGET_FUNCS = 16  # CachingPool: drop cached functions, body = packed u64 ids
+    SHM_OFFER = 17  # body = sender's pid, probe fd, token: can you map my segments? (sharedmem.py)
+    SHM_ACCEPT = 18  # yes: large buffers to me may travel in shared memory
 
 
 KNOWN_KINDS = frozenset(int(k) for k in Kind)

@@ -1,0 +1,155 @@
+"""Large buffers to processes of this host through shared memory (see `_core/_shm.pyx`).
+
+A frame whose out-of-band buffers add up to at least `FASTDIST_SHM_MIN_BYTES`
+(1 MiB), going over a Unix socket to a peer that has shown it can map this
+process's segments, carries descriptors instead of the bytes (flag SHM): the
+buffers are copied once into reused segments and the receiver's arrays live in
+them. Everything else — small frames, TCP peers on other hosts, custom
+transports, a peer that could not open the probe — goes through the socket as
+before.
+
+Whether a peer can map our segments is asked once, on the first large frame to
+it: SHM_OFFER carries this process's pid, the fd of a one-page probe segment and
+the token written in it; the peer answers SHM_ACCEPT if it opened that fd through
+/proc and read the same token. Until then (and if it never does) large frames to
+it take the socket.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from typing import Any
+
+from fastdist._core._shm import Inbox, Outbox, Probe, check_probe
+
+FLAG_SHM = 0x80  # any kind: every out-of-band buffer is a shared-memory descriptor
+OFFER = struct.Struct("<II16s")  # pid, probe fd, token
+
+
+def min_nbytes() -> int:
+    return int(os.environ.get("FASTDIST_SHM_MIN_BYTES", str(1 << 20)))
+
+
+def enabled() -> bool:
+    return os.environ.get("FASTDIST_SHM", "1") != "0"
+
+
+def _is_unix(conn: Any) -> bool:
+    fd = getattr(conn, "fd", -1)
+    if fd is None or fd < 0:
+        return False  # a custom transport's streams
+    try:
+        s = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return s.family == socket.AF_UNIX
+    finally:
+        s.close()
+
+
+class SharedMemory:
+    """One process's shared-memory state: what it sends to and maps from each peer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._probe: Probe | None = None
+        self._offered: set[int] = set()  # peers asked (SHM_OFFER sent, or not a Unix socket)
+        self._accepted: set[int] = set()  # peers that can map our segments
+        self._outboxes: dict[int, Outbox] = {}
+        self._inboxes: dict[int, Inbox] = {}
+        self._sent: dict[int, list[int]] = {}  # pid -> [frames, bytes] sent through segments
+        self.min_nbytes = min_nbytes()
+        self.enabled = enabled()
+
+    # -- sending --------------------------------------------------------------------
+
+    def outgoing(self, conn: Any, flags: int, buffers: Any) -> tuple[int, Any]:
+        """(flags, buffers) to send on `conn`: descriptors in shared memory for a large
+        frame to a peer that accepted, else unchanged."""
+        if not buffers or not self.enabled:
+            return flags, buffers
+        pid = conn.peer
+        if pid not in self._accepted:
+            if pid is not None and pid not in self._offered:
+                self._offer(conn, pid)
+            return flags, buffers
+        nbytes = sum(memoryview(b).nbytes for b in buffers)
+        if nbytes < self.min_nbytes:
+            return flags, buffers
+        with self._lock:
+            box = self._outboxes.get(pid)
+            if box is None:
+                box = self._outboxes[pid] = Outbox()
+        descriptors: list[bytes] = []
+        for b in buffers:
+            d = box.put(b)
+            if d is None:  # every segment is in use: this frame takes the socket
+                for taken in descriptors:
+                    box.release(taken)
+                return flags, buffers
+            descriptors.append(d)
+        sent = self._sent.setdefault(pid, [0, 0])
+        sent[0] += 1
+        sent[1] += nbytes
+        return flags | FLAG_SHM, descriptors
+
+    def _offer(self, conn: Any, pid: int) -> None:
+        from fastdist.protocol.messages import Kind
+
+        with self._lock:
+            if pid in self._offered:
+                return
+            self._offered.add(pid)
+            if not _is_unix(conn):
+                return  # another host (or a custom transport): its /proc is not ours
+            if self._probe is None:
+                self._probe = Probe()
+            body = OFFER.pack(*self._probe.offer())
+        try:
+            conn.send_nowait(Kind.SHM_OFFER, 0, 0, 0, 0, body)
+        except ConnectionError:
+            pass
+
+    def on_offer(self, conn: Any, body: Any) -> None:
+        from fastdist.protocol.messages import Kind
+
+        pid, fd, token = OFFER.unpack(bytes(body))
+        if self.enabled and check_probe(pid, fd, token):
+            conn.send_nowait(Kind.SHM_ACCEPT, 0, 0, 0, 0)
+
+    def on_accept(self, pid: int) -> None:
+        self._accepted.add(pid)
+
+    # -- receiving ------------------------------------------------------------------
+
+    def incoming(self, pid: int, frame: Any) -> None:
+        """Replace a frame's descriptors by the buffers they name (mapped, not copied)."""
+        with self._lock:
+            box = self._inboxes.get(pid)
+            if box is None:
+                box = self._inboxes[pid] = Inbox()
+        frame.buffers = [box.attach(bytes(d)) for d in frame.buffers]
+        frame.flags &= ~FLAG_SHM
+
+    def forget(self, pid: int) -> None:
+        """A peer is gone: drop its segments and mappings (arrays still using them keep
+        their own mapping alive)."""
+        with self._lock:
+            for table in (self._outboxes, self._inboxes):
+                box = table.pop(pid, None)
+                if box is not None:
+                    box.close()
+            self._offered.discard(pid)
+            self._accepted.discard(pid)
+            self._sent.pop(pid, None)
+
+    def stats(self, pid: int) -> dict[str, Any]:
+        """The shared-memory counters `fastdist.stats` shows for peer `pid`."""
+        box = self._outboxes.get(pid)
+        frames, nbytes = self._sent.get(pid, (0, 0))
+        return {"shm": pid in self._accepted, "shm_segments": box.nsegments if box else 0,
+                "shm_msgs_sent": frames, "shm_bytes_sent": nbytes}
