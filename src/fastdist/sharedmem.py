@@ -27,6 +27,10 @@ from fastdist._core._shm import Inbox, Outbox, Probe, check_probe
 
 FLAG_SHM = 0x80  # any kind: every out-of-band buffer is a shared-memory descriptor
 OFFER = struct.Struct("<II16s")  # pid, probe fd, token
+# Segments kept per peer, and their total size: enough for the calls a pmap keeps in
+# flight to a worker; a segment is kept once made (filling it again is the point).
+MAX_SEGMENTS = 8
+MAX_SEGMENT_NBYTES = 1 << 30
 
 
 def min_nbytes() -> int:
@@ -83,7 +87,7 @@ class SharedMemory:
         with self._lock:
             box = self._outboxes.get(pid)
             if box is None:
-                box = self._outboxes[pid] = Outbox()
+                box = self._outboxes[pid] = Outbox(MAX_SEGMENTS, MAX_SEGMENT_NBYTES)
         descriptors: list[bytes] = []
         for b in buffers:
             d = box.put(b)
