@@ -99,7 +99,8 @@ def _run_call(node: Any, conn: Any, frame: Any) -> None:
         return
     released = 0
     if kind == Kind.CALL:
-        rv = node.store.get(RRID(caller, frame.id))
+        # (Most workers hold no values at all: then not even the key is made.)
+        rv = node.store.get(RRID(caller, frame.id)) if len(node.store) else None
         if rv is None:
             # Nobody but the caller holds the reference (no other process was handed
             # it, or its hold has not arrived): push the value and keep nothing. The
