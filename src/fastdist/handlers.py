@@ -275,6 +275,10 @@ def handle_shm_accept(node: Any, conn: Any, frame: Any) -> None:
     node.shm.on_accept(conn.peer)
 
 
+def handle_shm_forget(node: Any, conn: Any, frame: Any) -> None:
+    node.shm.on_forget(conn.peer, frame.body)
+
+
 def handle_ping(node: Any, conn: Any, frame: Any) -> None:
     conn.send_nowait(Kind.PONG, 0, 0, node.myid, 0)
 
@@ -354,6 +358,7 @@ HANDLERS: dict[int, Handler] = {
     Kind.FORGET_FUNCS: handle_forget_funcs,
     Kind.SHM_OFFER: handle_shm_offer,
     Kind.SHM_ACCEPT: handle_shm_accept,
+    Kind.SHM_FORGET: handle_shm_forget,
 }
 
 assert set(HANDLERS) == KNOWN_KINDS, "every message kind has exactly one handler"

@@ -410,6 +410,11 @@ class Node:
         self._last_tick = now
         self._expire_handshakes(now)
         self._heartbeat(now)
+        self.shm.trim(self._conn_if_up)
+
+    def _conn_if_up(self, pid: int) -> Any:
+        p = self.peers.get(pid)
+        return p.conn if p is not None and p.conn is not None and not p.conn.is_closed else None
 
     def _expire_handshakes(self, now: float) -> None:
         for conn in self.loop.connections():

@@ -31,6 +31,10 @@ OFFER = struct.Struct("<II16s")  # pid, probe fd, token
 # flight to a worker; a segment is kept once made (filling it again is the point).
 MAX_SEGMENTS = 8
 MAX_SEGMENT_NBYTES = 1 << 30
+# A free segment not filled for this long is dropped, here and (SHM_FORGET) on the
+# receiver: a burst of large transfers must not hold its memory for ever after.
+IDLE_SECONDS = 2.0
+FORGET = struct.Struct("<Q")  # one per segment id in a SHM_FORGET body
 
 
 def min_nbytes() -> int:
@@ -128,6 +132,28 @@ class SharedMemory:
     def on_accept(self, pid: int) -> None:
         self._accepted.add(pid)
 
+    def trim(self, conn_of: Any) -> None:
+        """Drop segments idle for IDLE_SECONDS and tell their receivers (loop thread)."""
+        from fastdist.protocol.messages import Kind
+
+        if not self._outboxes:
+            return
+        with self._lock:
+            dropped = [(pid, box.trim(IDLE_SECONDS)) for pid, box in self._outboxes.items()]
+        for pid, seg_ids in dropped:
+            conn = conn_of(pid) if seg_ids else None
+            if conn is not None:
+                try:
+                    conn.send_nowait(Kind.SHM_FORGET, 0, len(seg_ids), 0, 0,
+                                     b"".join(FORGET.pack(i) for i in seg_ids))
+                except ConnectionError:
+                    pass
+
+    def on_forget(self, pid: int, body: Any) -> None:
+        box = self._inboxes.get(pid)
+        if box is not None:
+            box.forget([i for (i,) in FORGET.iter_unpack(bytes(body))])
+
     # -- receiving ------------------------------------------------------------------
 
     def incoming(self, pid: int, frame: Any) -> None:
@@ -154,6 +180,8 @@ class SharedMemory:
     def stats(self, pid: int) -> dict[str, Any]:
         """The shared-memory counters `fastdist.stats` shows for peer `pid`."""
         box = self._outboxes.get(pid)
+        inbox = self._inboxes.get(pid)
         frames, nbytes = self._sent.get(pid, (0, 0))
         return {"shm": pid in self._accepted, "shm_segments": box.nsegments if box else 0,
+                "shm_mapped": inbox.nmappings if inbox else 0,
                 "shm_msgs_sent": frames, "shm_bytes_sent": nbytes}

@@ -16,13 +16,14 @@ def stats(pid: int | None = None) -> dict[str, Any]:
 
     Returns:
         ``{"pid": pid, "peers": {peer_pid: {"msgs_sent", "bytes_sent", "msgs_received",
-        "bytes_received", "shm", "shm_segments", "shm_msgs_sent", "shm_bytes_sent"}},
-        "refs": n}`` — a peer appears once a connection to it exists; `refs` counts
-        the Future and RemoteChannel values the process holds. `shm` says whether
-        large buffers to that peer go through shared memory (same host, see
-        docs/ARCHITECTURE.md), `shm_segments` how many segments this process keeps
-        for it, `shm_msgs_sent` / `shm_bytes_sent` what went that way (those
-        bytes are not in `bytes_sent`).
+        "bytes_received", "shm", "shm_segments", "shm_mapped", "shm_msgs_sent",
+        "shm_bytes_sent"}}, "refs": n}`` — a peer appears once a connection to it
+        exists; `refs` counts the Future and RemoteChannel values the process holds.
+        `shm` says whether large buffers to that peer go through shared memory (same
+        host, see docs/ARCHITECTURE.md), `shm_segments` how many segments this
+        process keeps for it, `shm_mapped` how many of the peer's it maps,
+        `shm_msgs_sent` / `shm_bytes_sent` what went that way (those bytes are not
+        in `bytes_sent`).
 
     Example:
         >>> fd.stats(2)["peers"][1]["msgs_received"] > 0

@@ -120,6 +120,29 @@ def test_a_dead_workers_arrays_stay_readable_and_nothing_is_left_in_dev_shm(clus
     assert set(os.listdir("/dev/shm")) == before
 
 
+def test_segments_left_idle_are_given_back_on_both_sides(two_workers):
+    from fastdist.sharedmem import IDLE_SECONDS
+
+    w = two_workers[0]
+    a = np.ones(2 * MB)
+    _send_until_shared(w, a)
+    assert fd.remotecall_fetch(_checksum, w, a) == _checksum(a)  # through a segment now
+    for _ in range(3):
+        kept = fd.remotecall_fetch(_arange, w, 2 * MB)
+    assert _peer_stats(1, w)["shm_segments"] >= 1 and _peer_stats(w, 1)["shm_mapped"] >= 1
+    # Nothing for a while: the master's segment goes, and the worker's mapping of it;
+    # of the worker's, only the one that our `kept` array still uses stays.
+    wait_until(lambda: _peer_stats(1, w)["shm_segments"] == 0
+               and _peer_stats(w, 1)["shm_mapped"] == 0
+               and _peer_stats(w, 1)["shm_segments"] == 1
+               and _peer_stats(1, w)["shm_mapped"] == 1, IDLE_SECONDS + 10,
+               "idle segments to be dropped")
+    assert kept[-1] == 2 * MB - 1
+    # Large transfers after that make segments again.
+    assert fd.remotecall_fetch(_checksum, w, a) == _checksum(a)
+    assert _peer_stats(1, w)["shm_segments"] == 1
+
+
 def test_tcp_peers_and_a_disabled_shared_memory_use_the_socket(cluster, monkeypatch):
     a = np.ones(2 * MB)
     monkeypatch.setenv("FASTDIST_UNIX_SOCKETS", "0")  # read when the master connects

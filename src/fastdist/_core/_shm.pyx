@@ -20,6 +20,9 @@ from libc.string cimport memcpy
 
 import os
 import struct
+import time
+
+_monotonic = time.monotonic
 
 cdef extern from "<sys/mman.h>" nogil:
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
@@ -89,10 +92,12 @@ cdef class Segment:
     cdef char* base
     cdef readonly size_t size
     cdef readonly uint64_t seg_id
+    cdef public double last_used  # monotonic seconds of its last fill
 
     def __cinit__(self):
         self.fd = -1
         self.base = NULL
+        self.last_used = 0.0
 
     def __dealloc__(self):
         if self.base != NULL:
@@ -191,12 +196,24 @@ cdef class Outbox:
             _next_generation += 1
             # Taken before the copy: the receiver frees only the generation it got.
             _store_state(seg.base, _next_generation)
+            seg.last_used = _monotonic()
             with nogil:
                 memcpy(seg.base + DATA_OFFSET, view.buf, <size_t>view.len)
             return DESCRIPTOR.pack(self.pid, seg.fd, seg.seg_id, seg.size, _next_generation,
                                    view.len)
         finally:
             PyBuffer_Release(&view)
+
+    def trim(self, double idle_seconds):
+        """Drop the free segments not filled for `idle_seconds`; their ids (the
+        receiver is told to unmap them, or their memory would live on there)."""
+        cdef Segment seg
+        cdef double cutoff = _monotonic() - idle_seconds
+        dropped = [seg for seg in self.segments
+                   if seg.last_used < cutoff and _load_state(seg.base) == 0]
+        for seg in dropped:
+            self.segments.remove(seg)
+        return [seg.seg_id for seg in dropped]
 
     def release(self, bytes descriptor):
         """Give back a segment `put` filled but whose frame was not sent."""
@@ -299,6 +316,15 @@ cdef class Inbox:
         b.nbytes = nbytes
         b.generation = generation
         return b
+
+    def forget(self, seg_ids):
+        """The sender dropped these segments: unmap them once no buffer uses them."""
+        for seg_id in seg_ids:
+            self.mappings.pop(seg_id, None)
+
+    @property
+    def nmappings(self):
+        return len(self.mappings)
 
     def close(self):
         self.mappings = {}

@@ -32,6 +32,7 @@ class Kind(enum.IntEnum):
     FORGET_FUNCS = 16  # CachingPool: drop cached functions, body = packed u64 ids
     SHM_OFFER = 17  # body = sender's pid, probe fd, token: can you map my segments? (sharedmem.py)
     SHM_ACCEPT = 18  # yes: large buffers to me may travel in shared memory
+    SHM_FORGET = 19  # the sender dropped these segments (body = u64 ids): unmap them
 
 
 KNOWN_KINDS = frozenset(int(k) for k in Kind)

@@ -87,3 +87,19 @@ def test_segments_have_no_name_in_dev_shm():
     out.put(np.ones(1_000_000))
     assert shm_names() == before
     out.close()
+
+
+def test_idle_free_segments_are_trimmed_and_forgotten_by_the_receiver():
+    out, inbox = _shm.Outbox(), _shm.Inbox()
+    held = inbox.attach(out.put(np.ones(200_000)))
+    let_go = inbox.attach(out.put(np.zeros(200_000)))
+    assert out.nsegments == 2 and inbox.nmappings == 2
+    del let_go
+    gc.collect()
+    dropped = out.trim(0.0)  # idle for 0 s: every free one
+    assert len(dropped) == 1 and out.nsegments == 1  # the held one stays
+    inbox.forget(dropped)
+    assert inbox.nmappings == 1
+    assert np.frombuffer(held, dtype=np.float64)[-1] == 1.0
+    assert out.trim(3600.0) == []  # nothing idle that long
+
