@@ -41,7 +41,8 @@ WORKLOAD_TEXT = {
     "W2": "Calls issued without waiting (alternating between the 2 workers where the system "
     "lets the caller choose), then every result collected; calls per second. Higher is better.",
     "W3": "fastdist runs twice: with its default transport (Unix sockets between processes of "
-    "one host) and over TCP (`FASTDIST_UNIX_SOCKETS=0`); peers are compared with the default. "
+    "one host, large buffers through shared memory) and over TCP (`FASTDIST_UNIX_SOCKETS=0`); "
+    "peers are compared with the default. "
     "A float64 array sent to a worker (the function answers its size) and received from "
     "a worker (the function answers an array of that size, built once per worker so that the "
     "worker's allocation is not what is measured); the master reads one element per page of "
