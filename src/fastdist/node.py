@@ -250,15 +250,21 @@ class Node:
                 raise
 
     def _map_shared(self, conn: Any, frame: Any) -> bool:
-        """Give a frame whose buffers are in shared memory those buffers; False (the
-        frame answered with the error, if it asked for an answer) if they cannot be
-        mapped."""
+        """Give a frame whose buffers are in shared memory those buffers. If they
+        cannot be mapped, that frame fails and the connection lives: a result becomes
+        the error for whoever waits for it (True: dispatch it), a request is answered
+        with the error if it asked for an answer (False: nothing to dispatch)."""
         try:
             self.shm.incoming(conn.peer, frame)
             return True
-        except Exception as exc:  # noqa: BLE001 - that frame fails, the connection lives
+        except Exception as exc:  # noqa: BLE001
             from fastdist.handlers import _reply_error
+            from fastdist.protocol.values import encode_error
 
+            if frame.kind == Kind.RESULT:
+                frame.flags, frame.body, _ = encode_error(exc, self.myid)
+                frame.buffers = []
+                return True
             _reply_error(self, conn, frame, exc)
             return False
 

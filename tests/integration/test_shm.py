@@ -143,6 +143,44 @@ def test_segments_left_idle_are_given_back_on_both_sides(two_workers):
     assert _peer_stats(1, w)["shm_segments"] == 1
 
 
+def _send_unmappable_segments(on: bool) -> None:
+    """On a worker: make its large frames name a segment nobody can open."""
+    from fastdist._core._shm import DESCRIPTOR
+
+    from fastdist import node
+    from fastdist.sharedmem import FLAG_SHM, SharedMemory
+
+    shm = node.current().shm
+    if not on:
+        del shm.outgoing  # back to the class's method
+        return
+
+    def forged(conn, flags, buffers):
+        flags, buffers = SharedMemory.outgoing(shm, conn, flags, buffers)
+        if not flags & FLAG_SHM:
+            return flags, buffers
+        return flags, [DESCRIPTOR.pack(os.getpid(), 1 << 20, 1, 1 << 30, 1, 8) for _ in buffers]
+
+    shm.outgoing = forged
+
+
+def test_a_result_whose_segment_cannot_be_mapped_fails_that_call_only(two_workers):
+    w = two_workers[0]
+    for _ in range(3):
+        fd.remotecall_fetch(_arange, w, 2 * MB)
+    assert _peer_stats(w, 1)["shm"]
+    fd.remotecall_fetch(_send_unmappable_segments, w, True)
+    try:
+        with pytest.raises(fd.RemoteException, match="segment"):
+            fd.remotecall_fetch(_arange, w, 2 * MB)
+        fut = fd.remotecall(_arange, w, 2 * MB)
+        with pytest.raises(fd.RemoteException, match="segment"):
+            fut.fetch(timeout=10)
+    finally:
+        fd.remotecall_fetch(_send_unmappable_segments, w, False)
+    assert np.array_equal(fd.remotecall_fetch(_arange, w, 2 * MB), _arange(2 * MB))
+
+
 def test_tcp_peers_and_a_disabled_shared_memory_use_the_socket(cluster, monkeypatch):
     a = np.ones(2 * MB)
     monkeypatch.setenv("FASTDIST_UNIX_SOCKETS", "0")  # read when the master connects
