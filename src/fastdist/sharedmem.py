@@ -92,14 +92,12 @@ class SharedMemory:
             box = self._outboxes.get(pid)
             if box is None:
                 box = self._outboxes[pid] = Outbox(MAX_SEGMENTS, MAX_SEGMENT_NBYTES)
-        descriptors: list[bytes] = []
-        for b in buffers:
-            d = box.put(b)
-            if d is None:  # every segment is in use: this frame takes the socket
-                for taken in descriptors:
-                    box.release(taken)
-                return flags, buffers
-            descriptors.append(d)
+        try:
+            descriptors = box.put(buffers)
+        except Exception:  # noqa: BLE001 - no memory or fds for a segment: the socket
+            descriptors = None
+        if descriptors is None:  # every segment is in use: this frame takes the socket
+            return flags, buffers
         sent = self._sent.setdefault(pid, [0, 0])
         sent[0] += 1
         sent[1] += nbytes
@@ -162,7 +160,7 @@ class SharedMemory:
             box = self._inboxes.get(pid)
             if box is None:
                 box = self._inboxes[pid] = Inbox()
-        frame.buffers = [box.attach(bytes(d)) for d in frame.buffers]
+        frame.buffers = box.attach([bytes(d) for d in frame.buffers])
         frame.flags &= ~FLAG_SHM
 
     def forget(self, pid: int) -> None:

@@ -77,6 +77,21 @@ def test_large_arrays_travel_through_shared_memory_both_ways(two_workers):
     assert _peer_stats(1, w)["shm_msgs_sent"] == before
 
 
+def _sums(d):
+    return {k: float(v.sum()) for k, v in d.items()}
+
+
+def test_a_value_of_many_arrays_travels_in_one_segment(two_workers):
+    w = two_workers[0]
+    many = {f"a{i}": np.full(12_800 + i, float(i)) for i in range(40)}  # 40 x 100 kB
+    _send_until_shared(w, np.ones(2 * MB))
+    for _ in range(5):
+        sent, segments = _peer_stats(1, w)["shm_msgs_sent"], _peer_stats(1, w)["shm_segments"]
+        assert fd.remotecall_fetch(_sums, w, many) == _sums(many)
+        assert _peer_stats(1, w)["shm_msgs_sent"] == sent + 1
+    assert _peer_stats(1, w)["shm_segments"] <= segments + 1
+
+
 def test_arrays_held_by_the_receiver_keep_their_segments_and_the_rest_is_bounded(two_workers):
     # The master keeps every result: each holds its segment, so the worker makes new
     # ones up to its limit and then sends through the socket; every value is right.
@@ -159,7 +174,8 @@ def _send_unmappable_segments(on: bool) -> None:
         flags, buffers = SharedMemory.outgoing(shm, conn, flags, buffers)
         if not flags & FLAG_SHM:
             return flags, buffers
-        return flags, [DESCRIPTOR.pack(os.getpid(), 1 << 20, 1, 1 << 30, 1, 8) for _ in buffers]
+        return flags, [DESCRIPTOR.pack(os.getpid(), 1 << 20, 1, 1 << 30, 1, 4096, 8)
+                       for _ in buffers]
 
     shm.outgoing = forged
 
@@ -179,6 +195,42 @@ def test_a_result_whose_segment_cannot_be_mapped_fails_that_call_only(two_worker
     finally:
         fd.remotecall_fetch(_send_unmappable_segments, w, False)
     assert np.array_equal(fd.remotecall_fetch(_arange, w, 2 * MB), _arange(2 * MB))
+
+
+class _FailingOutbox:
+    """Stands in for a worker's segments when none can be made (no memory, no fds)."""
+
+    nsegments = 0
+
+    def put(self, buffers):
+        raise OSError(24, "Too many open files")
+
+    def close(self):
+        pass
+
+
+def _segments_fail(on: bool) -> None:
+    from fastdist import node
+
+    shm = node.current().shm
+    if on:
+        shm._outboxes[1] = _FailingOutbox()
+    else:
+        shm._outboxes.pop(1, None)
+
+
+def test_a_segment_that_cannot_be_made_sends_through_the_socket(two_workers):
+    w = two_workers[0]
+    for _ in range(3):
+        fd.remotecall_fetch(_arange, w, 2 * MB)
+    assert _peer_stats(w, 1)["shm"]
+    fd.remotecall_fetch(_segments_fail, w, True)
+    try:
+        sent = _peer_stats(w, 1)["shm_msgs_sent"]
+        assert np.array_equal(fd.remotecall_fetch(_arange, w, 2 * MB, 4.0), _arange(2 * MB, 4.0))
+        assert _peer_stats(w, 1)["shm_msgs_sent"] == sent
+    finally:
+        fd.remotecall_fetch(_segments_fail, w, False)
 
 
 def test_tcp_peers_and_a_disabled_shared_memory_use_the_socket(cluster, monkeypatch):

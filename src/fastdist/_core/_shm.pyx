@@ -2,13 +2,14 @@
 """Large buffers between processes of one host, through shared memory.
 
 A sender keeps, per destination, a few segments: anonymous memory files
-(`memfd_create`) that it maps once and fills again and again. A large buffer is
-copied into a free segment (one copy, into pages that are already mapped), and
-its frame carries a small descriptor in place of the bytes. The receiver maps
-the segment once — it opens it through `/proc/<sender pid>/fd/<fd>` — and hands
-the unpickler a view of it: the received array's memory is the shared page, with
-no copy on that side. When the last object using that view is freed, the
-receiver marks the segment free in its header, and the sender may fill it again.
+(`memfd_create`) that it maps once and fills again and again. A frame's large
+buffers are copied into one free segment, back to back (one copy, into pages
+that are already mapped), and the frame carries small descriptors in place of
+the bytes. The receiver maps the segment once — it opens it through
+`/proc/<sender pid>/fd/<fd>` — and hands the unpickler views of it: the received
+arrays' memory is the shared pages, with no copy on that side. When the last
+object using any of the frame's views is freed, the receiver marks the segment
+free in its header, and the sender may fill it again.
 
 Nothing is named in /dev/shm: a segment's memory goes when the last process that
 maps it unmaps it, exits or dies.
@@ -53,8 +54,10 @@ cdef extern from "<errno.h>":
 DEF DATA_OFFSET = 4096
 DEF SEGMENT_ROUND = 1 << 20
 
-# pid u32, fd u32, segment id u64, segment size u64, generation u64, nbytes u64
-DESCRIPTOR = struct.Struct("<IIQQQQ")
+# pid u32, fd u32, segment id u64, segment size u64, generation u64, offset u64, nbytes u64
+DESCRIPTOR = struct.Struct("<IIQQQQQ")
+# Each buffer of a frame starts on this boundary in its segment (numpy needs at most 16).
+DEF ALIGN = 64
 DEF TOKEN_OFFSET = 8
 
 
@@ -182,27 +185,39 @@ cdef class Outbox:
         self.segments.append(seg)
         return seg
 
-    def put(self, buf):
-        """Copy `buf` into a free segment; its descriptor, or None if no segment can
-        take it now (the caller then sends the bytes through the socket)."""
+    def put(self, buffers):
+        """Copy a frame's `buffers` into one free segment, back to back; their
+        descriptors, or None if no segment can take them now (the caller then sends
+        the bytes through the socket)."""
         global _next_generation
         cdef Py_buffer view
         cdef Segment seg
-        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-        try:
-            seg = self._segment_for(<size_t>view.len + DATA_OFFSET)
-            if seg is None:
-                return None
-            _next_generation += 1
-            # Taken before the copy: the receiver frees only the generation it got.
-            _store_state(seg.base, _next_generation)
-            seg.last_used = _monotonic()
-            with nogil:
-                memcpy(seg.base + DATA_OFFSET, view.buf, <size_t>view.len)
-            return DESCRIPTOR.pack(self.pid, seg.fd, seg.seg_id, seg.size, _next_generation,
-                                   view.len)
-        finally:
-            PyBuffer_Release(&view)
+        cdef size_t need = DATA_OFFSET, offset
+        lengths = []
+        for b in buffers:
+            n = memoryview(b).nbytes
+            lengths.append(n)
+            need += (n + ALIGN - 1) // ALIGN * ALIGN
+        seg = self._segment_for(need)
+        if seg is None:
+            return None
+        _next_generation += 1
+        # Taken before the copy: the receiver frees only the generation it got.
+        _store_state(seg.base, _next_generation)
+        seg.last_used = _monotonic()
+        descriptors = []
+        offset = DATA_OFFSET
+        for b, n in zip(buffers, lengths):
+            PyObject_GetBuffer(b, &view, PyBUF_SIMPLE)
+            try:
+                with nogil:
+                    memcpy(seg.base + offset, view.buf, <size_t>view.len)
+            finally:
+                PyBuffer_Release(&view)
+            descriptors.append(DESCRIPTOR.pack(self.pid, seg.fd, seg.seg_id, seg.size,
+                                               _next_generation, offset, n))
+            offset += (<size_t>n + ALIGN - 1) // ALIGN * ALIGN
+        return descriptors
 
     def trim(self, double idle_seconds):
         """Drop the free segments not filled for `idle_seconds`; their ids (the
@@ -215,10 +230,10 @@ cdef class Outbox:
             self.segments.remove(seg)
         return [seg.seg_id for seg in dropped]
 
-    def release(self, bytes descriptor):
-        """Give back a segment `put` filled but whose frame was not sent."""
+    def release(self, descriptors):
+        """Give back the segment `put` filled but whose frame was not sent."""
         cdef Segment seg
-        _, _, seg_id, _, generation, _ = DESCRIPTOR.unpack(descriptor)
+        _, _, seg_id, _, generation, _, _ = DESCRIPTOR.unpack(descriptors[0])
         for seg in self.segments:
             if seg.seg_id == seg_id:
                 _free_if(seg.base, generation)
@@ -265,28 +280,36 @@ cdef Mapping _map_peer_fd(uint32_t pid, uint32_t fd, size_t size):
     return m
 
 
-cdef class SharedBuffer:
-    """A received buffer living in a sender's segment. It exports the memory
-    writable (as a received buffer would be); when it is freed — after the last
-    array or view built on it — the segment is marked free for the sender."""
+cdef class Lease:
+    """A frame's hold on a sender's segment: when the last of the frame's buffers
+    (and so the last array or view built on them) is freed, the segment is marked
+    free for the sender to fill again."""
 
     cdef Mapping mapping
-    cdef size_t nbytes
     cdef uint64_t generation
 
+    def __dealloc__(self):
+        if self.mapping is not None:
+            _free_if(self.mapping.base, self.generation)
+
+
+cdef class SharedBuffer:
+    """A received buffer living in a sender's segment, exported writable (as a
+    received buffer would be)."""
+
+    cdef Lease lease
+    cdef size_t offset
+    cdef size_t nbytes
+
     def __getbuffer__(self, Py_buffer* buffer, int flags):
-        PyBuffer_FillInfo(buffer, self, self.mapping.base + DATA_OFFSET, <Py_ssize_t>self.nbytes,
-                          0, flags)
+        PyBuffer_FillInfo(buffer, self, self.lease.mapping.base + self.offset,
+                          <Py_ssize_t>self.nbytes, 0, flags)
 
     def __releasebuffer__(self, Py_buffer* buffer):
         pass
 
     def __len__(self):
         return self.nbytes
-
-    def __dealloc__(self):
-        if self.mapping is not None:
-            _free_if(self.mapping.base, self.generation)
 
 
 cdef class Inbox:
@@ -299,11 +322,11 @@ cdef class Inbox:
         self.mappings = {}
         self.max_mappings = max_mappings
 
-    def attach(self, bytes descriptor):
-        """The SharedBuffer a descriptor names (mapping its segment on first use)."""
-        pid, fd, seg_id, size, generation, nbytes = DESCRIPTOR.unpack(descriptor)
-        if nbytes + DATA_OFFSET > size:
-            raise ValueError("shared-memory descriptor: buffer larger than its segment")
+    def attach(self, descriptors):
+        """The SharedBuffers a frame's descriptors name, all in one segment (mapped on
+        first use) and sharing one Lease on it."""
+        first = DESCRIPTOR.unpack(descriptors[0])
+        pid, fd, seg_id, size, generation = first[:5]
         cdef Mapping m = self.mappings.get(seg_id)
         if m is None or m.size != size:
             m = _map_peer_fd(pid, fd, size)
@@ -311,11 +334,23 @@ cdef class Inbox:
             while len(self.mappings) >= self.max_mappings:
                 del self.mappings[next(iter(self.mappings))]
             self.mappings[seg_id] = m
-        cdef SharedBuffer b = SharedBuffer.__new__(SharedBuffer)
-        b.mapping = m
-        b.nbytes = nbytes
-        b.generation = generation
-        return b
+        cdef Lease lease = Lease.__new__(Lease)
+        lease.mapping = m
+        lease.generation = generation
+        cdef SharedBuffer b
+        out = []
+        for d in descriptors:
+            fields = DESCRIPTOR.unpack(d)
+            offset, nbytes = fields[5], fields[6]
+            if fields[:5] != first[:5] or offset < DATA_OFFSET or offset + nbytes > size:
+                lease.mapping = None  # a forged frame frees nothing
+                raise ValueError("shared-memory descriptor outside its frame's segment")
+            b = SharedBuffer.__new__(SharedBuffer)
+            b.lease = lease
+            b.offset = offset
+            b.nbytes = nbytes
+            out.append(b)
+        return out
 
     def forget(self, seg_ids):
         """The sender dropped these segments: unmap them once no buffer uses them."""

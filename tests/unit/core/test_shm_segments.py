@@ -1,5 +1,6 @@
-"""The shared-memory segments of `_shm`: one copy in, mapped (not copied) out, reused
-once the receiver lets go, never named in /dev/shm."""
+"""The shared-memory segments of `_shm`: a frame's buffers copied once into one
+segment, mapped (not copied) out, the segment reused once the receiver lets go of
+every buffer of that frame, never named in /dev/shm."""
 
 from __future__ import annotations
 
@@ -19,58 +20,68 @@ def shm_names() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
 
+def send(out, inbox, *buffers):
+    descriptors = out.put(list(buffers))
+    return None if descriptors is None else inbox.attach(descriptors)
+
+
 def test_a_buffer_arrives_as_a_view_of_the_shared_segment():
     out, inbox = _shm.Outbox(), _shm.Inbox()
     a = np.arange(500_000, dtype=np.float64)
-    received = inbox.attach(out.put(a))
+    (received,) = send(out, inbox, a)
     b = np.frombuffer(received, dtype=np.float64)
     assert np.array_equal(a, b) and b.flags.writeable
     a[0] = -1.0  # the sender's array is copied at put: changing it later changes nothing
     assert b[0] == 0.0
     b[1] = 7.0  # the receiver's view is writable, as a received array is
-    assert inbox.attach(out.put(a)) is not None  # the first segment is still held: a new one
+    assert send(out, inbox, a) is not None  # the first segment is still held: a new one
     assert out.nsegments == 2
 
 
-def test_a_segment_is_filled_again_only_after_the_receiver_lets_go():
+def test_a_frames_buffers_share_one_segment_until_all_are_let_go():
     out, inbox = _shm.Outbox(max_segments=1), _shm.Inbox()
-    a = np.ones(300_000)
-    first = inbox.attach(out.put(a))
-    assert out.put(a) is None  # in use, and no room for another: the socket's turn
-    arr = np.frombuffer(first, dtype=np.float64)
-    del first
-    assert out.put(a) is None  # the array still uses the segment
-    del arr
+    parts = [np.full(n, float(n)) for n in (3, 100_000, 17, 250_000)]
+    got = [np.frombuffer(b, dtype=np.float64) for b in send(out, inbox, *parts)]
+    assert out.nsegments == 1
+    for a, b in zip(parts, got):
+        assert np.array_equal(a, b) and b.ctypes.data % 16 == 0
+    del b
+    assert out.put([parts[0]]) is None  # in use, and no room for another
+    del got[:3]
     gc.collect()
-    d = out.put(a * 2)
-    assert d is not None and out.nsegments == 1
-    assert np.frombuffer(inbox.attach(d), dtype=np.float64)[0] == 2.0
+    assert out.put([parts[0]]) is None  # the last buffer of the frame still holds it
+    del got
+    gc.collect()
+    assert out.put([parts[1]]) is not None and out.nsegments == 1
 
 
-def test_pickle_out_of_band_buffers_travel_through_segments():
+def test_pickle_out_of_band_buffers_travel_through_a_segment():
     out, inbox = _shm.Outbox(), _shm.Inbox()
     value = {"x": np.arange(200_000, dtype=np.int64), "y": np.zeros((300, 300))}
     pbs: list[pickle.PickleBuffer] = []
     body = pickle.dumps(value, 5, buffer_callback=pbs.append)
-    descriptors = [out.put(pb.raw()) for pb in pbs]
-    back = pickle.loads(body, buffers=[inbox.attach(d) for d in descriptors])
+    back = pickle.loads(body, buffers=send(out, inbox, *[pb.raw() for pb in pbs]))
     assert np.array_equal(back["x"], value["x"]) and np.array_equal(back["y"], value["y"])
 
 
 def test_release_gives_back_a_segment_whose_frame_was_not_sent():
     out = _shm.Outbox(max_segments=1)
-    d = out.put(b"x" * 100_000)
-    assert out.put(b"y" * 100_000) is None
+    d = out.put([b"x" * 100_000])
+    assert out.put([b"y" * 100_000]) is None
     out.release(d)
-    assert out.put(b"y" * 100_000) is not None
+    assert out.put([b"y" * 100_000]) is not None
 
 
-def test_a_descriptor_naming_more_than_its_segment_is_refused():
+def test_descriptors_outside_their_segment_are_refused():
     out, inbox = _shm.Outbox(), _shm.Inbox()
-    pid, fd, seg_id, size, gen, _ = _shm.DESCRIPTOR.unpack(out.put(b"z" * 5000))
-    forged = _shm.DESCRIPTOR.pack(pid, fd, seg_id, size, gen, size)
+    (d,) = out.put([b"z" * 5000])
+    pid, fd, seg_id, size, gen, offset, _ = _shm.DESCRIPTOR.unpack(d)
     with pytest.raises(ValueError):
-        inbox.attach(forged)
+        inbox.attach([_shm.DESCRIPTOR.pack(pid, fd, seg_id, size, gen, offset, size)])
+    with pytest.raises(ValueError):
+        inbox.attach([_shm.DESCRIPTOR.pack(pid, fd, seg_id, size, gen, 0, 10)])  # the header
+    with pytest.raises(ValueError):  # a second buffer naming another segment
+        inbox.attach([d, _shm.DESCRIPTOR.pack(pid, fd, seg_id + 1, size, gen, offset, 10)])
 
 
 def test_the_probe_is_checked_by_its_token():
@@ -84,15 +95,15 @@ def test_the_probe_is_checked_by_its_token():
 def test_segments_have_no_name_in_dev_shm():
     before = shm_names()
     out = _shm.Outbox()
-    out.put(np.ones(1_000_000))
+    out.put([np.ones(1_000_000)])
     assert shm_names() == before
     out.close()
 
 
 def test_idle_free_segments_are_trimmed_and_forgotten_by_the_receiver():
     out, inbox = _shm.Outbox(), _shm.Inbox()
-    held = inbox.attach(out.put(np.ones(200_000)))
-    let_go = inbox.attach(out.put(np.zeros(200_000)))
+    (held,) = send(out, inbox, np.ones(200_000))
+    (let_go,) = send(out, inbox, np.zeros(200_000))
     assert out.nsegments == 2 and inbox.nmappings == 2
     del let_go
     gc.collect()
@@ -102,4 +113,3 @@ def test_idle_free_segments_are_trimmed_and_forgotten_by_the_receiver():
     assert inbox.nmappings == 1
     assert np.frombuffer(held, dtype=np.float64)[-1] == 1.0
     assert out.trim(3600.0) == []  # nothing idle that long
-
