@@ -15,7 +15,7 @@ def test_a_backlog_of_short_calls_does_not_grow_the_pool() -> None:
     # no stall, and every extra thread would only fight the busy ones for the GIL.
     pool = CallPool(name="backlog-test")
     done = threading.Semaphore(0)
-    n = 20_000
+    n = 40_000
 
     def short() -> None:
         sum(range(200))
@@ -25,7 +25,9 @@ def test_a_backlog_of_short_calls_does_not_grow_the_pool() -> None:
         pool.submit(short)
     for _ in range(n):
         assert done.acquire(timeout=20)
-    assert pool.nthreads <= MIN_THREADS + 1
+    # A thread or three more when this thread's submitting keeps the GIL from the pool
+    # for a whole watchdog window; growing with the backlog (one per 5 ms) made 7-24.
+    assert pool.nthreads <= MIN_THREADS + 3
 
 
 @pytest.mark.timeout(30)
