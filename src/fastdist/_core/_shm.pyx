@@ -108,10 +108,6 @@ cdef class Segment:
         if self.fd >= 0:
             c_close(self.fd)
 
-    @property
-    def in_use(self):
-        return _load_state(self.base) != 0
-
 
 cdef Segment _create_segment(size_t size, uint64_t seg_id):
     cdef Segment seg = Segment.__new__(Segment)
@@ -229,14 +225,6 @@ cdef class Outbox:
         for seg in dropped:
             self.segments.remove(seg)
         return [seg.seg_id for seg in dropped]
-
-    def release(self, descriptors):
-        """Give back the segment `put` filled but whose frame was not sent."""
-        cdef Segment seg
-        _, _, seg_id, _, generation, _, _ = DESCRIPTOR.unpack(descriptors[0])
-        for seg in self.segments:
-            if seg.seg_id == seg_id:
-                _free_if(seg.base, generation)
 
     def close(self):
         self.segments = []
