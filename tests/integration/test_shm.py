@@ -56,6 +56,15 @@ def _send_until_shared(w, a, limit=5):
     raise AssertionError("the worker never accepted shared memory")
 
 
+def _fetch_until_shared(w, limit=5):
+    """The same for results: the worker's first large reply asks the master."""
+    for _ in range(limit):
+        fd.remotecall_fetch(_arange, w, 2 * MB)
+        if _peer_stats(w, 1)["shm"]:
+            return
+    raise AssertionError("the master never accepted the worker's shared memory")
+
+
 def test_large_arrays_travel_through_shared_memory_both_ways(two_workers):
     w = two_workers[0]
     a = np.random.default_rng(1).random(2 * MB)  # 16 MB
@@ -96,8 +105,7 @@ def test_arrays_held_by_the_receiver_keep_their_segments_and_the_rest_is_bounded
     # The master keeps every result: each holds its segment, so the worker makes new
     # ones up to its limit and then sends through the socket; every value is right.
     w = two_workers[0]
-    for _ in range(3):
-        fd.remotecall_fetch(_arange, w, 2 * MB)
+    _fetch_until_shared(w)
     kept = [fd.remotecall_fetch(_arange, w, 2 * MB, float(i)) for i in range(MAX_SEGMENTS + 2)]
     for i, a in enumerate(kept):
         assert np.array_equal(a, _arange(2 * MB, float(i)))
@@ -182,9 +190,7 @@ def _send_unmappable_segments(on: bool) -> None:
 
 def test_a_result_whose_segment_cannot_be_mapped_fails_that_call_only(two_workers):
     w = two_workers[0]
-    for _ in range(3):
-        fd.remotecall_fetch(_arange, w, 2 * MB)
-    assert _peer_stats(w, 1)["shm"]
+    _fetch_until_shared(w)
     fd.remotecall_fetch(_send_unmappable_segments, w, True)
     try:
         with pytest.raises(fd.RemoteException, match="segment"):
@@ -221,9 +227,7 @@ def _segments_fail(on: bool) -> None:
 
 def test_a_segment_that_cannot_be_made_sends_through_the_socket(two_workers):
     w = two_workers[0]
-    for _ in range(3):
-        fd.remotecall_fetch(_arange, w, 2 * MB)
-    assert _peer_stats(w, 1)["shm"]
+    _fetch_until_shared(w)
     fd.remotecall_fetch(_segments_fail, w, True)
     try:
         sent = _peer_stats(w, 1)["shm_msgs_sent"]
