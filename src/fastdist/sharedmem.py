@@ -24,6 +24,7 @@ import threading
 from typing import Any
 
 from fastdist._core._shm import Inbox, Outbox, Probe, check_probe
+from fastdist.protocol.messages import Kind
 
 FLAG_SHM = 0x80  # any kind: every out-of-band buffer is a shared-memory descriptor
 OFFER = struct.Struct("<II16s")  # pid, probe fd, token
@@ -104,8 +105,6 @@ class SharedMemory:
         return flags | FLAG_SHM, descriptors
 
     def _offer(self, conn: Any, pid: int) -> None:
-        from fastdist.protocol.messages import Kind
-
         with self._lock:
             if pid in self._offered:
                 return
@@ -121,8 +120,6 @@ class SharedMemory:
             pass
 
     def on_offer(self, conn: Any, body: Any) -> None:
-        from fastdist.protocol.messages import Kind
-
         pid, fd, token = OFFER.unpack(bytes(body))
         if self.enabled and check_probe(pid, fd, token):
             conn.send_nowait(Kind.SHM_ACCEPT, 0, 0, 0, 0)
@@ -132,8 +129,6 @@ class SharedMemory:
 
     def trim(self, conn_of: Any) -> None:
         """Drop segments idle for IDLE_SECONDS and tell their receivers (loop thread)."""
-        from fastdist.protocol.messages import Kind
-
         if not self._outboxes:
             return
         with self._lock:
