@@ -15,10 +15,12 @@ def stats(pid: int | None = None) -> dict[str, Any]:
     """Counters of process `pid` (default: this one).
 
     Returns:
-        ``{"pid": pid, "peers": {peer_pid: {"msgs_sent", "bytes_sent", "msgs_received",
-        "bytes_received", "shm", "shm_segments", "shm_mapped", "shm_msgs_sent",
-        "shm_bytes_sent"}}, "refs": n}`` — a peer appears once a connection to it
-        exists; `refs` counts the Future and RemoteChannel values the process holds.
+        ``{"pid": pid, "peers": {peer_pid: {"msgs_sent", "bytes_sent", "writes",
+        "msgs_received", "bytes_received", "shm", "shm_segments", "shm_mapped",
+        "shm_msgs_sent", "shm_bytes_sent"}}, "refs": n}`` — a peer appears once a
+        connection to it exists; `refs` counts the Future and RemoteChannel values
+        the process holds. `writes` counts the write system calls that sent those
+        messages: small frames sent close together share one.
         `shm` says whether large buffers to that peer go through shared memory (same
         host, see docs/ARCHITECTURE.md), `shm_segments` how many segments this
         process keeps for it, `shm_mapped` how many of the peer's it maps,

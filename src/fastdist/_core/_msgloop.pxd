@@ -54,6 +54,7 @@ cdef class SocketConnection:
     cdef bint close_fd_pending      # the fd is shut down but a sender still holds send_lock
     cdef readonly uint64_t msgs_sent
     cdef readonly uint64_t bytes_sent
+    cdef readonly uint64_t writes     # sendmsg calls that wrote: frames per write shows batching
     cdef readonly uint64_t msgs_received
     cdef readonly uint64_t bytes_received
 

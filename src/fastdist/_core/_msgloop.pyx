@@ -408,6 +408,7 @@ cdef class SocketConnection:
                 return 0
             raise ConnectionResetError(err, os.strerror(err))
         self.bytes_sent += written
+        self.writes += 1
         # Drop the segments the kernel took whole; remember how far into the next.
         cdef Py_ssize_t left = written
         while self.outq:
@@ -753,6 +754,7 @@ cdef class SocketConnection:
         return {
             "msgs_sent": self.msgs_sent,
             "bytes_sent": self.bytes_sent,
+            "writes": self.writes,
             "msgs_received": self.msgs_received,
             "bytes_received": self.bytes_received,
         }
