@@ -57,6 +57,14 @@ class CallPool:
         self._lane_conn: Any = None  # the connection whose calls join the lane; None: closed
         self._lane_started = 0  # lane tasks begun so far: the watchdog's sign of progress
         self._lane_thread = 0  # ident of the thread running the lane
+        self._lane_tid = 0  # and its native id (for the watchdog's look at its schedstat)
+        self._lane_writing = False  # the lane's thread is writing the replies it queued
+        # The connection the lane's thread is still the reader of while it runs the
+        # lane (None once given back); changed only under _reader_lock, which the
+        # lane's thread holds while it reads, so the watchdog never takes the role
+        # away in the middle of a read.
+        self._lane_reads: Any = None
+        self._reader_lock = threading.Lock()
 
     def submit(self, task: Callable[[], object]) -> None:
         """Run `task()` on a pool thread; never blocks.
@@ -95,17 +103,31 @@ class CallPool:
         self.submit(task)
 
     def lane_continues(self, conn: Any) -> bool:
-        """True on the lane's thread while more of `conn`'s calls wait in the lane.
+        """True on the lane's thread while more of `conn`'s calls wait in the lane,
+        or while that thread is still `conn`'s reader (it looks for more calls
+        before it waits, and flushes first).
 
         The reply of the call it just ran may then wait for the next ones' and go
-        out with them in one write (see handlers.py): before the lane's last call,
-        or when the watchdog finds the lane stuck, queued replies are flushed.
+        out with them in one write (see handlers.py): when the lane runs dry, or
+        when the watchdog finds the lane stuck, queued replies are flushed.
         """
-        if self._lane_conn is not conn or not self._lane or self._lane_thread != _get_ident():
+        if self._lane_conn is not conn or self._lane_thread != _get_ident():
+            return False
+        if not self._lane and self._lane_reads is not conn:
             return False
         if not self._stall.is_set():
             self._stall.set()
         return True
+
+    def flush_lane(self, conn: Any) -> None:
+        """On the lane's thread: write the replies queued on `conn`. A write that
+        waits (the caller is slow to read) is no stall: calls handed to other
+        threads could not answer sooner, so the watchdog leaves the lane alone."""
+        self._lane_writing = True
+        try:
+            conn.flush()
+        finally:
+            self._lane_writing = False
 
     def _spill_lane(self) -> None:
         """Hand the lane's waiting tasks to the pool (each is taken exactly once)."""
@@ -117,45 +139,78 @@ class CallPool:
             self.submit(task)
 
     def _run_lane(self, conn: Any, tasks: list[Callable[[], object]],
-                  run_taking_back: Callable[[Any, Callable[[], object]], bool]) -> bool:
-        """On the fast reader, the connection given back: run `tasks`, and the calls
-        that join them, in order. True if this thread is `conn`'s reader afterwards."""
+                  take_calls: Callable[[Any, float], list[Callable[[], object]]]) -> bool:
+        """On the fast reader, still `conn`'s reader: run `tasks`, and the calls read
+        meanwhile, in order. When the lane runs dry it reads what has come since
+        (without waiting) and goes on, so a stream of calls costs one read and one
+        write per batch and no hand-off. A call that gets stuck loses the reader
+        role to the loop thread (see _watch_stalls), and a call about to wait for a
+        reply gives it up (see lend_reader). True if this thread is `conn`'s reader
+        afterwards."""
         self._lane.extend(tasks)
         self._lane_thread = _get_ident()
+        self._lane_tid = threading.get_native_id()
         self._lane_conn = conn
-        if len(tasks) > 1 and not self._stall.is_set():
+        self._lane_reads = conn
+        if not self._stall.is_set():
             self._stall.set()  # the watchdog looks after the ones waiting
-        regained = False
         lane = self._lane
         try:
-            while lane:
+            while True:
                 try:
                     task = lane.popleft()
-                except IndexError:  # the watchdog handed the rest to the pool meanwhile
-                    break
+                except IndexError:  # dry (or the watchdog handed the rest to the pool)
+                    more = self._read_more(conn, take_calls)
+                    if not more:
+                        break
+                    lane.extend(more)
+                    continue
                 self._lane_started += 1
-                if regained:
-                    # Calls that joined before we took the connection back: run them
-                    # with it given back, so the loop thread keeps reading meanwhile.
-                    conn.end_direct()
-                    regained = False
                 try:
-                    if lane:
-                        task()
-                    else:
-                        _flush_queued(conn)  # replies queued behind this one go out first
-                        # The last one known: become the reader again just before its
-                        # reply, so the next request wakes this thread.
-                        regained = run_taking_back(conn, task)
+                    task()
                 except BaseException:  # noqa: BLE001 - never kill the thread
                     traceback.print_exc()
         finally:
+            with self._reader_lock:
+                regained = self._lane_reads is conn
+                self._lane_reads = None
             self._lane_conn = None
             self._lane_thread = 0
+            self._lane_tid = 0
             if lane:
                 self._spill_lane()  # what joined after our last look
             _flush_queued(conn)
         return regained
+
+    def _read_more(self, conn: Any,
+                   take_calls: Callable[[Any, float], list[Callable[[], object]]]
+                   ) -> list[Callable[[], object]]:
+        """The calls that reached `conn` since the lane's last read, if this thread
+        is still its reader; none if nothing came or the role was taken back."""
+        with self._reader_lock:
+            if self._lane_reads is not conn:
+                return []
+            return take_calls(conn, 0.0)
+
+    def lend_reader(self, conn: Any) -> None:
+        """A call on the lane's thread is about to wait for a reply on `conn`: give
+        the reader role back, so that the wait can read the reply (or the loop
+        thread can) rather than nobody until the watchdog steps in."""
+        if self._lane_reads is not conn or self._lane_thread != _get_ident():
+            return
+        with self._reader_lock:
+            if self._lane_reads is not conn:
+                return
+            self._lane_reads = None
+        conn.end_direct()
+
+    def _take_back_reader(self) -> None:
+        """The watchdog's half of lend_reader: the lane is stuck in a call, so the
+        loop thread reads its connection again."""
+        with self._reader_lock:
+            conn, self._lane_reads = self._lane_reads, None
+        if conn is not None:
+            conn.end_direct()
 
     def _start_thread(self) -> None:
         threading.Thread(target=self._serve, name=f"{self._name}-{self._nthreads}",
@@ -165,11 +220,16 @@ class CallPool:
         while True:
             self._stall.wait()
             lane_mark, taken_mark = self._lane_started, self._taken
+            lane_tid = self._lane_tid
+            sched_mark = _sched_times(lane_tid) if lane_tid else None
             time.sleep(STALL_SECONDS)
-            if self._lane_started == lane_mark:
+            if (self._lane_started == lane_mark and not self._lane_writing
+                    and not _kept_off_cpu(lane_tid, sched_mark)):
                 # The fast reader is stuck in a call: the rest go on, and the replies
                 # it queued meanwhile go out.
                 lane_conn = self._lane_conn
+                self._lane_conn = None  # calls that come now go to the pool, not behind it
+                self._take_back_reader()
                 if self._lane:
                     self._spill_lane()
                 if lane_conn is not None:
@@ -193,7 +253,7 @@ class CallPool:
         Returns when this thread is no longer needed as the fast reader (the
         connection is gone or being read by someone else).
         """
-        from fastdist.handlers import run_taking_back, take_calls
+        from fastdist.handlers import take_calls
 
         with self._lock:
             if self._fast_reader_active or self.fast_connection is None:
@@ -207,30 +267,23 @@ class CallPool:
                 if conn is None or getattr(conn, "is_closed", True):
                     return
                 if held is not conn:
-                    if not conn.begin_direct():
-                        # The I/O thread holds the connection for a moment, or a user
-                        # thread reads it for its own reply: try again shortly.
+                    # The I/O thread holds the connection for a moment (nearly always,
+                    # under a stream of calls), or a user thread reads it for its own
+                    # reply: wait for it a little, a few times.
+                    if not conn.begin_direct(0.002):
                         busy += 1
-                        if busy > 50:
+                        if busy > 20:
                             return
-                        time.sleep(0 if busy < 10 else 0.001)
                         continue
                     held = conn
                 busy = 0
                 tasks = take_calls(conn, 5.0)
                 if not tasks:
                     continue
-                # Run them with the connection given back, so others' calls are served.
-                conn.end_direct()
-                held = None
-                with self._lock:
-                    self._fast_reader_active = False
-                if self._run_lane(conn, tasks, run_taking_back):
-                    held = conn
-                with self._lock:
-                    if self._fast_reader_active:
-                        return  # another idle thread took the role meanwhile
-                    self._fast_reader_active = True
+                # The lane holds the connection now and may lose it (see _run_lane).
+                # This thread stays the one fast reader meanwhile: a second one would
+                # run a lane of its own, and the two would take each other's state.
+                held = conn if self._run_lane(conn, tasks, take_calls) else None
         finally:
             if held is not None:
                 held.end_direct()
@@ -326,6 +379,32 @@ class CallPool:
     @property
     def nthreads(self) -> int:
         return self._nthreads
+
+
+def _sched_times(tid: int) -> tuple[int, int] | None:
+    """(ns run, ns waited while runnable) of thread `tid` of this process so far, from
+    Linux's schedstat; None where it cannot be read."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+            run, waited = f.read().split()[:2]
+        return int(run), int(waited)
+    except (OSError, ValueError):
+        return None
+
+
+def _kept_off_cpu(tid: int, mark: tuple[int, int] | None) -> bool:
+    """Whether thread `tid` made no progress since `mark` because the kernel ran other
+    processes (more of them than cores: a worker is often off its core for several
+    ms), not because its call blocked or ran long: it waited to run for a fifth of
+    the window or more, and ran for less. Taken for a stall, that would hand a whole
+    batch of short calls to the pool: a thread each, a reply each."""
+    if mark is None:
+        return False
+    now = _sched_times(tid)
+    if now is None:
+        return False
+    fifth = STALL_SECONDS * 1e9 / 5
+    return now[0] - mark[0] < fifth and now[1] - mark[1] >= fifth
 
 
 def _flush_queued(conn: Any) -> None:

@@ -119,17 +119,10 @@ def _run_call(node: Any, conn: Any, frame: Any) -> None:
             try:
                 if queue(Kind.RESULT, flags, 0, caller, frame.id, body) < MAX_QUEUED_REPLIES:
                     return
-                conn.flush()
+                node.callpool.flush_lane(conn)
             except ConnectionError:
                 pass
             return
-    before_reply = getattr(_local, "before_reply", None)
-    if before_reply is not None:
-        _local.before_reply = None
-        # Only before a small reply: while a long one goes out, the loop thread must
-        # keep reading (heartbeats), and the next request cannot come before it anyway.
-        if not buffers and len(body) <= SMALL_REPLY_NBYTES:
-            before_reply(conn)
     if buffers:
         flags, buffers = node.shm.outgoing(conn, flags, buffers)
     try:
@@ -153,8 +146,8 @@ def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
 
 
 _local = threading.local()
-# Replies up to this size (and without out-of-band buffers) may be sent by a thread
-# that already holds the connection's reader role (see run_taking_back).
+# Replies up to this size (and without out-of-band buffers) may wait in a lane's
+# queue; a larger one goes out at once.
 SMALL_REPLY_NBYTES = 16 * 1024
 # Replies a worker's lane queues before writing them together (see lane_continues):
 # one write per this many pipelined calls, not per call.
@@ -182,24 +175,6 @@ def take_calls(conn: Any, timeout: float) -> list[Any]:
     finally:
         _local.inline_slot = None
     return slot
-
-
-def run_taking_back(conn: Any, task: Any) -> bool:
-    """Run a call taken from `conn`; just before its reply goes out, become `conn`'s
-    reader again, so that the next request wakes this thread and not the loop
-    thread. True if this thread is the reader afterwards."""
-    regained: list[bool] = []
-
-    def before_reply(c: Any) -> None:
-        if c is conn and conn.begin_direct():
-            regained.append(True)
-
-    _local.before_reply = before_reply
-    try:
-        task()
-    finally:
-        _local.before_reply = None
-    return bool(regained)
 
 
 def handle_result(node: Any, conn: Any, frame: Any) -> None:

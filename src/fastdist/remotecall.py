@@ -256,6 +256,7 @@ def _wait_reply(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
     read_direct = getattr(conn, "read_direct", None)
     if read_direct is None:
         return w.wait(timeout)
+    n.callpool.lend_reader(conn)  # a call in a worker's lane may hold the reader role
     deadline = None if timeout is None else time.monotonic() + timeout
     # An interruptible call must not take an interrupt while it dispatches others' frames.
     shield = n.callpool.is_running_user()

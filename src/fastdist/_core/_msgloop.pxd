@@ -48,6 +48,7 @@ cdef class SocketConnection:
     cdef list pending               # small frames from non-blocking senders, not yet in outq
     cdef bint write_interest        # EPOLLOUT is registered
     cdef bint read_interest         # EPOLLIN is registered (off while a thread reads directly)
+    cdef bint direct_wanted         # a thread waits to read directly: the loop thread leaves it
     cdef bint closed                # no more reads or writes
     cdef int spin_misses            # consecutive spins that ended without data (capped)
     cdef int spin_skip              # waits left to block at once before spinning again

@@ -20,7 +20,13 @@ from cpython.pythread cimport (
     PyThread_free_lock,
     PyThread_get_thread_ident,
     PyThread_release_lock,
+    PyThread_type_lock,
 )
+
+cdef extern from "pythread.h":
+    # (Not in Cython's cpython.pythread: a lock wait with a deadline, 1 if acquired.)
+    int PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                    int intr_flag) nogil
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
@@ -597,6 +603,12 @@ cdef class SocketConnection:
     cdef int _on_readable(self) except -1:
         if self.closed:
             return 0
+        if self.direct_wanted:
+            # A thread waits to become the reader: it reads this, and end_direct turns
+            # the loop's interest back on. (Should its wait time out instead, the
+            # lock's holder, a direct reader too, does that when it ends.)
+            self.loop._set_read_interest(self, False)
+            return 0
         if not PyThread_acquire_lock(self.read_lock, NOWAIT_LOCK):
             return 0  # a thread is reading this connection directly
         try:
@@ -638,16 +650,37 @@ cdef class SocketConnection:
         self._deliver()
         return 0
 
-    def begin_direct(self):
+    def begin_direct(self, double timeout=0.0):
         """Become this connection's reader: the loop thread leaves it alone until
         `end_direct()`. A thread about to send a request and wait for its reply
         calls it *before* sending, so the reply can only wake that thread — not
         the loop thread, which would then have to wake it. False if another
-        thread is reading it now.
+        thread is reading it now (and, given a `timeout` in seconds, still was
+        that long: the loop thread under a steady stream holds the role nearly
+        all the time, and gives it up only to a thread already waiting for it).
         """
+        cdef int got
+        cdef long long us = <long long>(timeout * 1e6)
         if self.closed or self.handshake is not None:
             return False
-        if not PyThread_acquire_lock(self.read_lock, NOWAIT_LOCK):
+        if us > 0:
+            # The loop thread, seeing this, stops reading the connection (_on_readable)
+            # rather than taking the lock again before this thread wakes up.
+            self.direct_wanted = True
+            try:
+                with nogil:
+                    got = PyThread_acquire_lock_timed(self.read_lock, us, 0)
+                # Timed out just as the lock came free: the loop thread, which may have
+                # turned its interest off for us meanwhile, will not read it; we must.
+                if got != 1 and PyThread_acquire_lock(self.read_lock, NOWAIT_LOCK):
+                    got = 1
+            finally:
+                self.direct_wanted = False
+            if got != 1 or self.closed:
+                if got == 1:
+                    PyThread_release_lock(self.read_lock)
+                return False
+        elif not PyThread_acquire_lock(self.read_lock, NOWAIT_LOCK):
             return False
         try:
             self.loop._set_read_interest(self, False)
