@@ -179,7 +179,9 @@ def take_calls(conn: Any, timeout: float) -> list[Any]:
 
 def handle_result(node: Any, conn: Any, frame: Any) -> None:
     # The worker's output printed before this reply was drained by Node.on_frames.
-    raw = (frame.flags, frame.body, frame.buffers)
+    # (No buffers: an empty tuple, not the frame's list: a tracked object less per
+    # result waiting to be fetched.)
+    raw = (frame.flags, frame.body, frame.buffers or ())
     w = node.waiters.pop(frame.id, None)
     if w is not None:
         w.set(raw)

@@ -29,6 +29,10 @@ from fastdist.output import handle_worker_logs
 from fastdist.protocol.values import decode_result
 
 _allocate_lock = threading.Lock
+# One lock for the few assignments every Future guards (deliver, cache, share): the
+# sections are a handful of bytecodes, and a lock per Future would be one more
+# allocation and one more object for the garbage collector per remotecall.
+_futures_lock = threading.Lock()
 # Guards Waiter callback lists only; the set/wait fast path never takes it.
 _callbacks_lock = threading.Lock()
 
@@ -269,7 +273,9 @@ class Future(_RefBase):
         42
     """
 
-    __slots__ = ("_value", "_is_error", "_raw", "_push", "_shared", "_lock", "__weakref__")
+    __slots__ = ("_value", "_is_error", "_raw", "_push", "_shared", "__weakref__")
+
+    _lock = _futures_lock
 
     def __init__(self, pid: int | None = None) -> None:
         n = _node.current()
@@ -286,7 +292,6 @@ class Future(_RefBase):
         self._raw: Any = None
         self._push: Any = None  # remotecall Futures: _PUSHED, or the Waiter of the push
         self._shared = False  # passed to another process while its pushed value was due
-        self._lock = _allocate_lock()
 
     @classmethod
     def _for_call(cls, n: Any, where: int) -> Future:
@@ -302,7 +307,6 @@ class Future(_RefBase):
         self.where, self.whence, self.id, self._holds = where, n.myid, n.next_id(), 1
         self._value, self._is_error, self._raw, self._shared = _EMPTY, False, None, False
         self._push = _PUSHED  # its Waiter is made only if someone waits before the value
-        self._lock = _allocate_lock()
         n.pushes[self.id] = self
         return self
 
