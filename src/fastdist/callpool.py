@@ -57,8 +57,8 @@ class CallPool:
         self._lane_conn: Any = None  # the connection whose calls join the lane; None: closed
         self._lane_started = 0  # lane tasks begun so far: the watchdog's sign of progress
         self._lane_thread = 0  # ident of the thread running the lane
-        self._lane_tid = 0  # and its native id (for the watchdog's look at its schedstat)
-        self._lane_writing = False  # the lane's thread is writing the replies it queued
+        # The lane's thread is reading calls or writing replies: slow I/O is no stall.
+        self._lane_io = False
         # The connection the lane's thread is still the reader of while it runs the
         # lane (None once given back); changed only under _reader_lock, which the
         # lane's thread holds while it reads, so the watchdog never takes the role
@@ -123,11 +123,11 @@ class CallPool:
         """On the lane's thread: write the replies queued on `conn`. A write that
         waits (the caller is slow to read) is no stall: calls handed to other
         threads could not answer sooner, so the watchdog leaves the lane alone."""
-        self._lane_writing = True
+        self._lane_io = True
         try:
             conn.flush()
         finally:
-            self._lane_writing = False
+            self._lane_io = False
 
     def _spill_lane(self) -> None:
         """Hand the lane's waiting tasks to the pool (each is taken exactly once)."""
@@ -149,7 +149,6 @@ class CallPool:
         afterwards."""
         self._lane.extend(tasks)
         self._lane_thread = _get_ident()
-        self._lane_tid = threading.get_native_id()
         self._lane_conn = conn
         self._lane_reads = conn
         if not self._stall.is_set():
@@ -176,7 +175,6 @@ class CallPool:
                 self._lane_reads = None
             self._lane_conn = None
             self._lane_thread = 0
-            self._lane_tid = 0
             if lane:
                 self._spill_lane()  # what joined after our last look
             _flush_queued(conn)
@@ -190,7 +188,12 @@ class CallPool:
         with self._reader_lock:
             if self._lane_reads is not conn:
                 return []
-            return take_calls(conn, 0.0)
+            # (Reading a large batch takes a while: thousands of frames to route.)
+            self._lane_io = True
+            try:
+                return take_calls(conn, 0.0)
+            finally:
+                self._lane_io = False
 
     def lend_reader(self, conn: Any) -> None:
         """A call on the lane's thread is about to wait for a reply on `conn`: give
@@ -220,11 +223,8 @@ class CallPool:
         while True:
             self._stall.wait()
             lane_mark, taken_mark = self._lane_started, self._taken
-            lane_tid = self._lane_tid
-            sched_mark = _sched_times(lane_tid) if lane_tid else None
             time.sleep(STALL_SECONDS)
-            if (self._lane_started == lane_mark and not self._lane_writing
-                    and not _kept_off_cpu(lane_tid, sched_mark)):
+            if self._lane_started == lane_mark and not self._lane_io:
                 # The fast reader is stuck in a call: the rest go on, and the replies
                 # it queued meanwhile go out.
                 lane_conn = self._lane_conn
@@ -379,32 +379,6 @@ class CallPool:
     @property
     def nthreads(self) -> int:
         return self._nthreads
-
-
-def _sched_times(tid: int) -> tuple[int, int] | None:
-    """(ns run, ns waited while runnable) of thread `tid` of this process so far, from
-    Linux's schedstat; None where it cannot be read."""
-    try:
-        with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
-            run, waited = f.read().split()[:2]
-        return int(run), int(waited)
-    except (OSError, ValueError):
-        return None
-
-
-def _kept_off_cpu(tid: int, mark: tuple[int, int] | None) -> bool:
-    """Whether thread `tid` made no progress since `mark` because the kernel ran other
-    processes (more of them than cores: a worker is often off its core for several
-    ms), not because its call blocked or ran long: it waited to run for a fifth of
-    the window or more, and ran for less. Taken for a stall, that would hand a whole
-    batch of short calls to the pool: a thread each, a reply each."""
-    if mark is None:
-        return False
-    now = _sched_times(tid)
-    if now is None:
-        return False
-    fifth = STALL_SECONDS * 1e9 / 5
-    return now[0] - mark[0] < fifth and now[1] - mark[1] >= fifth
 
 
 def _flush_queued(conn: Any) -> None:
