@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from fastdist._core._calls import run_small_call
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import (
@@ -84,14 +85,21 @@ def _decode_call(node: Any, frame: Any) -> tuple[Any, tuple[Any, ...], dict[str,
 
 def _run_call(node: Any, conn: Any, frame: Any) -> None:
     """On a call thread: run the call and deliver what it produced."""
-    caller = frame.whence
-    kind = frame.kind
+    if run_small_call(node, conn, frame):  # most calls, in C (see _core/_calls.pyx)
+        return
     try:
         f, args, kwargs = _decode_call(node, frame)
         value = node.callpool.run_user(f, *args, **kwargs)
         failed = False
     except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt from interrupt() too
         value, failed = exc, True
+    reply_to_call(node, conn, frame, value, failed)
+
+
+def reply_to_call(node: Any, conn: Any, frame: Any, value: Any, failed: bool) -> None:
+    """Deliver what a call produced: its value, or (`failed`) the exception it raised."""
+    caller = frame.whence
+    kind = frame.kind
     if kind == Kind.REMOTE_DO:
         if failed:
             print(f"fastdist: error in remote_do on worker {node.myid}:", file=sys.stderr)
@@ -111,9 +119,15 @@ def _run_call(node: Any, conn: Any, frame: Any) -> None:
             for pid, wid in node.store.set_value(rv, obj=value, is_error=failed):
                 send_value(node, pid, wid, rv)
     flags, body, buffers = encode_error(value) if failed else encode_result(value, caller)
-    flags |= released
+    send_reply(node, conn, frame, flags | released, body, buffers)
+
+
+def send_reply(node: Any, conn: Any, frame: Any, flags: int, body: bytes,
+               buffers: Any) -> None:
+    """Send a call's RESULT frame, or queue it behind the next ones' if more calls
+    from the same caller are being run here (see CallPool.lane_continues)."""
+    caller = frame.whence
     if not buffers and len(body) <= SMALL_REPLY_NBYTES and node.callpool.lane_continues(conn):
-        # More calls from this caller are waiting here: the reply goes out with theirs.
         queue = getattr(conn, "queue_frame", None)
         if queue is not None:
             try:

@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import cloudpickle
 
+from fastdist._core import _calls
+
 # Below this a buffer travels inside the pickle stream: one more iovec and a
 # separate receive allocation cost more than copying a few KiB.
 OOB_THRESHOLD = 64 * 1024
@@ -157,37 +159,10 @@ def _has_large_bytes(obj: Any, depth: int = 3) -> bool:
     return False
 
 
-# Values the C pickler writes exactly as cloudpickle would, with nothing out of band.
-_PLAIN_SCALARS = frozenset({int, float, complex, bool, type(None), str})
+# Values the C pickler writes exactly as cloudpickle would, with nothing out of band:
+# `is_plain` (in C, with the small-call path that needs it most).
 _PLAIN_MAX_ITEMS = 16
-
-
-def is_plain(obj: Any, depth: int = 3) -> bool:
-    """Whether `obj` is small plain data (and functions already found importable):
-    most calls and results are, and `pickle.dumps` writes them ~5x faster than a
-    CloudPickler, which costs a Python-level hook per object."""
-    t = type(obj)
-    if t in _PLAIN_SCALARS:
-        return True
-    if t is bytes:
-        return len(obj) < OOB_THRESHOLD
-    if t is tuple or t is list:
-        if depth == 0 or len(obj) > _PLAIN_MAX_ITEMS:
-            return False
-        for x in obj:  # noqa: SIM110 - a loop: all() over a generator costs twice as much
-            if not is_plain(x, depth - 1):
-                return False
-        return True
-    if t is dict:
-        if depth == 0 or len(obj) > _PLAIN_MAX_ITEMS:
-            return False
-        for k, v in obj.items():  # noqa: SIM110 - as above
-            if type(k) is not str or not is_plain(v, depth - 1):
-                return False
-        return True
-    if t in _NAMED:
-        return _BY_REFERENCE.get(id(obj)) is obj
-    return False
+is_plain = _calls.is_plain
 
 
 # The pickles of functions found importable by name (see `function_pickle`).
@@ -291,3 +266,7 @@ def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
     except Exception as exc:
         raise SerializationError(
             f"could not deserialise the {what}: {type(exc).__name__}: {exc}") from exc
+
+
+_calls.configure(_BY_REFERENCE, _FUNCTIONS, _loads_lock, OOB_THRESHOLD, _PLAIN_MAX_ITEMS,
+                 types.FunctionType, types.BuiltinFunctionType)

@@ -1,0 +1,145 @@
+# cython: freethreading_compatible = False
+"""The small-call fast path: what a worker does for most calls, without the
+interpreter's frame-per-step overhead.
+
+A call whose function travels by name (its pickle is in the function cache and
+its module still binds it), with no out-of-band buffers, is decoded, run and its
+result pickled here; what happens to the reply (queued behind the lane's other
+replies, or sent) is decided by the Python code it is handed to. Anything else,
+and every failure, takes the Python path in fastdist.handlers — the fast path
+changes what a call costs, never what it does. `is_plain` lives here too: the
+master asks it of every call's arguments, the worker of every result.
+
+The registries it reads (functions found importable, the function cache, the
+unpickling lock) are fastdist.protocol.serialize's own objects, handed over once
+by `configure`.
+"""
+
+import pickle
+
+from cpython.bytes cimport PyBytes_GET_SIZE
+
+from fastdist._core._wire cimport Frame
+
+# Message kinds and flags this path deals with (protocol/messages.py).
+cdef enum:
+    CALL = 2
+    CALL_FETCH = 3
+    FLAG_RELEASED = 0x02
+
+cdef object _pickle_loads = pickle.loads
+cdef object _pickle_dumps = pickle.dumps
+
+cdef dict _by_reference = {}
+cdef dict _functions = {}
+cdef object _loads_lock = None
+cdef Py_ssize_t _oob_threshold = 64 * 1024
+cdef int _plain_max_items = 16
+cdef object _FunctionType = None
+cdef object _BuiltinFunctionType = None
+cdef object _send_reply = None
+cdef object _reply_to_call = None
+
+
+def configure(dict by_reference, dict functions, loads_lock, Py_ssize_t oob_threshold,
+              int plain_max_items, function_type, builtin_function_type):
+    """Share serialize's registries with this module (called once, at its import)."""
+    global _by_reference, _functions, _loads_lock, _oob_threshold, _plain_max_items
+    global _FunctionType, _BuiltinFunctionType
+    _by_reference = by_reference
+    _functions = functions
+    _loads_lock = loads_lock
+    _oob_threshold = oob_threshold
+    _plain_max_items = plain_max_items
+    _FunctionType = function_type
+    _BuiltinFunctionType = builtin_function_type
+
+
+
+cpdef bint is_plain(object obj, int depth=3):
+    """Whether `obj` is small plain data (and functions already found importable):
+    most calls and results are, and `pickle.dumps` writes them ~5x faster than a
+    CloudPickler, which costs a Python-level hook per object. Builtin scalars,
+    bytes below the out-of-band threshold, and tuples, lists and str-keyed dicts of
+    at most 16 such items, nested at most `depth` deep."""
+    cdef type t = type(obj)
+    cdef object x, k, v
+    if (t is int or t is float or t is str or t is bool or obj is None
+            or t is complex):
+        return True
+    if t is bytes:
+        return PyBytes_GET_SIZE(obj) < _oob_threshold
+    if t is tuple or t is list:
+        if depth == 0 or len(obj) > _plain_max_items:
+            return False
+        for x in obj:
+            if not is_plain(x, depth - 1):
+                return False
+        return True
+    if t is dict:
+        if depth == 0 or len(<dict>obj) > _plain_max_items:
+            return False
+        for k, v in (<dict>obj).items():
+            if type(k) is not str or not is_plain(v, depth - 1):
+                return False
+        return True
+    if t is _FunctionType or t is _BuiltinFunctionType or t is type:
+        return _by_reference.get(id(obj)) is obj
+    return False
+
+
+cdef object _cached_function(bytes body, Py_ssize_t k):
+    """The function whose pickle is `body[:k]`, if the cache has it and its module
+    still binds it to that name; else None (the Python path looks it up)."""
+    hit = _functions.get(body[:k])
+    if hit is None:
+        return None
+    f, namespace, name = <tuple>hit
+    if (<dict>namespace).get(name) is not f:
+        return None
+    return f
+
+
+def run_small_call(object node, object conn, Frame frame):
+    """Run a CALL or CALL_FETCH frame if it is a small call; True if it was run and
+    its reply handed on, False if nothing was done (the Python path takes it)."""
+    global _send_reply, _reply_to_call
+    cdef int kind = frame.kind
+    cdef Py_ssize_t k = frame.aux
+    cdef object body = frame.body
+    if (kind != CALL and kind != CALL_FETCH) or k == 0 or type(body) is not bytes or frame.buffers:
+        return False
+    if k >= PyBytes_GET_SIZE(body) or (<bytes>body)[k] == 0:
+        return False  # (0: a stream with large bytes out of band, see serialize._loads)
+    f = _cached_function(<bytes>body, k)
+    if f is None:
+        return False
+    _loads_lock.acquire()
+    try:
+        decoded = _pickle_loads((<bytes>body)[k:])
+    except Exception:
+        return False  # decoded again on the Python path, which reports the error
+    finally:
+        _loads_lock.release()
+    if type(decoded) is not tuple or len(<tuple>decoded) != 2:
+        return False
+    args, kwargs = <tuple>decoded
+    if type(args) is not tuple or type(kwargs) is not dict:
+        return False
+    if _send_reply is None:
+        from fastdist.handlers import reply_to_call, send_reply
+        _send_reply, _reply_to_call = send_reply, reply_to_call
+    try:
+        value = node.callpool.run_user(f, *args, **kwargs)
+    except BaseException as exc:  # KeyboardInterrupt from interrupt() too
+        _reply_to_call(node, conn, frame, exc, True)
+        return True
+    # A CALL's value is kept here only if another process holds its Future; a
+    # worker holding any value at all, or a result that is not plain, goes the
+    # general way.
+    if (kind == CALL and len(node.store)) or not is_plain(value):
+        _reply_to_call(node, conn, frame, value, False)
+        return True
+    _send_reply(node, conn, frame, FLAG_RELEASED if kind == CALL else 0,
+                _pickle_dumps(value, 5), ())
+    return True

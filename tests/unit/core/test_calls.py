@@ -1,0 +1,142 @@
+"""The small-call path of `_calls`: which frames it takes, and that what it sends
+is what the general path would have sent."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+from fastdist._core._wire import Frame
+
+from fastdist._core import _calls
+from fastdist.callpool import CallPool
+from fastdist.handlers import reply_to_call
+from fastdist.protocol import serialize
+from fastdist.protocol.messages import FLAG_ERROR, FLAG_RELEASED, Kind
+from fastdist.protocol.values import decode_result
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Conn:
+    """Records the RESULT frames a call's reply became."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def send_frame(self, kind, flags, aux, whence, ref_id, body, buffers=()):
+        self.sent.append((kind, flags, whence, ref_id, bytes(body), list(buffers)))
+
+
+class NoSharedMemory:
+    def outgoing(self, conn, flags, buffers):
+        return flags, buffers
+
+
+class Node:
+    def __init__(self) -> None:
+        self.callpool = CallPool(name="calls-test")
+        self.store: dict = {}
+        self.shm = NoSharedMemory()
+        self.ran: list = []
+        run_user = self.callpool.run_user
+
+        def counting(fn, *args, **kwargs):
+            self.ran.append(fn)
+            return run_user(fn, *args, **kwargs)
+
+        self.callpool.run_user = counting  # type: ignore[method-assign]
+
+
+def call_frame(f, *args, kind=Kind.CALL, **kwargs) -> Frame:
+    fpickle = serialize.function_pickle(f)
+    assert fpickle is not None
+    serialize.loads_function(fpickle)  # as a worker would have on the first call
+    frame = Frame.__new__(Frame)
+    frame.kind, frame.flags, frame.whence, frame.id = kind, 0, 1, 77
+    frame.aux = len(fpickle)
+    frame.body = fpickle + pickle.dumps((args, kwargs), 5)
+    frame.buffers = []
+    return frame
+
+
+@pytest.fixture(autouse=True)
+def _known_functions():
+    # A function travels by name once the pickler has seen it importable.
+    serialize.dumps((os.path.join, divmod, sorted), dest=None)
+
+
+def run(frame: Frame) -> tuple[bool, Node, Conn]:
+    node, conn = Node(), Conn()
+    return _calls.run_small_call(node, conn, frame), node, conn
+
+
+def test_a_small_call_runs_and_its_released_result_is_sent():
+    taken, node, conn = run(call_frame(divmod, 17, 5))
+    assert taken and node.ran == [divmod]
+    [(kind, flags, whence, ref_id, body, buffers)] = conn.sent
+    assert (kind, flags, whence, ref_id, buffers) == (Kind.RESULT, FLAG_RELEASED, 1, 77, [])
+    assert pickle.loads(body) == (3, 2)
+
+
+def test_call_fetch_results_are_not_marked_released_and_kwargs_arrive():
+    taken, _, conn = run(call_frame(sorted, [3, 1, 2], kind=Kind.CALL_FETCH, reverse=True))
+    assert taken
+    [(_, flags, _, _, body, _)] = conn.sent
+    assert flags == 0 and pickle.loads(body) == [3, 2, 1]
+
+
+def test_what_the_general_path_sends_for_an_error_is_sent():
+    frame = call_frame(divmod, 1, 0)
+    taken, _, conn = run(frame)
+    assert taken
+    [(_, flags, _, _, body, _)] = conn.sent
+    assert flags & FLAG_ERROR and flags & FLAG_RELEASED
+    value, is_error = decode_result(flags, body, [])
+    assert is_error and isinstance(value.__cause__ or value.captured.ex, ZeroDivisionError)
+    # The general path, given the same exception, sends the same frame.
+    node, general = Node(), Conn()
+    try:
+        divmod(1, 0)
+    except ZeroDivisionError as exc:
+        reply_to_call(node, general, frame, exc, True)
+    assert general.sent[0][:4] == conn.sent[0][:4]
+
+
+def test_a_result_that_is_not_plain_goes_the_general_way():
+    taken, _, conn = run(call_frame(os.path.join, "a", "b"))
+    assert taken and pickle.loads(conn.sent[0][4]) == os.path.join("a", "b")
+    taken, _, conn = run(call_frame(sorted, [b"x" * serialize.OOB_THRESHOLD]))
+    assert taken
+    [(_, _, _, _, body, buffers)] = conn.sent
+    assert len(buffers) == 1  # out of band: only the general encoder does that
+    assert serialize.loads(body, buffers) == [b"x" * serialize.OOB_THRESHOLD]
+
+
+@pytest.mark.parametrize("change", ["no function pickle", "buffers", "unknown function",
+                                    "remote_do", "not a call body"])
+def test_other_frames_are_left_to_the_python_path(change):
+    frame = call_frame(divmod, 7, 2)
+    if change == "no function pickle":
+        frame.aux = 0
+    elif change == "buffers":
+        frame.buffers = [b"x"]
+    elif change == "unknown function":
+        frame.body = pickle.dumps(print, 5) + frame.body[frame.aux:]
+        frame.aux = len(pickle.dumps(print, 5))
+    elif change == "remote_do":
+        frame.kind = Kind.REMOTE_DO
+    else:
+        frame.body = frame.body[:frame.aux] + pickle.dumps([1, 2, 3], 5)
+    taken, node, conn = run(frame)
+    assert not taken and node.ran == [] and conn.sent == []
+
+
+def test_is_plain_follows_the_registry_of_importable_functions():
+    def local():
+        return 1
+
+    assert not _calls.is_plain(local)
+    assert _calls.is_plain((divmod, (1, 2), {"k": [1.5, None, "s", b"b", True, 1j]}))
+    assert not _calls.is_plain({1: 2}) and not _calls.is_plain([[[[1]]]])
