@@ -7,9 +7,8 @@ import os
 import pickle
 
 import pytest
-from fastdist._core._wire import Frame
 
-from fastdist._core import _calls
+from fastdist._core import _calls, _wire
 from fastdist.callpool import CallPool
 from fastdist.handlers import reply_to_call
 from fastdist.protocol import serialize
@@ -49,11 +48,11 @@ class Node:
         self.callpool.run_user = counting  # type: ignore[method-assign]
 
 
-def call_frame(f, *args, kind=Kind.CALL, **kwargs) -> Frame:
+def call_frame(f, *args, kind=Kind.CALL, **kwargs) -> _wire.Frame:
     fpickle = serialize.function_pickle(f)
     assert fpickle is not None
     serialize.loads_function(fpickle)  # as a worker would have on the first call
-    frame = Frame.__new__(Frame)
+    frame = _wire.Frame.__new__(_wire.Frame)
     frame.kind, frame.flags, frame.whence, frame.id = kind, 0, 1, 77
     frame.aux = len(fpickle)
     frame.body = fpickle + pickle.dumps((args, kwargs), 5)
@@ -67,7 +66,7 @@ def _known_functions():
     serialize.dumps((os.path.join, divmod, sorted), dest=None)
 
 
-def run(frame: Frame) -> tuple[bool, Node, Conn]:
+def run(frame: _wire.Frame) -> tuple[bool, Node, Conn]:
     node, conn = Node(), Conn()
     return _calls.run_small_call(node, conn, frame), node, conn
 
