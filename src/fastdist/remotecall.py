@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import asyncio
 
 from fastdist import node as _node
+from fastdist._core._calls import encode_plain_call
 from fastdist.channel import AbstractChannel
 from fastdist.exceptions import (
     CapturedException,
@@ -63,6 +64,9 @@ def _encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     """(aux, body, buffers) of a call frame: a function that travels by name is
     pickled once and its pickle put before that of `(args, kwargs)`, its length
     in `aux`; any other call is one pickle of `(f, args, kwargs)` and `aux` 0."""
+    plain = encode_plain_call(f, args, kwargs)  # most calls: in C
+    if plain is not None:
+        return plain  # type: ignore[no-any-return]
     fpickle = serialize.function_pickle(f)
     if fpickle is not None:
         body, buffers = serialize.dumps((args, kwargs), dest=pid, what="call's arguments")

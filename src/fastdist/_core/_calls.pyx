@@ -31,6 +31,7 @@ cdef object _pickle_loads = pickle.loads
 cdef object _pickle_dumps = pickle.dumps
 
 cdef dict _by_reference = {}
+cdef dict _function_pickles = {}
 cdef dict _functions = {}
 cdef object _loads_lock = None
 cdef Py_ssize_t _oob_threshold = 64 * 1024
@@ -41,12 +42,14 @@ cdef object _send_reply = None
 cdef object _reply_to_call = None
 
 
-def configure(dict by_reference, dict functions, loads_lock, Py_ssize_t oob_threshold,
-              int plain_max_items, function_type, builtin_function_type):
+def configure(dict by_reference, dict function_pickles, dict functions, loads_lock,
+              Py_ssize_t oob_threshold, int plain_max_items, function_type,
+              builtin_function_type):
     """Share serialize's registries with this module (called once, at its import)."""
-    global _by_reference, _functions, _loads_lock, _oob_threshold, _plain_max_items
-    global _FunctionType, _BuiltinFunctionType
+    global _by_reference, _function_pickles, _functions, _loads_lock, _oob_threshold
+    global _plain_max_items, _FunctionType, _BuiltinFunctionType
     _by_reference = by_reference
+    _function_pickles = function_pickles
     _functions = functions
     _loads_lock = loads_lock
     _oob_threshold = oob_threshold
@@ -86,6 +89,32 @@ cpdef bint is_plain(object obj, int depth=3):
     if t is _FunctionType or t is _BuiltinFunctionType or t is type:
         return _by_reference.get(id(obj)) is obj
     return False
+
+
+def encode_plain_call(object f, tuple args, dict kwargs):
+    """(aux, body, ()) of a call frame whose function travels by name (its pickle
+    already cached) and whose arguments are plain data, or None: serialize's
+    general encoder takes the call (see remotecall._encode_call)."""
+    if _by_reference.get(id(f)) is not f:
+        return None
+    fpickle = _function_pickles.get(id(f))
+    if fpickle is None or not is_plain(args, 2) or not is_plain(kwargs, 2):
+        return None
+    return PyBytes_GET_SIZE(fpickle), fpickle + _pickle_dumps((args, kwargs), 5), ()
+
+
+def loads_locked(object body, object buffers, object general):
+    """Unpickle a stream under the unpickling lock (see serialize._loads_lock): a
+    small one (bytes, no out-of-band buffers) with pickle.loads, any other with
+    `general(body, buffers)`."""
+    _loads_lock.acquire()
+    try:
+        if (type(body) is bytes and not buffers and PyBytes_GET_SIZE(body)
+                and (<bytes>body)[0] != 0):
+            return _pickle_loads(body)
+        return general(body, buffers)
+    finally:
+        _loads_lock.release()
 
 
 cdef object _cached_function(bytes body, Py_ssize_t k):

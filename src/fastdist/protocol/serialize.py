@@ -261,12 +261,11 @@ def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
     try:
         if what in _RUNTIME_MESSAGES:
             return _loads(body, buffers)
-        with _loads_lock:
-            return _loads(body, buffers)
+        return _calls.loads_locked(body, buffers, _loads)
     except Exception as exc:
         raise SerializationError(
             f"could not deserialise the {what}: {type(exc).__name__}: {exc}") from exc
 
 
-_calls.configure(_BY_REFERENCE, _FUNCTIONS, _loads_lock, OOB_THRESHOLD, _PLAIN_MAX_ITEMS,
-                 types.FunctionType, types.BuiltinFunctionType)
+_calls.configure(_BY_REFERENCE, _FUNCTION_PICKLES, _FUNCTIONS, _loads_lock, OOB_THRESHOLD,
+                 _PLAIN_MAX_ITEMS, types.FunctionType, types.BuiltinFunctionType)
