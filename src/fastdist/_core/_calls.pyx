@@ -1,18 +1,19 @@
 # cython: freethreading_compatible = False
-"""The small-call fast path: what a worker does for most calls, without the
-interpreter's frame-per-step overhead.
+"""Small calls, without the interpreter's frame-per-step overhead: most calls are
+a function that travels by name with plain arguments and a plain result.
 
-A call whose function travels by name (its pickle is in the function cache and
-its module still binds it), with no out-of-band buffers, is decoded, run and its
-result pickled here; what happens to the reply (queued behind the lane's other
-replies, or sent) is decided by the Python code it is handed to. Anything else,
-and every failure, takes the Python path in fastdist.handlers — the fast path
-changes what a call costs, never what it does. `is_plain` lives here too: the
-master asks it of every call's arguments, the worker of every result.
+On the worker, `run_small_call` decodes such a call (function cache, one
+pickle.loads), runs it and pickles its result; what happens to the reply (queued
+behind the lane's other replies, or sent) is decided by the Python code it is
+handed to. Anything else, and every failure, takes the Python path in
+fastdist.handlers — the fast path changes what a call costs, never what it does.
+On the caller, `encode_plain_call` builds such a call's frame body and
+`loads_locked` unpickles small results. `is_plain` decides what counts as plain
+for all of them, and for serialize.
 
-The registries it reads (functions found importable, the function cache, the
-unpickling lock) are fastdist.protocol.serialize's own objects, handed over once
-by `configure`.
+The registries it reads (functions found importable, their pickles, the function
+cache, the unpickling lock) are fastdist.protocol.serialize's own objects, handed
+over once by `configure`.
 """
 
 import pickle
