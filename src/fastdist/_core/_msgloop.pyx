@@ -151,7 +151,9 @@ cdef bytes _small_frame(int kind, int flags, unsigned int aux, unsigned int when
     cdef const unsigned char[::1] view
     encode_prelude(p, <unsigned char>kind, <unsigned char>flags, aux, whence, ref_id,
                    body_n, 0, NULL)
-    if body_n:
+    if body_n and type(body) is bytes:  # (most are: no memoryview to make)
+        memcpy(p + PRELUDE_NBYTES, PyBytes_AS_STRING(body), body_n)
+    elif body_n:
         view = memoryview(body).cast("B")
         memcpy(p + PRELUDE_NBYTES, &view[0], body_n)
     return frame
