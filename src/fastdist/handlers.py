@@ -15,7 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from fastdist._core._calls import run_small_call
+from fastdist._core._calls import handle_result, run_small_call
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import (
@@ -195,20 +195,6 @@ def take_calls(conn: Any, timeout: float) -> list[Any]:
     return slot
 
 
-def handle_result(node: Any, conn: Any, frame: Any) -> None:
-    # The worker's output printed before this reply was drained by Node.on_frames.
-    # (No buffers: an empty tuple, not the frame's list: a tracked object less per
-    # result waiting to be fetched.)
-    raw = (frame.flags, frame.body, frame.buffers or ())
-    w = node.waiters.pop(frame.id, None)
-    if w is not None:
-        w.set(raw)
-        return
-    fut = node.pushes.pop(frame.id, None)
-    if fut is not None:
-        fut._deliver(raw, frame.flags & FLAG_RELEASED)
-
-
 def handle_fetch(node: Any, conn: Any, frame: Any) -> None:
     whence, ref_id = REF_HEADER.unpack_from(frame.body)
     rv = node.store.lookup(RRID(whence, ref_id))
@@ -339,6 +325,8 @@ HANDLERS: dict[int, Handler] = {
     Kind.CALL: handle_call,
     Kind.CALL_FETCH: handle_call,
     Kind.REMOTE_DO: handle_call,
+    # (In C, _core/_calls.pyx. The worker's output printed before a reply was
+    # drained by Node.on_frames.)
     Kind.RESULT: handle_result,
     Kind.FETCH: handle_fetch,
     Kind.PUT_FUTURE: handle_put_future,

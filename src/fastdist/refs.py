@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastdist import node as _node
+from fastdist._core import _calls
 from fastdist.channel import AbstractChannel, Channel
 from fastdist.exceptions import (
     ChannelClosedError,
@@ -192,6 +193,7 @@ class RefStore:
 
 _EMPTY = object()
 _PUSHED: Any = object()  # Future._push of a remotecall Future nobody has waited on yet
+_calls.set_pushed_marker(_PUSHED)  # (its pushes are mostly delivered in C)
 
 
 class _RefBase:

@@ -41,6 +41,7 @@ cdef object _FunctionType = None
 cdef object _BuiltinFunctionType = None
 cdef object _send_reply = None
 cdef object _reply_to_call = None
+cdef object _PUSHED = None  # refs._PUSHED (see handle_result)
 
 
 def configure(dict by_reference, dict function_pickles, dict functions, loads_lock,
@@ -173,3 +174,40 @@ def run_small_call(object node, object conn, Frame frame):
     _send_reply(node, conn, frame, FLAG_RELEASED if kind == CALL else 0,
                 _pickle_dumps(value, 5), ())
     return True
+
+
+def set_pushed_marker(marker):
+    """refs._PUSHED: a remotecall Future's `_push` while nobody waits for it."""
+    global _PUSHED
+    _PUSHED = marker
+
+
+def handle_result(object node, object conn, Frame frame):
+    """A RESULT frame, on the thread that read it: the value for a waiting request,
+    or a remotecall's pushed value for its Future.
+
+    The common push — released by the worker (no copy kept), the Future passed to
+    no other process, nobody waiting for it yet — is refs.Future._deliver's
+    outcome set here directly (its bytes kept, its one hold used up), under the
+    Future's lock and without a Python frame; every other push goes to _deliver.
+    """
+    raw = (frame.flags, frame.body, frame.buffers or ())
+    w = (<dict>node.waiters).pop(frame.id, None)
+    if w is not None:
+        w.set(raw)
+        return
+    fut = (<dict>node.pushes).pop(frame.id, None)
+    if fut is None:
+        return
+    released = frame.flags & FLAG_RELEASED
+    if released and fut._push is _PUSHED:
+        lock = fut._lock
+        lock.acquire()
+        try:
+            if fut._holds == 1 and not fut._shared and fut._push is _PUSHED:
+                fut._raw = raw
+                fut._holds = 0
+                return
+        finally:
+            lock.release()
+    fut._deliver(raw, released)

@@ -14,6 +14,7 @@ from fastdist.handlers import reply_to_call
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_ERROR, FLAG_RELEASED, Kind
 from fastdist.protocol.values import decode_result
+from fastdist.refs import Future, Waiter
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -139,3 +140,55 @@ def test_is_plain_follows_the_registry_of_importable_functions():
     assert not _calls.is_plain(local)
     assert _calls.is_plain((divmod, (1, 2), {"k": [1.5, None, "s", b"b", True, 1j]}))
     assert not _calls.is_plain({1: 2}) and not _calls.is_plain([[[[1]]]])
+
+
+class Caller:
+    """What handle_result reads of a node: its waiters and its pending pushes."""
+
+    myid = 1
+
+    def __init__(self) -> None:
+        self.waiters: dict = {}
+        self.pushes: dict = {}
+        self._ids = iter(range(1, 1_000_000))
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+
+def result_frame(ref_id: int, value, flags: int = FLAG_RELEASED) -> _wire.Frame:
+    frame = _wire.Frame.__new__(_wire.Frame)
+    frame.kind, frame.flags, frame.aux, frame.whence, frame.id = Kind.RESULT, flags, 0, 1, ref_id
+    frame.body, frame.buffers = pickle.dumps(value, 5), []
+    return frame
+
+
+def test_a_released_push_nobody_waits_for_is_kept_raw_and_uses_up_its_hold():
+    caller = Caller()
+    fut = Future._for_call(caller, 2)
+    frame = result_frame(fut.id, [1, 2])
+    _calls.handle_result(caller, None, frame)
+    assert caller.pushes == {} and fut._holds == 0
+    assert fut._raw == (FLAG_RELEASED, frame.body, ())
+    assert fut.fetch() == [1, 2]
+
+
+def test_other_pushes_take_the_general_way():
+    caller = Caller()
+    waited = Future._for_call(caller, 2)
+    waiter = waited._push_waiter()  # someone waits: the push must wake them
+    kept = Future._for_call(caller, 2)  # the owner kept a copy: not released
+    kept._holds = 0  # (given back already: no node here to send the give-back to)
+    _calls.handle_result(caller, None, result_frame(waited.id, "w"))
+    _calls.handle_result(caller, None, result_frame(kept.id, "k", flags=0))
+    assert waiter.done() and waited.fetch() == "w" and waited._holds == 0
+    assert kept._raw is not None and caller.pushes == {}
+
+
+def test_a_result_for_a_request_sets_its_waiter():
+    caller = Caller()
+    w = Waiter(peer=2)
+    caller.waiters[7] = w
+    frame = result_frame(7, "answer", flags=0)
+    _calls.handle_result(caller, None, frame)
+    assert w.done() and w.value == (0, frame.body, ()) and caller.waiters == {}
