@@ -830,11 +830,20 @@ class _Engine:
         token = self.cache.token(self.f, w)
         runner = _run_batch if unit.batched else _run_one
         payload = unit.args if unit.batched else unit.args[0]
+        aux = 0
         try:
             if runner is _run_one and token.func is None and serialize.is_plain(payload):
                 # The bulk of a batch_size=1 pmap: the C pickler alone is 3x faster (the
-                # token carries no function once that has reached the worker).
-                body = pickle.dumps((runner, (token, payload, self.star), {}), PICKLE_PROTOCOL)
+                # token carries no function once that has reached the worker), and with
+                # the runner's pickle apart (aux: its length) the worker's small-call
+                # path runs it (_core/_calls.pyx).
+                args = pickle.dumps(((token, payload, self.star), {}), PICKLE_PROTOCOL)
+                fpickle = serialize.function_pickle(runner)
+                if fpickle is not None:
+                    aux, body = len(fpickle), fpickle + args
+                else:
+                    body = pickle.dumps((runner, (token, payload, self.star), {}),
+                                        PICKLE_PROTOCOL)
                 buffers: list[memoryview] = []
             else:
                 body, buffers = serialize.dumps((runner, (token, payload, self.star), {}),
@@ -853,10 +862,10 @@ class _Engine:
         self.n.waiters[call.wid] = call.waiter
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
-                self.n.send(w, Kind.CALL_FETCH, 0, 0, self.n.myid, call.wid, body, buffers)
+                self.n.send(w, Kind.CALL_FETCH, 0, aux, self.n.myid, call.wid, body, buffers)
             else:
                 # The loop thread writes the calls of one refill in one burst.
-                self.n.send_deferred(w, Kind.CALL_FETCH, 0, 0, self.n.myid, call.wid, body)
+                self.n.send_deferred(w, Kind.CALL_FETCH, 0, aux, self.n.myid, call.wid, body)
         except Exception as exc:  # noqa: BLE001 - unreachable (gone, or the topology)
             self.n.waiters.pop(call.wid, None)
             if token.func is not None:
