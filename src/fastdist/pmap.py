@@ -63,7 +63,7 @@ flight as make about this much work (at most `MAX_PIPELINE_DEPTH`): short calls
 then go many per write and per wake-up, and what waits behind a running element
 when the last ones are handed out is only a few milliseconds of work."""
 
-MAX_PIPELINE_DEPTH = 32
+MAX_PIPELINE_DEPTH = 256
 
 AUTO_MAX_BATCH = 100
 """The largest first batch `batch_size="auto"` picks (Julia's `max_batch_size`);
