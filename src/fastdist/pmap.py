@@ -27,7 +27,6 @@ import heapq
 import itertools
 import operator
 import os
-import pickle
 import queue
 import sys
 import threading
@@ -37,6 +36,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from fastdist import node as _node
+from fastdist._core._calls import encode_plain_call
 from fastdist.exceptions import CapturedException, ProcessExitedException, RemoteException
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
@@ -45,6 +45,7 @@ from fastdist.refs import Waiter
 from fastdist.remotecall import DEFER_MAX_NBYTES
 from fastdist.workerpool import (
     AbstractWorkerPool,
+    CachedFunction,
     CachingPool,
     FunctionCache,
     WorkerPool,
@@ -535,6 +536,12 @@ def _run_one(token: Any, item: Any, star: bool) -> tuple[float, Any]:
         return time.perf_counter() - start, value
 
 
+def _run_one_keyed(owner: int, key: int, item: Any, star: bool) -> tuple[float, Any]:
+    """`_run_one` for a function already on this worker, named by its cache key (a
+    call of plain data: see `_Engine._send`)."""
+    return _run_one(CachedFunction(owner, key, None), item, star)
+
+
 def _run_batch(token: Any, batch: list[Any], star: bool
                ) -> tuple[float, list[Any], list[int]]:
     """On a worker: a batch, element by element; a failure is kept in its place.
@@ -575,10 +582,6 @@ def _run_elements(f: Callable[..., Any], batch: list[Any], star: bool,
             out.append(_ElementFailure(None, _captured(here, exc)) if here is not None
                        else _ElementFailure(encode_error(exc)[1]))
     return time.perf_counter() - start, out, failed
-
-
-# The protocol of calls pickled straight by the C pickler (see `_Engine._send`).
-PICKLE_PROTOCOL = 5
 
 
 # -- the distributed engine ----------------------------------------------------------------
@@ -828,26 +831,8 @@ class _Engine:
             self.n.callpool.submit(lambda: self._run_here(call))
             return
         token = self.cache.token(self.f, w)
-        runner = _run_batch if unit.batched else _run_one
-        payload = unit.args if unit.batched else unit.args[0]
-        aux = 0
         try:
-            if runner is _run_one and token.func is None and serialize.is_plain(payload):
-                # The bulk of a batch_size=1 pmap: the C pickler alone is 3x faster (the
-                # token carries no function once that has reached the worker), and with
-                # the runner's pickle apart (aux: its length) the worker's small-call
-                # path runs it (_core/_calls.pyx).
-                args = pickle.dumps(((token, payload, self.star), {}), PICKLE_PROTOCOL)
-                fpickle = serialize.function_pickle(runner)
-                if fpickle is not None:
-                    aux, body = len(fpickle), fpickle + args
-                else:
-                    body = pickle.dumps((runner, (token, payload, self.star), {}),
-                                        PICKLE_PROTOCOL)
-                buffers: list[memoryview] = []
-            else:
-                body, buffers = serialize.dumps((runner, (token, payload, self.star), {}),
-                                                dest=w, what="pmap call")
+            aux, body, buffers = self._encode(unit, token, w)
         except Exception as exc:  # noqa: BLE001 - a failure of these elements
             if token.func is not None:
                 self.cache.unsend(self.f, w)
@@ -872,6 +857,26 @@ class _Engine:
                 self.cache.unsend(self.f, w)
             call.lost = True
             call.waiter.fail(exc)
+
+    def _encode(self, unit: _Unit, token: Any, w: int) -> tuple[int, bytes, Any]:
+        """(aux, body, buffers) of the call that runs `unit` on worker `w`."""
+        if not unit.batched and token.func is None:
+            # The bulk of a batch_size=1 pmap, once the function has reached the
+            # worker: a call of plain data (the function named by its cache key),
+            # encoded in C and run by the worker's small-call path (_core/_calls.pyx).
+            keyed = (token.owner, token.key, unit.args[0], self.star)
+            plain = encode_plain_call(_run_one_keyed, keyed, {})
+            if plain is not None:
+                return plain  # type: ignore[no-any-return]
+            body, buffers = serialize.dumps((_run_one_keyed, keyed, {}), dest=w,
+                                            what="pmap call")
+            serialize.function_pickle(_run_one_keyed)  # known by name now: C next time
+            return 0, body, buffers
+        runner = _run_batch if unit.batched else _run_one
+        payload = unit.args if unit.batched else unit.args[0]
+        body, buffers = serialize.dumps((runner, (token, payload, self.star), {}), dest=w,
+                                        what="pmap call")
+        return 0, body, buffers
 
     def _complete_with_error(self, call: _Call, exc: BaseException) -> None:
         call.local = (exc, True)
