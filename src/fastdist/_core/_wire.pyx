@@ -12,6 +12,7 @@ body (a pickle stream) and the buffers, all lengths explicit (docs/PROTOCOL.md):
 All integers are little-endian. This module knows nothing of pickle or workers.
 """
 
+cimport cython
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_FillInfo
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -214,8 +215,14 @@ cdef class RecvBuffer:
         return (bytearray, (memoryview(self).tobytes(),))
 
 
+@cython.no_gc
 cdef class Frame:
-    """One received frame: header fields, body and out-of-band buffers."""
+    """One received frame: header fields, body and out-of-band buffers.
+
+    Not tracked by the garbage collector: it holds bytes, receive buffers and a
+    list of them, never a cycle, and a process receives one per call (each tracked
+    allocation brings the next collection closer).
+    """
 
     def __repr__(self):
         return (f"Frame(kind={self.kind}, flags={self.flags}, aux={self.aux}, "
