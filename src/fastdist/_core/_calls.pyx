@@ -60,7 +60,6 @@ def configure(dict by_reference, dict function_pickles, dict functions, loads_lo
     _BuiltinFunctionType = builtin_function_type
 
 
-
 cpdef bint is_plain(object obj, int depth=3):
     """Whether `obj` is small plain data (and functions already found importable):
     most calls and results are, and `pickle.dumps` writes them ~5x faster than a

@@ -22,17 +22,17 @@ from cpython.pythread cimport (
     PyThread_release_lock,
     PyThread_type_lock,
 )
-
-cdef extern from "pythread.h":
-    # (Not in Cython's cpython.pythread: a lock wait with a deadline, 1 if acquired.)
-    int PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
-                                    int intr_flag) nogil
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+cdef extern from "pythread.h":
+    # (Not in Cython's cpython.pythread: a lock wait with a deadline, 1 if acquired.)
+    int PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                    int intr_flag) nogil
 
 from fastdist._core._wire cimport BUFLEN_NBYTES, PRELUDE_NBYTES, FrameReader, encode_prelude
 
