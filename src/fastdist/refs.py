@@ -193,7 +193,8 @@ class RefStore:
 
 _EMPTY = object()
 _PUSHED: Any = object()  # Future._push of a remotecall Future nobody has waited on yet
-_calls.set_pushed_marker(_PUSHED)  # (its pushes are mostly delivered in C)
+# (Pushes are mostly delivered, and fetched values unpickled, in C.)
+_calls.configure_refs(_PUSHED, _EMPTY, decode_result, handle_worker_logs)
 
 
 class _RefBase:
@@ -358,17 +359,9 @@ class Future(_RefBase):
             self._release_holds()
         return self._value
 
-    def _materialize(self) -> bool:
-        """Unpickle a delivered raw value into the cache (on the caller's thread)."""
-        if self._value is not _EMPTY:
-            return True
-        raw = self._raw
-        if raw is None:
-            return False
-        handle_worker_logs(self.where)  # what the call logged comes before its value
-        value, is_error = decode_result(*raw)
-        self._cache(value, is_error)
-        return True
+    # Unpickle a delivered raw value into the cache (on the caller's thread); False if
+    # none was delivered (in C: _core/_calls.pyx).
+    _materialize = _calls.materialize
 
     def _return(self) -> Any:
         if self._is_error:

@@ -26,6 +26,7 @@ from fastdist._core._wire cimport Frame
 cdef enum:
     CALL = 2
     CALL_FETCH = 3
+    FLAG_ERROR = 0x01
     FLAG_RELEASED = 0x02
 
 cdef object _pickle_loads = pickle.loads
@@ -42,6 +43,9 @@ cdef object _BuiltinFunctionType = None
 cdef object _send_reply = None
 cdef object _reply_to_call = None
 cdef object _PUSHED = None  # refs._PUSHED (see handle_result)
+cdef object _EMPTY = None  # refs._EMPTY: a Future's value before it is known
+cdef object _decode_result = None  # protocol.values.decode_result
+cdef object _handle_worker_logs = None  # output.handle_worker_logs
 
 
 def configure(dict by_reference, dict function_pickles, dict functions, loads_lock,
@@ -175,10 +179,53 @@ def run_small_call(object node, object conn, Frame frame):
     return True
 
 
-def set_pushed_marker(marker):
-    """refs._PUSHED: a remotecall Future's `_push` while nobody waits for it."""
-    global _PUSHED
-    _PUSHED = marker
+def configure_refs(pushed, empty, decode_result, handle_worker_logs):
+    """What handle_result and materialize need of refs.py: its markers (a remotecall
+    Future's `_push` while nobody waits for it; a value not known yet), the general
+    result decoder, and the hand-over of a worker's log records."""
+    global _PUSHED, _EMPTY, _decode_result, _handle_worker_logs
+    _PUSHED, _EMPTY = pushed, empty
+    _decode_result, _handle_worker_logs = decode_result, handle_worker_logs
+
+
+def materialize(fut):
+    """refs.Future._materialize: unpickle a delivered value into the Future's cache,
+    on the thread that fetches it; False if no value has been delivered.
+
+    A small plain result (bytes, no out-of-band buffers, no error) is unpickled here
+    under the unpickling lock; any other, or one that fails to unpickle, goes to
+    protocol.values.decode_result, which turns failures into the caller's error.
+    """
+    if fut._value is not _EMPTY:
+        return True
+    raw = fut._raw
+    if raw is None:
+        return False
+    _handle_worker_logs(fut.where)  # what the call logged comes before its value
+    flags, body, buffers = <tuple>raw
+    value = _EMPTY
+    is_error = False
+    if (not (flags & FLAG_ERROR) and type(body) is bytes and not buffers
+            and PyBytes_GET_SIZE(body) and (<bytes>body)[0] != 0):
+        _loads_lock.acquire()
+        try:
+            value = _pickle_loads(body)
+        except Exception:
+            value = _EMPTY
+        finally:
+            _loads_lock.release()
+    if value is _EMPTY:
+        value, is_error = _decode_result(flags, body, buffers)
+    lock = fut._lock
+    lock.acquire()
+    try:
+        if fut._value is _EMPTY:
+            fut._value, fut._is_error, fut._raw = value, is_error, None
+    finally:
+        lock.release()
+    if fut._holds > 0:
+        fut._release_holds()
+    return True
 
 
 def handle_result(object node, object conn, Frame frame):

@@ -10,6 +10,7 @@ import pytest
 
 from fastdist._core import _calls, _wire
 from fastdist.callpool import CallPool
+from fastdist.exceptions import RemoteException
 from fastdist.handlers import reply_to_call
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_ERROR, FLAG_RELEASED, Kind
@@ -192,3 +193,34 @@ def test_a_result_for_a_request_sets_its_waiter():
     frame = result_frame(7, "answer", flags=0)
     _calls.handle_result(caller, None, frame)
     assert w.done() and w.value == (0, frame.body, ()) and caller.waiters == {}
+
+
+def test_a_fetched_value_that_will_not_unpickle_is_the_fetchers_error():
+    # materialize unpickles small results itself; one that fails goes to the general
+    # decoder, which makes it the error the fetch raises (the worker's value is lost,
+    # the caller is told why).
+    caller = Caller()
+    fut = Future._for_call(caller, 2)
+    _calls.handle_result(caller, None, result_frame(fut.id, None))
+    fut._raw = (FLAG_RELEASED, b"\x80\x05not a pickle", ())
+    with pytest.raises(RemoteException) as info:
+        fut.fetch()
+    assert isinstance(info.value.captured.ex, serialize.SerializationError)
+    assert fut._raw is None  # cached: a second fetch raises the same, reads nothing
+    with pytest.raises(RemoteException):
+        fut.fetch()
+
+
+def test_a_fetched_error_is_raised_as_the_remote_exception():
+    caller = Caller()
+    fut = Future._for_call(caller, 2)
+    frame = call_frame(divmod, 1, 0)
+    node, conn = Node(), Conn()
+    _calls.run_small_call(node, conn, frame)  # the worker's side: the error reply
+    [(_, flags, _, _, body, _)] = conn.sent
+    reply = result_frame(fut.id, None, flags=flags)
+    reply.body = body
+    _calls.handle_result(caller, None, reply)
+    with pytest.raises(RemoteException) as info:
+        fut.fetch()
+    assert isinstance(info.value.__cause__ or info.value.captured.ex, ZeroDivisionError)
