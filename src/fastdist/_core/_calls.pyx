@@ -7,9 +7,11 @@ pickle.loads), runs it and pickles its result; what happens to the reply (queued
 behind the lane's other replies, or sent) is decided by the Python code it is
 handed to. Anything else, and every failure, takes the Python path in
 fastdist.handlers — the fast path changes what a call costs, never what it does.
-On the caller, `encode_plain_call` builds such a call's frame body and
-`loads_locked` unpickles small results. `is_plain` decides what counts as plain
-for all of them, and for serialize.
+On the caller, `encode_plain_call` builds such a call's frame body,
+`handle_result` hands the common pushed result to its Future, `materialize`
+unpickles it into the Future's cache when fetched, and `loads_locked` unpickles
+small streams for serialize. `is_plain` decides what counts as plain for all of
+them, and for serialize.
 
 The registries it reads (functions found importable, their pickles, the function
 cache, the unpickling lock) are fastdist.protocol.serialize's own objects, handed
