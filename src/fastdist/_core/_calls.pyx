@@ -110,15 +110,29 @@ def encode_plain_call(object f, tuple args, dict kwargs):
     return PyBytes_GET_SIZE(fpickle), fpickle + _pickle_dumps((args, kwargs), 5), ()
 
 
-def loads_locked(object body, object buffers, object general):
-    """Unpickle a stream under the unpickling lock (see serialize._loads_lock): a
-    small one (bytes, no out-of-band buffers) with pickle.loads, any other with
-    `general(body, buffers)`."""
+cdef inline bint _small_stream(object body, object buffers):
+    """Whether pickle.loads reads this stream as it is: bytes, no out-of-band
+    buffers, and not serialize's large-bytes layout (a leading 0, see _loads)."""
+    return (type(body) is bytes and not buffers and PyBytes_GET_SIZE(body) > 0
+            and (<bytes>body)[0] != 0)
+
+
+cdef object _loads_small(bytes body):
+    """pickle.loads under the unpickling lock (see serialize._loads_lock)."""
     _loads_lock.acquire()
     try:
-        if (type(body) is bytes and not buffers and PyBytes_GET_SIZE(body)
-                and (<bytes>body)[0] != 0):
-            return _pickle_loads(body)
+        return _pickle_loads(body)
+    finally:
+        _loads_lock.release()
+
+
+def loads_locked(object body, object buffers, object general):
+    """Unpickle a stream under the unpickling lock (see serialize._loads_lock): a
+    small one with pickle.loads, any other with `general(body, buffers)`."""
+    if _small_stream(body, buffers):
+        return _loads_small(body)
+    _loads_lock.acquire()
+    try:
         return general(body, buffers)
     finally:
         _loads_lock.release()
@@ -145,18 +159,16 @@ def run_small_call(object node, object conn, Frame frame):
     cdef object body = frame.body
     if (kind != CALL and kind != CALL_FETCH) or k == 0 or type(body) is not bytes or frame.buffers:
         return False
-    if k >= PyBytes_GET_SIZE(body) or (<bytes>body)[k] == 0:
-        return False  # (0: a stream with large bytes out of band, see serialize._loads)
-    f = _cached_function(<bytes>body, k)
+    f = _cached_function(<bytes>body, k) if k < PyBytes_GET_SIZE(body) else None
     if f is None:
         return False
-    _loads_lock.acquire()
+    arguments = (<bytes>body)[k:]
+    if not _small_stream(arguments, ()):
+        return False
     try:
-        decoded = _pickle_loads((<bytes>body)[k:])
+        decoded = _loads_small(arguments)
     except Exception:
         return False  # decoded again on the Python path, which reports the error
-    finally:
-        _loads_lock.release()
     if type(decoded) is not tuple or len(<tuple>decoded) != 2:
         return False
     args, kwargs = <tuple>decoded
@@ -207,17 +219,14 @@ def materialize(fut):
     flags, body, buffers = <tuple>raw
     value = _EMPTY
     is_error = False
-    if (not (flags & FLAG_ERROR) and type(body) is bytes and not buffers
-            and PyBytes_GET_SIZE(body) and (<bytes>body)[0] != 0):
-        _loads_lock.acquire()
+    if not (flags & FLAG_ERROR) and _small_stream(body, buffers):
         try:
-            value = _pickle_loads(body)
+            value = _loads_small(body)
         except Exception:
             value = _EMPTY
-        finally:
-            _loads_lock.release()
     if value is _EMPTY:
         value, is_error = _decode_result(flags, body, buffers)
+    # What Future._cache does, without its Python frame.
     lock = fut._lock
     lock.acquire()
     try:
