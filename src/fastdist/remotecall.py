@@ -25,7 +25,7 @@ from fastdist.exceptions import (
 )
 from fastdist.output import handle_worker_logs
 from fastdist.protocol import serialize
-from fastdist.protocol.messages import Kind
+from fastdist.protocol.messages import CALL, Kind
 from fastdist.protocol.values import decode_result
 from fastdist.refs import _EMPTY, Future, Waiter
 from fastdist.tasks import _current_block as _sync_block
@@ -44,9 +44,6 @@ __all__ = [
     "wait",
 ]
 
-
-# On the per-call path: a plain int is read in a few ns, an enum member in ~40.
-_CALL = int(Kind.CALL)
 
 # Calls with a body up to this size (and no out-of-band buffers) are deferred and
 # written in bursts; larger ones go out at once from the caller's thread.
@@ -136,10 +133,10 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
         fut = Future._for_call(n, pid)
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
-                n.send(pid, _CALL, 0, aux, n.myid, fut.id, body, buffers)
+                n.send(pid, CALL, 0, aux, n.myid, fut.id, body, buffers)
             else:
                 # Written with the next burst; whoever waits for it flushes first.
-                n.send_deferred(pid, _CALL, 0, aux, n.myid, fut.id, body)
+                n.send_deferred(pid, CALL, 0, aux, n.myid, fut.id, body)
         except BaseException:
             n.pushes.pop(fut.id, None)  # no value will come for it
             fut._holds = 0

@@ -37,6 +37,11 @@ class Kind(enum.IntEnum):
 
 KNOWN_KINDS = frozenset(int(k) for k in Kind)
 
+# The kinds read or written for every call, as plain ints: an int is read and compared
+# in a few ns, an enum member looked up in ~40 (90 with the comparison).
+CALL = int(Kind.CALL)
+RESULT = int(Kind.RESULT)
+
 # Flags.
 FLAG_ERROR = 0x01  # RESULT: the body is a pickled CapturedException (or a stand-in)
 # RESULT pushed for a CALL: the owner kept no copy (nobody else held the reference), so
