@@ -206,8 +206,7 @@ class Node:
                       ref_id: int, body: Any = b"") -> None:
         """Queue a small frame to `pid` for the loop thread to write with others (see
         SocketConnection.send_deferred); a stream connection sends it at once."""
-        p = self.peers.get(pid)
-        conn = p.conn if p is not None and p.conn is not None else self.connection_to(pid)
+        conn = self.connection_to(pid)
         try:
             deferred = getattr(conn, "send_deferred", None)
             if deferred is not None:

@@ -128,8 +128,7 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
 
         n.callpool.submit(run)
     else:
-        plain = encode_plain_call(f, args, kwargs)  # most calls (in C)
-        aux, body, buffers = plain if plain is not None else _encode_call(f, args, kwargs, pid)
+        aux, body, buffers = _encode_call(f, args, kwargs, pid)
         fut = Future._for_call(n, pid)
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
