@@ -36,13 +36,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from fastdist import node as _node
-from fastdist._core._calls import encode_plain_call
 from fastdist.exceptions import CapturedException, ProcessExitedException, RemoteException
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 from fastdist.protocol.values import decode_error, decode_result, encode_error
 from fastdist.refs import Waiter
-from fastdist.remotecall import DEFER_MAX_NBYTES
+from fastdist.remotecall import DEFER_MAX_NBYTES, encode_call
 from fastdist.workerpool import (
     AbstractWorkerPool,
     CachedFunction,
@@ -864,14 +863,9 @@ class _Engine:
             # The bulk of a batch_size=1 pmap, once the function has reached the
             # worker: a call of plain data (the function named by its cache key),
             # encoded in C and run by the worker's small-call path (_core/_calls.pyx).
+            # (The first calls make _run_one_keyed known by name, as for remotecall.)
             keyed = (token.owner, token.key, unit.args[0], self.star)
-            plain = encode_plain_call(_run_one_keyed, keyed, {})
-            if plain is not None:
-                return plain  # type: ignore[no-any-return]
-            body, buffers = serialize.dumps((_run_one_keyed, keyed, {}), dest=w,
-                                            what="pmap call")
-            serialize.function_pickle(_run_one_keyed)  # known by name now: C next time
-            return 0, body, buffers
+            return encode_call(_run_one_keyed, keyed, {}, w)
         runner = _run_batch if unit.batched else _run_one
         payload = unit.args if unit.batched else unit.args[0]
         body, buffers = serialize.dumps((runner, (token, payload, self.star), {}), dest=w,

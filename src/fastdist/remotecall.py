@@ -59,7 +59,7 @@ def _is_pool(target: Any) -> bool:
 
 
 
-def _encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+def encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                  pid: int) -> tuple[int, bytes, list[memoryview]]:
     """(aux, body, buffers) of a call frame: a function that travels by name is
     pickled once and its pickle put before that of `(args, kwargs)`, its length
@@ -128,7 +128,7 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
 
         n.callpool.submit(run)
     else:
-        aux, body, buffers = _encode_call(f, args, kwargs, pid)
+        aux, body, buffers = encode_call(f, args, kwargs, pid)
         fut = Future._for_call(n, pid)
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
@@ -164,7 +164,7 @@ def remotecall_fetch(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Any
     pid = int(pid_or_pool)
     if pid == n.myid:
         return _run_local(f, args, kwargs)
-    aux, body, buffers = _encode_call(f, args, kwargs, pid)
+    aux, body, buffers = encode_call(f, args, kwargs, pid)
     return call_and_wait(n, pid, Kind.CALL_FETCH, 0, body, buffers, aux=aux)
 
 
@@ -317,7 +317,7 @@ def remote_do(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> None:
 
         n.callpool.submit(run)
         return
-    aux, body, buffers = _encode_call(f, args, kwargs, pid)
+    aux, body, buffers = encode_call(f, args, kwargs, pid)
     n.send(pid, Kind.REMOTE_DO, 0, aux, n.myid, 0, body, buffers)
 
 

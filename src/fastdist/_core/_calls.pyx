@@ -101,7 +101,7 @@ cpdef bint is_plain(object obj, int depth=3):
 def encode_plain_call(object f, tuple args, dict kwargs):
     """(aux, body, ()) of a call frame whose function travels by name (its pickle
     already cached) and whose arguments are plain data, or None: serialize's
-    general encoder takes the call (see remotecall._encode_call)."""
+    general encoder takes the call (see remotecall.encode_call)."""
     if _by_reference.get(id(f)) is not f:
         return None
     fpickle = _function_pickles.get(id(f))
