@@ -149,7 +149,6 @@ class StreamConnection:
         self._nowait: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._closed = False
         self.msgs_sent = self.bytes_sent = self.msgs_received = self.bytes_received = 0
-        self.writes = 0  # one flush of the stream per frame
         self.fd = -1
 
     @property
@@ -181,7 +180,6 @@ class StreamConnection:
                 self.close(ConnectionResetError(f"stream write failed: {exc}"))
                 raise ConnectionResetError(f"stream write failed: {exc}") from exc
             self.msgs_sent += 1
-            self.writes += 1
             self.bytes_sent += len(prelude) + memoryview(body).nbytes + sum(lens)
 
     def send_nowait(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
@@ -235,7 +233,8 @@ class StreamConnection:
 
     def stats(self) -> dict[str, int]:
         return {"msgs_sent": self.msgs_sent, "bytes_sent": self.bytes_sent,
-                "writes": self.writes, "msgs_received": self.msgs_received,
+                "writes": self.msgs_sent,  # one flush of the stream per frame
+                "msgs_received": self.msgs_received,
                 "bytes_received": self.bytes_received}
 
 

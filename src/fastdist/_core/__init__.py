@@ -1,6 +1,6 @@
 """The compiled core: frames and buffers (`_wire`), the socket I/O loop (`_msgloop`),
-shared-memory segments for large buffers on one host (`_shm`), the worker's path for
-small calls (`_calls`).
+shared-memory segments for large buffers on one host (`_shm`), small calls on both
+sides (`_calls`).
 
 There is no pure-Python fallback: without the compiled modules fastdist would be
 a different, slower product, so a missing build is an import error that says how
