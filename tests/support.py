@@ -1,5 +1,5 @@
 """Helpers shared by the integration tests: waiting on a condition, seeing a process,
-a master process killed in the middle, reading captured output."""
+a master process killed in the middle, reading captured output, bytes sent."""
 
 from __future__ import annotations
 
@@ -109,3 +109,11 @@ def read_until(capture: Any, needle: str, stream: str = "out",
         if needle in seen[stream] or time.monotonic() > deadline:
             return seen
         time.sleep(0.02)
+
+
+def bytes_sent() -> dict[int, int]:
+    """Bytes this process sent to each peer, through the socket or (large buffers)
+    shared memory."""
+    import fastdist as fd
+
+    return {w: s["bytes_sent"] + s["shm_bytes_sent"] for w, s in fd.stats()["peers"].items()}

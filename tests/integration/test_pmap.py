@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from _module_workers import os_pid, shared_workers, wait_gone
+from support import bytes_sent
 
 import fastdist as fd
 from fastdist.protocol.serialize import SerializationError
@@ -502,14 +503,11 @@ def test_the_function_travels_once_per_worker(ws):
     def f(x):
         return len(blob) + x
 
-    def sent(w):  # through the socket or, for large buffers, shared memory
-        s = fd.stats()["peers"][w]
-        return s["bytes_sent"] + s["shm_bytes_sent"]
-
-    before = {w: sent(w) for w in ws}
+    before = bytes_sent()
     assert fd.pmap(f, range(100)) == [len(blob) + x for x in range(100)]
+    after = bytes_sent()
     for w in ws:
-        assert sent(w) - before[w] < 2 * len(blob)
+        assert after[w] - before[w] < 2 * len(blob)
 
 
 def test_progress_bar_with_tqdm(ws, capfd):

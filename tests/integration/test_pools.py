@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from _module_workers import os_pid, shared_workers, wait_gone
+from support import bytes_sent
 
 import fastdist as fd
 from fastdist.protocol.serialize import SerializationError
@@ -217,11 +218,6 @@ def test_caching_pool_refuses_to_be_serialised(ws):
 # -- CachingPool ----------------------------------------------------------------------------
 
 
-def _bytes_sent() -> dict[int, int]:
-    """Bytes sent to each peer, through the socket or (large buffers) shared memory."""
-    return {w: s["bytes_sent"] + s["shm_bytes_sent"] for w, s in fd.stats()["peers"].items()}
-
-
 def test_caching_pool_sends_a_16mb_closure_once_per_worker(ws):
     big = np.ones(2 * MB)  # 16 MB
     pool = fd.CachingPool(ws)
@@ -229,12 +225,12 @@ def test_caching_pool_sends_a_16mb_closure_once_per_worker(ws):
     def pick(i):
         return float(big[i]) + i
 
-    before = _bytes_sent()
+    before = bytes_sent()
     assert fd.pmap(pick, pool, range(100)) == [1.0 + i for i in range(100)]
     assert fd.pmap(pick, pool, range(100)) == [1.0 + i for i in range(100)]
     for _ in range(4):
         assert fd.remotecall_fetch(pick, pool, 3) == 4.0
-    after = _bytes_sent()
+    after = bytes_sent()
     for w in ws:
         sent = after[w] - before[w]
         assert 16 * MB <= sent < 17 * MB, f"worker {w}: {sent / MB:.1f} MB, expected one copy"
@@ -242,9 +238,9 @@ def test_caching_pool_sends_a_16mb_closure_once_per_worker(ws):
 
     fd.clear(pool)
     assert [fd.remotecall_fetch(cached_count, w) for w in ws] == [0, 0]
-    before = _bytes_sent()
+    before = bytes_sent()
     assert fd.remotecall_fetch(pick, pool, 5) == 6.0
-    after = _bytes_sent()
+    after = bytes_sent()
     assert max(after[w] - before[w] for w in ws) >= 16 * MB, "after clear it travels again"
     assert pool.clear() is pool
 
@@ -255,9 +251,9 @@ def test_plain_pmap_sends_the_closure_once_per_worker_per_call(ws):
     def pick(i):
         return float(big[i])
 
-    before = _bytes_sent()
+    before = bytes_sent()
     assert fd.pmap(pick, range(200)) == [float(i) for i in range(200)]
-    after = _bytes_sent()
+    after = bytes_sent()
     for w in ws:
         assert 2 * MB <= after[w] - before[w] < 3 * MB
     assert [fd.remotecall_fetch(cached_count, w) for w in ws] == [0, 0], \
