@@ -114,6 +114,18 @@ cdef extern from "<sched.h>" nogil:
     int sched_yield()
 
 
+# Writes up to this size keep the GIL (see SocketConnection._write_some).
+cdef Py_ssize_t SEND_WITH_GIL_MAX = 64 * 1024
+
+
+cdef inline Py_ssize_t _sendmsg_retrying(int fd, msghdr* msg) noexcept nogil:
+    cdef Py_ssize_t written
+    while True:
+        written = sendmsg(fd, msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if written >= 0 or errno != EINTR:
+            return written
+
+
 cdef inline long long _monotonic_ns() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -379,7 +391,7 @@ cdef class SocketConnection:
         cdef iovec iov[MAX_IOV]
         cdef Py_buffer views[MAX_IOV]
         cdef msghdr msg
-        cdef Py_ssize_t niov = 0, i, written, off = self.out_off, seglen
+        cdef Py_ssize_t niov = 0, i, written, off = self.out_off, total = 0, left
         cdef int err = 0
         if not self.outq:
             return 0
@@ -392,6 +404,7 @@ cdef class SocketConnection:
                 PyObject_GetBuffer(seg, &views[niov], PyBUF_SIMPLE)
                 iov[niov].iov_base = <char*>views[niov].buf + off
                 iov[niov].iov_len = views[niov].len - off
+                total += views[niov].len - off
                 off = 0
                 niov += 1
             msg.msg_name = NULL
@@ -401,13 +414,25 @@ cdef class SocketConnection:
             msg.msg_control = NULL
             msg.msg_controllen = 0
             msg.msg_flags = 0
-            with nogil:
-                while True:
-                    written = sendmsg(self.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
-                    if written >= 0 or errno != EINTR:
-                        break
-                if written < 0:
-                    err = errno
+            if total <= SEND_WITH_GIL_MAX:
+                # A small non-blocking write takes a few µs: releasing the GIL for it
+                # would hand the GIL to the loop thread and wait to get it back.
+                written = _sendmsg_retrying(self.fd, &msg)
+            else:
+                with nogil:
+                    written = _sendmsg_retrying(self.fd, &msg)
+            if written < 0:
+                err = errno
+            # Drop the segments the kernel took whole; remember how far into the next.
+            if written > 0:
+                i = 0
+                left = written
+                while i < niov and left >= <Py_ssize_t>iov[i].iov_len:
+                    left -= iov[i].iov_len
+                    i += 1
+                if i:
+                    del self.outq[:i]
+                self.out_off = left if i else self.out_off + left
         finally:
             for i in range(niov):
                 PyBuffer_Release(&views[i])
@@ -417,16 +442,6 @@ cdef class SocketConnection:
             raise ConnectionResetError(err, os.strerror(err))
         self.bytes_sent += written
         self.writes += 1
-        # Drop the segments the kernel took whole; remember how far into the next.
-        cdef Py_ssize_t left = written
-        while self.outq:
-            seglen = len(memoryview(self.outq[0]).cast("B")) - self.out_off
-            if left < seglen:
-                self.out_off += left
-                break
-            left -= seglen
-            self.out_off = 0
-            del self.outq[0]
         return written
 
     cdef int _flush_blocking(self) except -1:
