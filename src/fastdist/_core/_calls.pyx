@@ -39,7 +39,6 @@ cdef dict _function_pickles = {}
 cdef dict _functions = {}
 cdef object _loads_lock = None
 cdef Py_ssize_t _oob_threshold = 64 * 1024
-cdef int _plain_max_items = 16
 cdef object _FunctionType = None
 cdef object _BuiltinFunctionType = None
 cdef object _send_reply = None
@@ -51,27 +50,28 @@ cdef object _handle_worker_logs = None  # output.handle_worker_logs
 
 
 def configure(dict by_reference, dict function_pickles, dict functions, loads_lock,
-              Py_ssize_t oob_threshold, int plain_max_items, function_type,
+              Py_ssize_t oob_threshold, function_type,
               builtin_function_type):
     """Share serialize's registries with this module (called once, at its import)."""
     global _by_reference, _function_pickles, _functions, _loads_lock, _oob_threshold
-    global _plain_max_items, _FunctionType, _BuiltinFunctionType
+    global _FunctionType, _BuiltinFunctionType
     _by_reference = by_reference
     _function_pickles = function_pickles
     _functions = functions
     _loads_lock = loads_lock
     _oob_threshold = oob_threshold
-    _plain_max_items = plain_max_items
     _FunctionType = function_type
     _BuiltinFunctionType = builtin_function_type
 
 
 cpdef bint is_plain(object obj, int depth=3):
-    """Whether `obj` is small plain data (and functions already found importable):
-    most calls and results are, and `pickle.dumps` writes them ~5x faster than a
+    """Whether `obj` is plain data (and functions already found importable): most
+    calls and results are, and `pickle.dumps` writes them ~5x faster than a
     CloudPickler, which costs a Python-level hook per object. Builtin scalars,
     bytes below the out-of-band threshold, and tuples, lists and str-keyed dicts of
-    at most 16 such items, nested at most `depth` deep."""
+    such items, nested at most `depth` deep. However long a container, the look
+    costs less than pickling what it looks at, and it stops at the first item
+    that is not plain."""
     cdef type t = type(obj)
     cdef object x, k, v
     if (t is int or t is float or t is str or t is bool or obj is None
@@ -80,14 +80,14 @@ cpdef bint is_plain(object obj, int depth=3):
     if t is bytes:
         return PyBytes_GET_SIZE(obj) < _oob_threshold
     if t is tuple or t is list:
-        if depth == 0 or len(obj) > _plain_max_items:
+        if depth == 0:
             return False
         for x in obj:
             if not is_plain(x, depth - 1):
                 return False
         return True
     if t is dict:
-        if depth == 0 or len(<dict>obj) > _plain_max_items:
+        if depth == 0:
             return False
         for k, v in (<dict>obj).items():
             if type(k) is not str or not is_plain(v, depth - 1):
@@ -105,7 +105,7 @@ def encode_plain_call(object f, tuple args, dict kwargs):
     if _by_reference.get(id(f)) is not f:
         return None
     fpickle = _function_pickles.get(id(f))
-    if fpickle is None or not is_plain(args, 2) or not is_plain(kwargs, 2):
+    if fpickle is None or not is_plain(args, 3) or not is_plain(kwargs, 2):
         return None
     return PyBytes_GET_SIZE(fpickle), fpickle + _pickle_dumps((args, kwargs), 5), ()
 

@@ -161,7 +161,6 @@ def _has_large_bytes(obj: Any, depth: int = 3) -> bool:
 
 # Values the C pickler writes exactly as cloudpickle would, with nothing out of band:
 # `is_plain` (in C, with the small-call path that needs it most).
-_PLAIN_MAX_ITEMS = 16
 is_plain = _calls.is_plain
 
 
@@ -268,4 +267,4 @@ def loads(body: Any, buffers: Any = (), what: str = "value") -> Any:
 
 
 _calls.configure(_BY_REFERENCE, _FUNCTION_PICKLES, _FUNCTIONS, _loads_lock, OOB_THRESHOLD,
-                 _PLAIN_MAX_ITEMS, types.FunctionType, types.BuiltinFunctionType)
+                 types.FunctionType, types.BuiltinFunctionType)
