@@ -298,8 +298,9 @@ class Node:
                 p.conn.close(exc)
         err = ProcessExitedException(pid)
         for wid, w in list(self.waiters.items()):
-            if w.peer == pid:
-                self.waiters.pop(wid, None)
+            # Popped first: whoever pops a waiter answers it, so a reply being
+            # dispatched now and this failure cannot both reach it.
+            if w.peer == pid and self.waiters.pop(wid, None) is not None:
                 w.fail(err)
         fail_pushed_futures(self, pid)
         self.shm.forget(pid)

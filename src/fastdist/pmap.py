@@ -40,7 +40,6 @@ from fastdist.exceptions import CapturedException, ProcessExitedException, Remot
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 from fastdist.protocol.values import decode_error, decode_result, encode_error
-from fastdist.refs import Waiter
 from fastdist.remotecall import DEFER_MAX_NBYTES, encode_call
 from fastdist.workerpool import (
     AbstractWorkerPool,
@@ -598,24 +597,40 @@ class _Unit:
 
 
 class _Call:
-    """A call in flight: what it carries, where it went, and how it ended."""
+    """A call in flight: what it carries, where it went, and how it ended.
 
-    __slots__ = ("local", "lost", "unit", "waiter", "wid", "worker")
+    It is also what `node.waiters` holds for the call: the thread that reads the
+    reply calls `set` (or `fail`), which hands the call to the engine's queue —
+    no Waiter, lock or callback per element. Whoever pops it from `node.waiters`
+    answers it, so it is answered once.
+    """
 
-    def __init__(self, unit: _Unit, worker: int) -> None:
+    __slots__ = ("done", "error", "local", "lost", "peer", "raw", "unit", "wid")
+
+    def __init__(self, unit: _Unit, worker: int, done: queue.SimpleQueue[_Call]) -> None:
         self.unit = unit
-        self.worker = worker
+        self.peer = worker  # the worker (node.waiters' entries name their peer so)
+        self.done = done
         self.lost = False  # the worker could not be reached: use it no more
         self.wid = 0
-        self.waiter: Waiter | None = None
+        self.raw: Any = None  # (flags, body, buffers) of the reply
+        self.error: BaseException | None = None  # the call failed before a reply
         self.local: tuple[Any, bool] | None = None  # (value, is_error) of a local run
+
+    def set(self, raw: Any) -> None:
+        self.raw = raw
+        self.done.put(self)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.put(self)
 
 
 class _Engine:
     """One distributed pmap, driven by the calling thread.
 
     Free call slots (`_depth` per worker) queue in `_slots`; each result
-    arrives through a Waiter callback into `_done`, frees its slot and lets the
+    arrives in `_done` (see `_Call`), frees its slot and lets the
     next unit go. Failed elements wait in `_retries` for their delay.
     """
 
@@ -823,7 +838,7 @@ class _Engine:
     # -- calls --------------------------------------------------------------------------
 
     def _send(self, w: int, unit: _Unit) -> None:
-        call = _Call(unit, w)
+        call = _Call(unit, w, self._done)
         self._inflight[w] += 1
         self._ncalls += 1
         if w == self.n.myid:
@@ -841,9 +856,7 @@ class _Engine:
             self.sizing.observe_nbytes(len(unit.args),
                                        len(body) + sum(memoryview(b).nbytes for b in buffers))
         call.wid = self.n.next_id()
-        call.waiter = Waiter(peer=w)
-        call.waiter.add_done_callback(lambda _w: self._done.put(call))
-        self.n.waiters[call.wid] = call.waiter
+        self.n.waiters[call.wid] = call
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
                 self.n.send(w, Kind.CALL_FETCH, 0, aux, self.n.myid, call.wid, body, buffers)
@@ -851,11 +864,11 @@ class _Engine:
                 # The loop thread writes the calls of one refill in one burst.
                 self.n.send_deferred(w, Kind.CALL_FETCH, 0, aux, self.n.myid, call.wid, body)
         except Exception as exc:  # noqa: BLE001 - unreachable (gone, or the topology)
-            self.n.waiters.pop(call.wid, None)
             if token.func is not None:
                 self.cache.unsend(self.f, w)
             call.lost = True
-            call.waiter.fail(exc)
+            if self.n.waiters.pop(call.wid, None) is not None:  # else failed by peer_lost
+                call.fail(exc)
 
     def _encode(self, unit: _Unit, token: Any, w: int) -> tuple[int, bytes, Any]:
         """(aux, body, buffers) of the call that runs `unit` on worker `w`."""
@@ -894,16 +907,16 @@ class _Engine:
         self._done.put(call)
 
     def _finish(self, call: _Call) -> None:
-        w, unit = call.worker, call.unit
+        w, unit = call.peer, call.unit
         self._ncalls -= 1
         if w in self._inflight:
             self._inflight[w] -= 1
         if call.local is not None:
             value, is_error = call.local
-        elif call.waiter.error is not None:  # type: ignore[union-attr]
-            value, is_error = call.waiter.error, True  # type: ignore[union-attr]
+        elif call.error is not None:
+            value, is_error = call.error, True
         else:
-            value, is_error = decode_result(*call.waiter.value)  # type: ignore[union-attr]
+            value, is_error = decode_result(*call.raw)
         if call.lost:
             if self._inflight.pop(w, None) is not None:
                 self._unreachable.add(w)  # alive: back to its pool only at the end
@@ -922,7 +935,7 @@ class _Engine:
         elif unit.batched:
             seconds, value, failed = value
             if self.sizing is not None:
-                raw = call.waiter.value if call.waiter is not None else None
+                raw = call.raw
                 nbytes = (len(raw[1]) + sum(memoryview(b).nbytes for b in raw[2])
                           if raw is not None else 0)
                 self.sizing.observe(len(unit.args), seconds, nbytes)
