@@ -216,6 +216,23 @@ class Node:
         except ConnectionError as exc:
             raise ProcessExitedException(pid) from exc
 
+    def send_queued(self, pid: int, kind: int, flags: int, aux: int, whence: int,
+                    ref_id: int, body: Any = b"") -> Any:
+        """Queue a small frame to `pid` for the caller's own `flush()` of the returned
+        connection, soon (see SocketConnection.queue_frame): a thread sending a burst
+        writes it itself, without waking the loop thread. A stream connection sends
+        at once (returns None)."""
+        conn = self.connection_to(pid)
+        try:
+            queue = getattr(conn, "queue_frame", None)
+            if queue is None:
+                conn.send_frame(kind, flags, aux, whence, ref_id, body)
+                return None
+            queue(kind, flags, aux, whence, ref_id, body)
+            return conn
+        except ConnectionError as exc:
+            raise ProcessExitedException(pid) from exc
+
     def add_stream_connection(self, instream: Any, outstream: Any, pid: int | None) -> Any:
         from fastdist.transport import StreamConnection
 

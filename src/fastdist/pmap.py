@@ -658,6 +658,7 @@ class _Engine:
         self._unreachable: set[int] = set()  # held, but calls to them cannot be sent
         self._ncalls = 0
         self._slots: deque[int] = deque()
+        self._unflushed: dict[int, Any] = {}  # worker -> its connection, calls queued
         # (due, seq, index, args, worker it failed on), a heap on (due, seq)
         self._retries: list[tuple[float, int, int, Any, int]] = []
         self._retry_seq = itertools.count()
@@ -754,6 +755,16 @@ class _Engine:
                 continue
             self._send(w, unit)
         self._slots.extendleft(reversed(kept))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write the calls `_send` queued."""
+        while self._unflushed:
+            _, conn = self._unflushed.popitem()
+            try:
+                conn.flush()
+            except ConnectionError:
+                pass  # closed: the node fails its calls (node.peer_lost)
 
     def _wait(self) -> None:
         timeout: float | None = None
@@ -861,8 +872,20 @@ class _Engine:
             if buffers or len(body) > DEFER_MAX_NBYTES:
                 self.n.send(w, Kind.CALL_FETCH, 0, aux, self.n.myid, call.wid, body, buffers)
             else:
-                # The loop thread writes the calls of one refill in one burst.
-                self.n.send_deferred(w, Kind.CALL_FETCH, 0, aux, self.n.myid, call.wid, body)
+                # The calls of one refill go out in one write per worker, by this
+                # thread at the end of `_dispatch` — but at once to a worker with
+                # little to do, which would otherwise wait for the whole refill.
+                conn = self.n.send_queued(w, Kind.CALL_FETCH, 0, aux, self.n.myid,
+                                          call.wid, body)
+                if conn is not None:
+                    if self._inflight[w] <= PIPELINE_DEPTH:
+                        self._unflushed.pop(w, None)
+                        try:
+                            conn.flush()
+                        except ConnectionError as exc:
+                            raise ProcessExitedException(w) from exc
+                    else:
+                        self._unflushed[w] = conn
         except Exception as exc:  # noqa: BLE001 - unreachable (gone, or the topology)
             if token.func is not None:
                 self.cache.unsend(self.f, w)
