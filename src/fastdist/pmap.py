@@ -551,6 +551,12 @@ def _run_batch(token: Any, batch: list[Any], star: bool
         return _run_elements(entry.func, batch, star, None)
 
 
+def _run_batch_keyed(owner: int, key: int, batch: list[Any], star: bool
+                     ) -> tuple[float, list[Any], list[int]]:
+    """`_run_batch` for a function already on this worker, named by its cache key."""
+    return _run_batch(CachedFunction(owner, key, None), batch, star)
+
+
 def _run_elements(f: Callable[..., Any], batch: list[Any], star: bool,
                   here: Any) -> tuple[float, list[Any], list[int]]:
     out: list[Any] = []
@@ -895,11 +901,14 @@ class _Engine:
 
     def _encode(self, unit: _Unit, token: Any, w: int) -> tuple[int, bytes, Any]:
         """(aux, body, buffers) of the call that runs `unit` on worker `w`."""
-        if not unit.batched and token.func is None:
-            # The bulk of a batch_size=1 pmap, once the function has reached the
-            # worker: a call of plain data (the function named by its cache key),
-            # encoded in C and run by the worker's small-call path (_core/_calls.pyx).
-            # (The first calls make _run_one_keyed known by name, as for remotecall.)
+        if token.func is None:
+            # Once the function has reached the worker, a call of plain data (the
+            # function named by its cache key): plain elements make it encoded in C
+            # and run by the worker's small-call path (_core/_calls.pyx). (The first
+            # calls make the runners known by name, as for remotecall.)
+            if unit.batched:
+                keyed = (token.owner, token.key, unit.args, self.star)
+                return encode_call(_run_batch_keyed, keyed, {}, w)
             keyed = (token.owner, token.key, unit.args[0], self.star)
             return encode_call(_run_one_keyed, keyed, {}, w)
         runner = _run_batch if unit.batched else _run_one
