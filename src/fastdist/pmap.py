@@ -989,8 +989,7 @@ class _Engine:
         depth = int(PIPELINE_COMMIT_SECONDS / max(self._work, 1e-6))
         depth = max(PIPELINE_DEPTH, min(MAX_PIPELINE_DEPTH, depth))
         if depth > self._depth:
-            for _ in range(depth - self._depth):
-                self._slots.extend(self._inflight)
+            self._slots.extend(list(self._inflight) * (depth - self._depth))
         self._depth = depth  # a smaller depth drops surplus slots as they come up
 
     def _element_failed(self, idx: int, args: Any, raised: BaseException,
