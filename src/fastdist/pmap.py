@@ -38,7 +38,7 @@ from typing import Any
 from fastdist import node as _node
 from fastdist.exceptions import CapturedException, ProcessExitedException, RemoteException
 from fastdist.protocol import serialize
-from fastdist.protocol.messages import Kind
+from fastdist.protocol.messages import CALL_FETCH
 from fastdist.protocol.values import decode_error, decode_result, encode_error
 from fastdist.remotecall import DEFER_MAX_NBYTES, encode_call
 from fastdist.workerpool import (
@@ -665,6 +665,9 @@ class _Engine:
         self._ncalls = 0
         self._slots: deque[int] = deque()
         self._unflushed: dict[int, Any] = {}  # worker -> its connection, calls queued
+        self._conns: dict[int, Any] = {}  # worker -> its connection, once queued on
+        self._tokens: dict[int, CachedFunction] = {}  # worker -> the function's key there
+        self._myid = n.myid
         # (due, seq, index, args, worker it failed on), a heap on (due, seq)
         self._retries: list[tuple[float, int, int, Any, int]] = []
         self._retry_seq = itertools.count()
@@ -858,10 +861,15 @@ class _Engine:
         call = _Call(unit, w, self._done)
         self._inflight[w] += 1
         self._ncalls += 1
-        if w == self.n.myid:
+        if w == self._myid:
             self.n.callpool.submit(lambda: self._run_here(call))
             return
-        token = self.cache.token(self.f, w)
+        # Once the function is on `w`, its token is the same for every call.
+        token = self._tokens.get(w)
+        if token is None:
+            token = self.cache.token(self.f, w)
+            if token.func is None:
+                self._tokens[w] = token
         try:
             aux, body, buffers = self._encode(unit, token, w)
         except Exception as exc:  # noqa: BLE001 - a failure of these elements
@@ -872,32 +880,43 @@ class _Engine:
         if self.sizing is not None:
             self.sizing.observe_nbytes(len(unit.args),
                                        len(body) + sum(memoryview(b).nbytes for b in buffers))
-        call.wid = self.n.next_id()
-        self.n.waiters[call.wid] = call
+        call.wid = wid = self.n.next_id()
+        self.n.waiters[wid] = call
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
-                self.n.send(w, Kind.CALL_FETCH, 0, aux, self.n.myid, call.wid, body, buffers)
+                self.n.send(w, CALL_FETCH, 0, aux, self._myid, wid, body, buffers)
             else:
-                # The calls of one refill go out in one write per worker, by this
-                # thread at the end of `_dispatch` — but at once to a worker with
-                # little to do, which would otherwise wait for the whole refill.
-                conn = self.n.send_queued(w, Kind.CALL_FETCH, 0, aux, self.n.myid,
-                                          call.wid, body)
-                if conn is not None:
-                    if self._inflight[w] <= PIPELINE_DEPTH:
-                        self._unflushed.pop(w, None)
-                        try:
-                            conn.flush()
-                        except ConnectionError as exc:
-                            raise ProcessExitedException(w) from exc
-                    else:
-                        self._unflushed[w] = conn
+                self._queue(w, aux, wid, body)
         except Exception as exc:  # noqa: BLE001 - unreachable (gone, or the topology)
             if token.func is not None:
                 self.cache.unsend(self.f, w)
             call.lost = True
-            if self.n.waiters.pop(call.wid, None) is not None:  # else failed by peer_lost
+            if self.n.waiters.pop(wid, None) is not None:  # else failed by peer_lost
                 call.fail(exc)
+
+    def _queue(self, w: int, aux: int, wid: int, body: bytes) -> None:
+        """Send a small call: the calls of one refill go out in one write per worker,
+        by this thread at the end of `_dispatch` — but at once to a worker with
+        little to do, which would otherwise wait for the whole refill to be encoded."""
+        conn = self._conns.get(w)
+        if conn is None:
+            conn = self.n.send_queued(w, CALL_FETCH, 0, aux, self._myid, wid, body)
+            if conn is None:
+                return  # a stream connection: sent
+            self._conns[w] = conn
+        else:
+            try:
+                conn.queue_frame(CALL_FETCH, 0, aux, self._myid, wid, body)
+            except ConnectionError as exc:
+                raise ProcessExitedException(w) from exc
+        if self._inflight[w] <= PIPELINE_DEPTH:
+            self._unflushed.pop(w, None)
+            try:
+                conn.flush()
+            except ConnectionError as exc:
+                raise ProcessExitedException(w) from exc
+        else:
+            self._unflushed[w] = conn
 
     def _encode(self, unit: _Unit, token: Any, w: int) -> tuple[int, bytes, Any]:
         """(aux, body, buffers) of the call that runs `unit` on worker `w`."""
