@@ -469,11 +469,21 @@ class _Turns:
         ident = threading.get_ident()
         with self._cond:
             self._running.pop(ident, None)
-            took = time.monotonic() - self._started.pop(ident, time.monotonic())
-            self._duration = (took if self._duration is None
-                              else 0.8 * self._duration + 0.2 * took)
-            self._short = self._duration < SHORT_ELEMENT_SECONDS
+            self.record(time.monotonic() - self._started.pop(ident, time.monotonic()))
             self._cond.notify()
+
+    @property
+    def short(self) -> bool:
+        """Elements are short: they run without taking turns (and without `with`,
+        whose bookkeeping costs more than such an element: see `_run_one`)."""
+        return self._short
+
+    def record(self, took: float) -> None:
+        """An element took `took` seconds. (Unlocked when called for a short
+        element: a lost update of an average is harmless.)"""
+        self._duration = (took if self._duration is None
+                          else 0.8 * self._duration + 0.2 * took)
+        self._short = self._duration < SHORT_ELEMENT_SECONDS
 
     def _all_blocked(self, waited: float) -> bool:
         now = time.monotonic()
@@ -528,7 +538,14 @@ def _run_one(token: Any, item: Any, star: bool) -> tuple[float, Any]:
     Returns how long it took too (it sets how many calls to keep in flight)."""
     entry = cached_entry(token)
     f = entry.func
-    with _turns_of(entry):
+    turns = _turns_of(entry)
+    if turns.short:
+        start = time.perf_counter()
+        value = f(*item) if star else f(item)
+        took = time.perf_counter() - start
+        turns.record(took)
+        return took, value
+    with turns:
         start = time.perf_counter()
         value = f(*item) if star else f(item)
         return time.perf_counter() - start, value
