@@ -26,7 +26,7 @@ from fastdist.exceptions import (
     FutureAlreadySetError,
     ProcessExitedException,
 )
-from fastdist.output import handle_worker_logs
+from fastdist.output import _log_queues, handle_worker_logs
 from fastdist.protocol.values import decode_result
 
 _allocate_lock = threading.Lock
@@ -194,7 +194,7 @@ class RefStore:
 _EMPTY = object()
 _PUSHED: Any = object()  # Future._push of a remotecall Future nobody has waited on yet
 # (Pushes are mostly delivered, and fetched values unpickled, in C.)
-_calls.configure_refs(_PUSHED, _EMPTY, decode_result, handle_worker_logs)
+_calls.configure_refs(_PUSHED, _EMPTY, decode_result, handle_worker_logs, _log_queues)
 
 
 class _RefBase:

@@ -16,7 +16,12 @@ if TYPE_CHECKING:
     import asyncio
 
 from fastdist import node as _node
-from fastdist._core._calls import encode_plain_call
+from fastdist._core._calls import (
+    configure_remotecall,
+    encode_plain_call,
+    fetch_value,
+    remotecall_plain,
+)
 from fastdist.channel import AbstractChannel
 from fastdist.exceptions import (
     CapturedException,
@@ -48,6 +53,8 @@ __all__ = [
 # Calls with a body up to this size (and no out-of-band buffers) are deferred and
 # written in bursts; larger ones go out at once from the caller's thread.
 DEFER_MAX_NBYTES = 16 * 1024
+
+configure_remotecall(Future, _sync_block, DEFER_MAX_NBYTES)
 
 
 def _is_pool(target: Any) -> bool:
@@ -104,12 +111,15 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
         >>> fd.fetch(fut)
         1024
     """
+    n = _node.current()
+    fut = remotecall_plain(n, f, pid_or_pool, args, kwargs)  # most calls, in C
+    if fut is not None:
+        return fut  # type: ignore[no-any-return]
     if _is_pool(pid_or_pool):
         from fastdist.workerpool import pool_remotecall
 
-        fut: Future = pool_remotecall(pid_or_pool, f, args, kwargs)
-        return fut
-    n = _node.current()
+        fut = pool_remotecall(pid_or_pool, f, args, kwargs)
+        return fut  # type: ignore[no-any-return]
     pid = int(pid_or_pool)
     if pid == n.myid:
         fut = Future()
@@ -485,6 +495,10 @@ def fetch(x: Any, timeout: float | None = None) -> Any:
     Raises:
         TimeoutError: `timeout` seconds passed first (the call itself goes on).
     """
+    if type(x) is Future:
+        value = fetch_value(x)  # in C: a value here, or delivered and not an error
+        if value is not _EMPTY:
+            return value
     if type(x) is Future or isinstance(x, (Future, AbstractChannel)):
         return x.fetch(timeout) if timeout is not None else x.fetch()
     from fastdist.tasks import Task

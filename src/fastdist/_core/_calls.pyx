@@ -47,6 +47,10 @@ cdef object _PUSHED = None  # refs._PUSHED (see handle_result)
 cdef object _EMPTY = None  # refs._EMPTY: a Future's value before it is known
 cdef object _decode_result = None  # protocol.values.decode_result
 cdef object _handle_worker_logs = None  # output.handle_worker_logs
+cdef dict _log_queues = {}  # output._log_queues: pid -> that worker's log records
+cdef object _Future = None  # refs.Future
+cdef object _sync_block = None  # tasks._current_block: the @sync block a call joins
+cdef Py_ssize_t _defer_max_nbytes = 0  # remotecall.DEFER_MAX_NBYTES
 
 
 def configure(dict by_reference, dict function_pickles, dict functions, loads_lock,
@@ -193,13 +197,79 @@ def run_small_call(object node, object conn, Frame frame):
     return True
 
 
-def configure_refs(pushed, empty, decode_result, handle_worker_logs):
+def configure_refs(pushed, empty, decode_result, handle_worker_logs, dict log_queues):
     """What handle_result and materialize need of refs.py: its markers (a remotecall
     Future's `_push` while nobody waits for it; a value not known yet), the general
-    result decoder, and the hand-over of a worker's log records."""
-    global _PUSHED, _EMPTY, _decode_result, _handle_worker_logs
+    result decoder, and the hand-over of a worker's log records (and where they
+    wait, to look without a Python call)."""
+    global _PUSHED, _EMPTY, _decode_result, _handle_worker_logs, _log_queues
     _PUSHED, _EMPTY = pushed, empty
     _decode_result, _handle_worker_logs = decode_result, handle_worker_logs
+    _log_queues = log_queues
+
+
+def configure_remotecall(future, sync_block, Py_ssize_t defer_max_nbytes):
+    """What remotecall_plain needs of remotecall.py: the Future class, the context
+    variable of the enclosing @sync block, and the largest call it defers."""
+    global _Future, _sync_block, _defer_max_nbytes
+    _Future, _sync_block, _defer_max_nbytes = future, sync_block, defer_max_nbytes
+
+
+def remotecall_plain(object node, object f, object target, tuple args, dict kwargs):
+    """remotecall's common case without its Python frames: `f` travels by name, the
+    arguments are plain, `target` is the pid of a connected peer, and no @sync block
+    is open. Returns the Future, or None having done nothing: remotecall's Python
+    path then takes the call (and reports what is wrong with it).
+
+    What it does is remotecall's (encode_call, Future._for_call, a deferred send).
+    """
+    if type(target) is not int or _sync_block.get() is not None:
+        return None
+    myid = node.myid
+    if target == myid:
+        return None
+    peer = (<dict>node.peers).get(target)
+    if peer is None:
+        return None
+    conn = peer.conn
+    if conn is None:
+        return None
+    encoded = encode_plain_call(f, args, kwargs)
+    if encoded is None:
+        return None
+    aux, body, _ = <tuple>encoded
+    if PyBytes_GET_SIZE(body) > _defer_max_nbytes:
+        return None
+    ident = next(node._ids)
+    fut = _Future.__new__(_Future)
+    fut.where = target
+    fut.whence = myid
+    fut.id = ident
+    fut._holds = 1
+    fut._value = _EMPTY
+    fut._is_error = False
+    fut._raw = None
+    fut._shared = False
+    fut._push = _PUSHED
+    pushes = <dict>node.pushes
+    pushes[ident] = fut
+    try:
+        conn.send_deferred(CALL, 0, aux, myid, ident, body)
+    except ConnectionError:
+        pushes.pop(ident, None)  # no value will come for it
+        fut._holds = 0
+        return None  # the Python path tries again and raises ProcessExitedException
+    return fut
+
+
+def fetch_value(fut):
+    """Future.fetch's common case: the value if it is here or delivered (unpickled
+    now) and not an error; else refs._EMPTY, and Future.fetch takes it."""
+    if fut._value is _EMPTY and not _materialize(fut):
+        return _EMPTY
+    if fut._is_error:
+        return _EMPTY
+    return fut._value
 
 
 def materialize(fut):
@@ -210,12 +280,19 @@ def materialize(fut):
     under the unpickling lock; any other, or one that fails to unpickle, goes to
     protocol.values.decode_result, which turns failures into the caller's error.
     """
+    return _materialize(fut)
+
+
+cdef bint _materialize(object fut) except -1:
     if fut._value is not _EMPTY:
         return True
     raw = fut._raw
     if raw is None:
         return False
-    _handle_worker_logs(fut.where)  # what the call logged comes before its value
+    # What the call logged comes before its value (output.handle_worker_logs).
+    queue = _log_queues.get(fut.where)
+    if queue is not None and queue.records:
+        _handle_worker_logs(fut.where)
     flags, body, buffers = <tuple>raw
     value = _EMPTY
     is_error = False

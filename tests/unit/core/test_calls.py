@@ -224,3 +224,94 @@ def test_a_fetched_error_is_raised_as_the_remote_exception():
     with pytest.raises(RemoteException) as info:
         fut.fetch()
     assert isinstance(info.value.__cause__ or info.value.captured.ex, ZeroDivisionError)
+
+
+class Link:
+    """A peer's connection: records deferred frames, or fails as a closed one."""
+
+    def __init__(self, closed: bool = False) -> None:
+        self.closed = closed
+        self.deferred: list[tuple] = []
+
+    def send_deferred(self, kind, flags, aux, whence, ref_id, body=b""):
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        self.deferred.append((kind, flags, aux, whence, ref_id, body))
+
+
+class Peer:
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+
+def caller_with_peer(conn) -> Caller:
+    caller = Caller()
+    caller.peers = {2: Peer(conn)}  # type: ignore[attr-defined]
+    return caller
+
+
+def test_a_plain_remotecall_is_deferred_with_the_general_encoding():
+    from fastdist.remotecall import encode_call
+
+    encode_call(divmod, (7, 2), {}, 2)  # (divmod becomes known by name)
+    link = Link()
+    caller = caller_with_peer(link)
+    fut = _calls.remotecall_plain(caller, divmod, 2, (7, 2), {})
+    assert isinstance(fut, Future) and (fut.where, fut.whence, fut._holds) == (2, 1, 1)
+    assert caller.pushes == {fut.id: fut}
+    [(kind, flags, aux, whence, ref_id, body)] = link.deferred
+    assert (kind, flags, whence, ref_id) == (Kind.CALL, 0, 1, fut.id)
+    assert (aux, body, ()) == encode_call(divmod, (7, 2), {}, 2)
+    # Its result arrives, and fetch takes the value in C.
+    _calls.handle_result(caller, None, result_frame(fut.id, (3, 1)))
+    assert _calls.fetch_value(fut) == (3, 1) and fut.fetch() == (3, 1)
+
+
+def test_a_remotecall_that_is_not_the_common_case_is_left_to_python():
+    from fastdist.remotecall import encode_call
+    from fastdist.tasks import _current_block
+
+    encode_call(divmod, (7, 2), {}, 2)
+    link = Link()
+    caller = caller_with_peer(link)
+    for target in (1, 3, 2.0, True, [2]):  # itself, not connected, not a pid
+        assert _calls.remotecall_plain(caller, divmod, target, (7, 2), {}) is None
+    assert _calls.remotecall_plain(caller, lambda: 1, 2, (), {}) is None  # by value
+    assert _calls.remotecall_plain(caller, divmod, 2, (object(),), {}) is None
+    token = _current_block.set(object())  # inside @sync: the call must join it
+    try:
+        assert _calls.remotecall_plain(caller, divmod, 2, (7, 2), {}) is None
+    finally:
+        _current_block.reset(token)
+    assert link.deferred == [] and caller.pushes == {}
+
+
+def test_a_remotecall_to_a_closed_connection_leaves_nothing_behind():
+    from fastdist.remotecall import encode_call
+
+    encode_call(divmod, (7, 2), {}, 2)
+    caller = caller_with_peer(Link(closed=True))
+    assert _calls.remotecall_plain(caller, divmod, 2, (7, 2), {}) is None
+    assert caller.pushes == {}  # the Python path tries again and raises
+
+
+def test_fetch_value_leaves_errors_and_missing_values_to_future_fetch():
+    caller = Caller()
+    fut = Future._for_call(caller, 2)
+    assert _calls.fetch_value(fut) is refs_empty()  # nothing delivered yet
+    frame = call_frame(divmod, 1, 0)
+    node, conn = Node(), Conn()
+    _calls.run_small_call(node, conn, frame)
+    [(_, flags, _, _, body, _)] = conn.sent
+    reply = result_frame(fut.id, None, flags=flags)
+    reply.body = body
+    _calls.handle_result(caller, None, reply)
+    assert _calls.fetch_value(fut) is refs_empty()  # an error: Future.fetch raises it
+    with pytest.raises(RemoteException):
+        fut.fetch()
+
+
+def refs_empty():
+    from fastdist.refs import _EMPTY
+
+    return _EMPTY
