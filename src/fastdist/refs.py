@@ -355,6 +355,7 @@ class Future(_RefBase):
         with self._lock:
             if self._value is _EMPTY:
                 self._value, self._is_error, self._raw = value, is_error, None
+                _calls.track_with(self, value)  # a remotecall Future starts untracked
         if self._holds > 0:
             self._release_holds()
         return self._value

@@ -315,3 +315,22 @@ def refs_empty():
     from fastdist.refs import _EMPTY
 
     return _EMPTY
+
+
+def test_a_remotecall_future_is_tracked_by_the_collector_only_once_its_value_could_cycle():
+    import gc
+
+    from fastdist.remotecall import encode_call
+
+    encode_call(divmod, (7, 2), {}, 2)
+    caller = caller_with_peer(Link())
+    atomic = _calls.remotecall_plain(caller, divmod, 2, (7, 2), {})
+    container = _calls.remotecall_plain(caller, divmod, 2, (7, 2), {})
+    cached = _calls.remotecall_plain(caller, divmod, 2, (7, 2), {})
+    assert not any(gc.is_tracked(f) for f in (atomic, container, cached))
+    _calls.handle_result(caller, None, result_frame(atomic.id, 5))
+    _calls.handle_result(caller, None, result_frame(container.id, [5]))
+    assert atomic.fetch() == 5 and not gc.is_tracked(atomic)
+    assert container.fetch() == [5] and gc.is_tracked(container)
+    cached._cache({"a": cached}, False)  # a value that refers back: collectable again
+    assert gc.is_tracked(cached)
