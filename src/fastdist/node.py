@@ -22,6 +22,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastdist._core._calls import route_frames
 from fastdist._core._msgloop import MessageLoop
 from fastdist.callpool import CallPool
 from fastdist.exceptions import ProcessExitedException, ProtocolError
@@ -29,7 +30,7 @@ from fastdist.output import drain_worker_pipes
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_ERROR, FLAG_RESTORE, REF_RECORD, RESULT, Kind
 from fastdist.refs import RefStore, Waiter
-from fastdist.sharedmem import FLAG_SHM, SharedMemory
+from fastdist.sharedmem import SharedMemory
 
 # Unauthenticated connections a process keeps at once; past this the oldest goes.
 MAX_PENDING_HANDSHAKES = 256
@@ -244,7 +245,7 @@ class Node:
     # -- handler protocol, called by the loop (or a stream reader) ------------
 
     def on_frames(self, conn: Any, frames: list[Any]) -> None:
-        from fastdist.handlers import dispatch
+        from fastdist.handlers import _reply_error, dispatch
 
         for frame in frames:
             if frame.kind == RESULT:
@@ -253,18 +254,11 @@ class Node:
                 # answered in this batch before any of their results is handed on.
                 drain_worker_pipes(conn.peer)
                 break
-        for i, frame in enumerate(frames):
-            try:
-                if frame.flags & FLAG_SHM and not self._map_shared(conn, frame):
-                    continue
-                dispatch(self, conn, frame)
-            except BaseException:
-                # A KeyboardInterrupt (Ctrl-C in the main thread) can land on a thread
-                # reading a connection for everyone: the frames after this one belong to
-                # other callers, so they are dispatched before it propagates.
-                for rest in frames[i + 1:]:
-                    dispatch(self, conn, rest)
-                raise
+        # Each frame to its handler, results in C. A KeyboardInterrupt (Ctrl-C in the
+        # main thread) can land on a thread reading a connection for everyone: the
+        # frames after it belong to other callers and are dispatched before it
+        # propagates.
+        route_frames(self, conn, frames, dispatch, self._map_shared, _reply_error)
 
     def _map_shared(self, conn: Any, frame: Any) -> bool:
         """Give a frame whose buffers are in shared memory those buffers. If they

@@ -33,8 +33,10 @@ from fastdist._core._wire cimport Frame
 cdef enum:
     CALL = 2
     CALL_FETCH = 3
+    RESULT = 5
     FLAG_ERROR = 0x01
     FLAG_RELEASED = 0x02
+    FLAG_SHM = 0x80  # sharedmem.FLAG_SHM
 
 cdef object _pickle_loads = pickle.loads
 cdef object _pickle_dumps = pickle.dumps
@@ -340,7 +342,37 @@ cdef bint _materialize(object fut) except -1:
     return True
 
 
-def handle_result(object node, object conn, Frame frame):
+def route_frames(object node, object conn, list frames, object dispatch,
+                 object map_shared, object reply_error):
+    """Node.on_frames' loop: each frame to its handler (`dispatch`), a RESULT straight
+    to `handle_result` — most frames a caller's I/O thread reads are results, and
+    the Python loop and dispatch cost more than handling one. Shared-memory frames
+    are mapped first (`map_shared`, False: nothing to dispatch); a handler's
+    exception fails that frame only (`reply_error`, as dispatch does). Should
+    something escape (a KeyboardInterrupt), the frames after it, which belong to
+    other callers, are dispatched before it propagates."""
+    cdef Frame frame
+    cdef Py_ssize_t i, n = len(frames)
+    cdef bint identified = conn.peer is not None
+    for i in range(n):
+        frame = <Frame>frames[i]
+        try:
+            if frame.flags & FLAG_SHM and not map_shared(conn, frame):
+                continue
+            if frame.kind == RESULT and identified:
+                try:
+                    handle_result(node, conn, frame)
+                except Exception as exc:
+                    reply_error(node, conn, frame, exc)
+            else:
+                dispatch(node, conn, frame)
+        except BaseException:
+            for rest in frames[i + 1:]:
+                dispatch(node, conn, rest)
+            raise
+
+
+cpdef handle_result(object node, object conn, Frame frame):
     """A RESULT frame, on the thread that read it: the value for a waiting request,
     or a remotecall's pushed value for its Future.
 

@@ -334,3 +334,56 @@ def test_a_remotecall_future_is_tracked_by_the_collector_only_once_its_value_cou
     assert container.fetch() == [5] and gc.is_tracked(container)
     cached._cache({"a": cached}, False)  # a value that refers back: collectable again
     assert gc.is_tracked(cached)
+
+
+class Identified:
+    peer = 2
+
+
+def test_route_frames_sends_results_to_handle_result_and_the_rest_to_dispatch():
+    caller = Caller()
+    waiters = {i: Waiter(peer=2) for i in (1, 2)}
+    caller.waiters.update(waiters)
+    other = result_frame(3, None)
+    other.kind = Kind.CALL_FETCH
+    dispatched = []
+    frames = [result_frame(1, "a", flags=0), other, result_frame(2, "b", flags=0)]
+    _calls.route_frames(caller, Identified(), frames, lambda n, c, f: dispatched.append(f),
+                        lambda c, f: True, None)
+    assert dispatched == [other]
+    assert all(w.done() for w in waiters.values()) and caller.waiters == {}
+
+
+def test_route_frames_fails_one_bad_frame_and_hands_on_the_rest_after_an_interrupt():
+    caller = Caller()
+    caller.waiters = None  # type: ignore[assignment]  # no waiters to look in: each frame fails
+    errors, dispatched = [], []
+    frames = [result_frame(1, "a"), result_frame(2, "b")]
+    _calls.route_frames(caller, Identified(), frames, None, lambda c, f: True,
+                        lambda n, c, f, exc: errors.append((f, type(exc))))
+    assert [f for f, _ in errors] == frames and dispatched == []
+
+    def interrupted(node, conn, frame):
+        dispatched.append(frame)
+        if len(dispatched) == 1:
+            raise KeyboardInterrupt
+
+    call = result_frame(3, None)
+    call.kind = Kind.CALL
+    later = [result_frame(4, None), result_frame(5, None)]
+    for f in later:
+        f.kind = Kind.CALL
+    with pytest.raises(KeyboardInterrupt):
+        _calls.route_frames(caller, Identified(), [call, *later], interrupted,
+                            lambda c, f: True, None)
+    assert dispatched == [call, *later]
+
+
+def test_route_frames_skips_a_shared_memory_frame_that_could_not_be_mapped():
+    caller = Caller()
+    w = Waiter(peer=2)
+    caller.waiters[1] = w
+    frame = result_frame(1, "a", flags=0)
+    frame.flags |= 0x80  # sharedmem.FLAG_SHM
+    _calls.route_frames(caller, Identified(), [frame], None, lambda c, f: False, None)
+    assert not w.done()
