@@ -231,11 +231,7 @@ class _RefBase:
             if n is not None:
                 n.queue_ref_change(self.where, self.whence, self.id, n.myid, -holds)
 
-    def __del__(self) -> None:
-        try:
-            self._release_holds()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+    __del__ = _calls.release_on_del
 
     def _note_sent(self) -> None:
         """Register the destination of the stream being pickled as a client."""

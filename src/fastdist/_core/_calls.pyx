@@ -40,6 +40,9 @@ cdef enum:
 
 cdef object _pickle_loads = pickle.loads
 cdef object _pickle_dumps = pickle.dumps
+# The arguments of a call without any, pickled once: a pickler made per call cost
+# more than the rest of encoding it.
+cdef bytes _NO_ARGUMENTS = pickle.dumps(((), {}), 5)
 
 cdef dict _by_reference = {}
 cdef dict _function_pickles = {}
@@ -116,7 +119,11 @@ def encode_plain_call(object f, tuple args, dict kwargs):
     if _by_reference.get(id(f)) is not f:
         return None
     fpickle = _function_pickles.get(id(f))
-    if fpickle is None or not is_plain(args, 3) or not is_plain(kwargs, 2):
+    if fpickle is None:
+        return None
+    if not args and not kwargs:
+        return PyBytes_GET_SIZE(fpickle), fpickle + _NO_ARGUMENTS, ()
+    if not is_plain(args, 3) or not is_plain(kwargs, 2):
         return None
     return PyBytes_GET_SIZE(fpickle), fpickle + _pickle_dumps((args, kwargs), 5), ()
 
@@ -285,6 +292,16 @@ cdef inline void _track_with(object fut, object value):
 def track_with(fut, value):
     """`_track_with` for refs.Future._cache."""
     _track_with(fut, value)
+
+
+def release_on_del(ref):
+    """refs._RefBase.__del__: give back the holds a reference still has. Called
+    for every Future freed, most with none left, so without a Python frame then."""
+    try:
+        if ref._holds > 0:
+            ref._release_holds()
+    except Exception:  # interpreter shutdown
+        pass
 
 
 def fetch_value(fut):

@@ -387,3 +387,29 @@ def test_route_frames_skips_a_shared_memory_frame_that_could_not_be_mapped():
     frame.flags |= 0x80  # sharedmem.FLAG_SHM
     _calls.route_frames(caller, Identified(), [frame], None, lambda c, f: False, None)
     assert not w.done()
+
+
+def test_a_call_without_arguments_is_encoded_as_the_general_path_would():
+    from fastdist.remotecall import encode_call
+
+    encode_call(os.getpid, (), {}, 2)  # found importable ...
+    encode_call(os.getpid, (), {}, 2)  # ... and its pickle kept: from now on, in C
+    aux, body, buffers = _calls.encode_plain_call(os.getpid, (), {})
+    fpickle = serialize.function_pickle(os.getpid)
+    assert (aux, body, buffers) == (len(fpickle), fpickle + pickle.dumps(((), {}), 5), ())
+
+
+def test_a_freed_reference_gives_back_the_holds_it_still_has():
+    given_back = []
+
+    class Ref:
+        _holds = 2
+
+        def _release_holds(self):
+            given_back.append(self._holds)
+
+    _calls.release_on_del(Ref())
+    held_none = Ref()
+    held_none._holds = 0
+    _calls.release_on_del(held_none)
+    assert given_back == [2]
