@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from fastdist._core import _calls
+
 _get_ident = threading.get_ident
 
 # An idle thread exits after this long; a burst of blocked calls leaves no crowd behind.
@@ -327,18 +329,9 @@ class CallPool:
                 except KeyboardInterrupt:
                     pass
 
-    def run_user(self, fn: Callable[..., object], *args: object, **kwargs: object) -> object:
-        """Call user code, marking this thread as interruptible while it runs."""
-        ident = threading.get_ident()
-        with self._lock:
-            self._running_user[ident] = self._running_user.get(ident, 0) + 1
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            with self._lock:
-                depth = self._running_user.pop(ident) - 1
-                if depth:
-                    self._running_user[ident] = depth
+    # Call user code, marking this thread as interruptible while it runs: in C
+    # (_core/_calls.pyx), for every call a worker runs.
+    run_user = _calls.run_user
 
     def interrupt(self) -> int:
         """Raise KeyboardInterrupt in every thread running user code; return how many."""

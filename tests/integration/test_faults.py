@@ -6,7 +6,6 @@ assertions are about what the rest of the cluster sees, and how fast.
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import signal
@@ -547,15 +546,12 @@ def test_an_interrupt_racing_a_finishing_call_leaves_no_stale_mark():
     # waits for the pool's lock to unmark itself, while interrupt() holds that lock and
     # aims KeyboardInterrupt at it. The thread must come out unmarked, with nothing left
     # pending, so that the next interrupt spares it (it may be idle, or reading a
-    # connection for other calls).
+    # connection for other calls): the call is done, and the late interrupt dropped.
     import ctypes
 
     from fastdist.callpool import CallPool
 
     pool = CallPool(name="race-test")
-    lines, first = inspect.getsourcelines(CallPool.run_user)
-    after_finally = next(i for i, text in enumerate(lines) if text.strip() == "finally:")
-    unmark_line = first + next(i for i in range(after_finally, len(lines)) if "_lock" in lines[i])
     started, go = threading.Event(), threading.Event()
     outcome = {}
 
@@ -582,8 +578,11 @@ def test_an_interrupt_racing_a_finishing_call_leaves_no_stale_mark():
         go.set()
 
         def waiting_to_unmark():
+            # Back in `call` (run_user is C: it has no frame of its own) before the
+            # call returned: the thread waits for the pool's lock, which this test
+            # holds, to unmark itself.
             frame = sys._current_frames().get(t.ident)
-            return frame is not None and frame.f_lineno == unmark_line
+            return frame is not None and frame.f_code is call.__code__ and not outcome
 
         wait_until(waiting_to_unmark, 5, "the call's thread to wait for the pool lock")
         # What interrupt() does for a marked thread, under the same lock.
@@ -592,7 +591,7 @@ def test_an_interrupt_racing_a_finishing_call_leaves_no_stale_mark():
     t.join(5)
     assert not t.is_alive()
     assert outcome["after"] == "clean", outcome
-    assert outcome.get("value") == "done" or isinstance(outcome.get("exc"), KeyboardInterrupt)
+    assert outcome.get("value") == "done", outcome
     assert pool._running_user == {}, "the finished call's thread is still marked interruptible"
     assert pool.interrupt() == 0
 

@@ -21,8 +21,11 @@ over once by `configure`.
 import pickle
 
 from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.pythread cimport PyThread_get_thread_ident
+from cpython.ref cimport PyObject
 
 cdef extern from "Python.h":
+    int PyThreadState_SetAsyncExc(unsigned long ident, PyObject* exc)
     void PyObject_GC_Track(void* op)
     void PyObject_GC_UnTrack(void* op)
     int PyObject_GC_IsTracked(object op)
@@ -43,6 +46,9 @@ cdef object _pickle_dumps = pickle.dumps
 # The arguments of a call without any, pickled once: a pickler made per call cost
 # more than the rest of encoding it.
 cdef bytes _NO_ARGUMENTS = pickle.dumps(((), {}), 5)
+cdef bytes _NONE = pickle.dumps(None, 5)  # ... and the most common result
+cdef Py_ssize_t _small_reply_nbytes = 0  # handlers.SMALL_REPLY_NBYTES
+cdef Py_ssize_t _max_queued_replies = 0  # handlers.MAX_QUEUED_REPLIES
 
 cdef dict _by_reference = {}
 cdef dict _function_pickles = {}
@@ -168,10 +174,17 @@ cdef object _cached_function(bytes body, Py_ssize_t k):
     return f
 
 
+cdef _import_handlers():
+    global _send_reply, _reply_to_call, _small_reply_nbytes, _max_queued_replies
+    from fastdist import handlers
+    _send_reply, _reply_to_call = handlers.send_reply, handlers.reply_to_call
+    _small_reply_nbytes = handlers.SMALL_REPLY_NBYTES
+    _max_queued_replies = handlers.MAX_QUEUED_REPLIES
+
+
 def run_small_call(object node, object conn, Frame frame):
     """Run a CALL or CALL_FETCH frame if it is a small call; True if it was run and
     its reply handed on, False if nothing was done (the Python path takes it)."""
-    global _send_reply, _reply_to_call
     cdef int kind = frame.kind
     cdef Py_ssize_t k = frame.aux
     cdef object body = frame.body
@@ -183,18 +196,20 @@ def run_small_call(object node, object conn, Frame frame):
     arguments = (<bytes>body)[k:]
     if not _small_stream(arguments, ()):
         return False
-    try:
-        decoded = _loads_small(arguments)
-    except Exception:
-        return False  # decoded again on the Python path, which reports the error
+    if arguments == _NO_ARGUMENTS:
+        decoded = ((), {})
+    else:
+        try:
+            decoded = _loads_small(arguments)
+        except Exception:
+            return False  # decoded again on the Python path, which reports the error
     if type(decoded) is not tuple or len(<tuple>decoded) != 2:
         return False
     args, kwargs = <tuple>decoded
     if type(args) is not tuple or type(kwargs) is not dict:
         return False
     if _send_reply is None:
-        from fastdist.handlers import reply_to_call, send_reply
-        _send_reply, _reply_to_call = send_reply, reply_to_call
+        _import_handlers()
     try:
         value = node.callpool.run_user(f, *args, **kwargs)
     except BaseException as exc:  # KeyboardInterrupt from interrupt() too
@@ -206,9 +221,61 @@ def run_small_call(object node, object conn, Frame frame):
     if (kind == CALL and len(node.store)) or not is_plain(value):
         _reply_to_call(node, conn, frame, value, False)
         return True
-    _send_reply(node, conn, frame, FLAG_RELEASED if kind == CALL else 0,
-                _pickle_dumps(value, 5), ())
+    flags = FLAG_RELEASED if kind == CALL else 0
+    body = _NONE if value is None else _pickle_dumps(value, 5)
+    if not _queue_reply(node.callpool, conn, frame, flags, body):
+        _send_reply(node, conn, frame, flags, body, ())
     return True
+
+
+cdef bint _queue_reply(object pool, object conn, Frame frame, int flags, bytes body) except -1:
+    """handlers.send_reply's common case: the reply waits in the lane's queue for the
+    next ones' (CallPool.lane_continues, whose twin this is). False: send_reply
+    decides."""
+    if (PyBytes_GET_SIZE(body) > _small_reply_nbytes or pool._lane_conn is not conn
+            or pool._lane_thread != PyThread_get_thread_ident()):
+        return False
+    if not pool._lane and pool._lane_reads is not conn:
+        return False
+    stall = pool._stall
+    if not stall.is_set():
+        stall.set()
+    queue = getattr(conn, "queue_frame", None)
+    if queue is None:
+        return False
+    try:
+        if queue(RESULT, flags, 0, frame.whence, frame.id, body) >= _max_queued_replies:
+            pool.flush_lane(conn)
+    except ConnectionError:
+        pass
+    return True
+
+
+def run_user(pool, fn, *args, **kwargs):
+    """CallPool.run_user: call user code, marking this thread as interruptible while
+    it runs (`pool._running_user`, thread ident -> depth).
+
+    CallPool.interrupt raises KeyboardInterrupt, under `pool._lock`, in the threads
+    it finds marked. The mark goes under that lock too, and an interrupt that was
+    aimed at the user code but came as it returned is dropped then (the call is
+    done): the thread never carries it into what it does next. Setting the mark
+    needs no lock: in C the update is atomic under the GIL."""
+    cdef dict running = pool._running_user
+    cdef unsigned long ident = PyThread_get_thread_ident()
+    running[ident] = running.get(ident, 0) + 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        lock = pool._lock
+        lock.acquire()
+        try:
+            depth = running.pop(ident) - 1
+            if depth:
+                running[ident] = depth
+            else:
+                PyThreadState_SetAsyncExc(ident, NULL)
+        finally:
+            lock.release()
 
 
 def configure_refs(pushed, empty, decode_result, handle_worker_logs, dict log_queues):

@@ -413,3 +413,67 @@ def test_a_freed_reference_gives_back_the_holds_it_still_has():
     held_none._holds = 0
     _calls.release_on_del(held_none)
     assert given_back == [2]
+
+
+def test_run_user_marks_the_thread_interruptible_while_user_code_runs():
+    import threading
+
+    pool = CallPool(name="run-user-test")
+    me = threading.get_ident()
+    seen = []
+
+    def inner():
+        seen.append(dict(pool._running_user))
+        raise ValueError("user code failed")
+
+    def outer(x, *, y):
+        seen.append(dict(pool._running_user))
+        with pytest.raises(ValueError):
+            pool.run_user(inner)
+        return x + y
+
+    assert pool.run_user(outer, 1, y=2) == 3
+    assert seen == [{me: 1}, {me: 2}] and pool._running_user == {}
+
+
+class LaneConn(Conn):
+    """A connection the lane's thread reads: replies may wait in its queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[tuple] = []
+        self.flushes = 0
+
+    def queue_frame(self, kind, flags, aux, whence, ref_id, body=b""):
+        self.queued.append((kind, flags, whence, ref_id, bytes(body)))
+        return len(self.queued)
+
+    def flush(self):
+        self.flushes += 1
+        self.sent.extend(q + ([],) for q in self.queued)
+        self.queued.clear()
+
+    def end_direct(self):
+        """(The pool's watchdog may take the reader role back from a lane it finds
+        stuck; there is nothing to give back here.)"""
+
+
+def test_a_reply_waits_behind_the_lanes_next_ones_and_goes_out_in_bursts():
+    import threading
+
+    from fastdist.handlers import MAX_QUEUED_REPLIES
+
+    node, conn = Node(), LaneConn()
+    pool = node.callpool
+    pool._lane_conn, pool._lane_reads = conn, conn
+    pool._lane_thread = threading.get_ident()  # this thread runs the lane
+    for _ in range(MAX_QUEUED_REPLIES - 1):
+        assert _calls.run_small_call(node, conn, call_frame(os.getpid, kind=Kind.CALL_FETCH))
+    assert conn.sent == [] and len(conn.queued) == MAX_QUEUED_REPLIES - 1
+    assert _calls.run_small_call(node, conn, call_frame(divmod, 7, 2, kind=Kind.CALL_FETCH))
+    assert conn.flushes == 1 and len(conn.sent) == MAX_QUEUED_REPLIES
+    assert pickle.loads(conn.sent[-1][4]) == (3, 1)
+    pool._lane_thread = 0  # another thread's lane: this reply goes out at once
+    assert _calls.run_small_call(node, conn, call_frame(os.getpid, kind=Kind.CALL_FETCH))
+    assert len(conn.sent) == MAX_QUEUED_REPLIES + 1 and conn.queued == []
+    pool._lane_conn = pool._lane_reads = None
