@@ -197,10 +197,11 @@ _PUSHED: Any = object()  # Future._push of a remotecall Future nobody has waited
 _calls.configure_refs(_PUSHED, _EMPTY, decode_result, handle_worker_logs, _log_queues)
 
 
-class _RefBase:
-    """What Future and RemoteChannel share: identity, owner, and holds on the owner."""
+class _RefBase(_calls.RefCore):
+    """What Future and RemoteChannel share: identity, owner, and holds on the owner
+    (their fields are C fields, `_calls.RefCore`)."""
 
-    __slots__ = ("where", "whence", "id", "_holds")
+    __slots__ = ()
 
     where: int
     whence: int
@@ -259,7 +260,7 @@ def _adopt(cls: Any, where: int, whence: int, ref_id: int, counted: bool) -> Any
     return obj
 
 
-class Future(_RefBase):
+class Future(_calls.FutureCore, _RefBase):
     """A single value that will exist on process `where` (Julia's `Future`).
 
     `Future(pid)` makes an empty future owned by `pid` (default: this process);
@@ -272,7 +273,9 @@ class Future(_RefBase):
         42
     """
 
-    __slots__ = ("_value", "_is_error", "_raw", "_push", "_shared", "__weakref__")
+    # Its fields are C fields (`_calls.FutureCore`): the C code that makes, delivers
+    # and fetches remotecall Futures reaches them without attribute look-ups.
+    __slots__ = ()
 
     _lock = _futures_lock
 

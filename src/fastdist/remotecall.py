@@ -73,7 +73,7 @@ def encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     in `aux`; any other call is one pickle of `(f, args, kwargs)` and `aux` 0."""
     plain = encode_plain_call(f, args, kwargs)  # most calls: in C
     if plain is not None:
-        return plain  # type: ignore[no-any-return]
+        return plain
     fpickle = serialize.function_pickle(f)
     if fpickle is not None:
         body, buffers = serialize.dumps((args, kwargs), dest=pid, what="call's arguments")

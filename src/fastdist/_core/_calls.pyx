@@ -69,6 +69,30 @@ cdef object _sync_block = None  # tasks._current_block: the @sync block a call j
 cdef Py_ssize_t _defer_max_nbytes = 0  # remotecall.DEFER_MAX_NBYTES
 
 
+cdef class RefCore:
+    """The fields of refs._RefBase (Future and RemoteChannel), as C fields: the owner
+    (`where`), the reference's identity (`whence`, `id`) and the holds this process
+    has on it. The methods are refs.py's; the C code here reads and sets the
+    fields of the Futures it makes, delivers and fetches without attribute look-ups."""
+    cdef public object where
+    cdef public object whence
+    cdef public object id
+    cdef public object _holds
+    cdef object __weakref__
+
+
+cdef class FutureCore(RefCore):
+    """refs.Future's own fields: the value once known (`_value`, refs._EMPTY before)
+    and whether it is an error, the raw result pushed here and not yet unpickled,
+    the push's state (`_push`: refs._PUSHED, or the Waiter of the push), and whether
+    the reference was passed on while its value was due (`_shared`)."""
+    cdef public object _value
+    cdef public object _is_error
+    cdef public object _raw
+    cdef public object _push
+    cdef public object _shared
+
+
 def configure(dict by_reference, dict function_pickles, dict functions, loads_lock,
               Py_ssize_t oob_threshold, function_type,
               builtin_function_type):
@@ -322,7 +346,7 @@ def remotecall_plain(object node, object f, object target, tuple args, dict kwar
     if PyBytes_GET_SIZE(body) > _defer_max_nbytes:
         return None
     ident = next(node._ids)
-    fut = _Future.__new__(_Future)
+    cdef FutureCore fut = _Future.__new__(_Future)
     fut.where = target
     fut.whence = myid
     fut.id = ident
@@ -371,7 +395,7 @@ def release_on_del(ref):
         pass
 
 
-def fetch_value(fut):
+def fetch_value(FutureCore fut):
     """Future.fetch's common case: the value if it is here or delivered (unpickled
     now) and not an error; else refs._EMPTY, and Future.fetch takes it."""
     if fut._value is _EMPTY and not _materialize(fut):
@@ -381,7 +405,7 @@ def fetch_value(fut):
     return fut._value
 
 
-def materialize(fut):
+def materialize(FutureCore fut):
     """refs.Future._materialize: unpickle a delivered value into the Future's cache,
     on the thread that fetches it; False if no value has been delivered.
 
@@ -392,7 +416,7 @@ def materialize(fut):
     return _materialize(fut)
 
 
-cdef bint _materialize(object fut) except -1:
+cdef bint _materialize(FutureCore fut) except -1:
     if fut._value is not _EMPTY:
         return True
     raw = fut._raw
@@ -406,10 +430,13 @@ cdef bint _materialize(object fut) except -1:
     value = _EMPTY
     is_error = False
     if not (flags & FLAG_ERROR) and _small_stream(body, buffers):
-        try:
-            value = _loads_small(body)
-        except Exception:
-            value = _EMPTY
+        if body == _NONE:
+            value = None  # no unpickler for the most common result
+        else:
+            try:
+                value = _loads_small(body)
+            except Exception:
+                value = _EMPTY
     if value is _EMPTY:
         value, is_error = _decode_result(flags, body, buffers)
     # What Future._cache does, without its Python frame.
@@ -473,9 +500,10 @@ cpdef handle_result(object node, object conn, Frame frame):
     if w is not None:
         w.set(raw)
         return
-    fut = (<dict>node.pushes).pop(frame.id, None)
-    if fut is None:
+    pushed = (<dict>node.pushes).pop(frame.id, None)
+    if pushed is None:
         return
+    cdef FutureCore fut = pushed
     released = frame.flags & FLAG_RELEASED
     if released and fut._push is _PUSHED:
         lock = fut._lock
