@@ -3,15 +3,18 @@
 a function that travels by name with plain arguments and a plain result.
 
 On the worker, `run_small_call` decodes such a call (function cache, one
-pickle.loads), runs it and pickles its result; what happens to the reply (queued
-behind the lane's other replies, or sent) is decided by the Python code it is
-handed to. Anything else, and every failure, takes the Python path in
+pickle.loads), runs it (`run_user`, which is CallPool.run_user) and pickles its
+result; the reply waits behind the lane's next ones (`_queue_reply`) or goes to
+handlers.send_reply. Anything else, and every failure, takes the Python path in
 fastdist.handlers — the fast path changes what a call costs, never what it does.
-On the caller, `encode_plain_call` builds such a call's frame body,
-`handle_result` hands the common pushed result to its Future, `materialize`
-unpickles it into the Future's cache when fetched, and `loads_locked` unpickles
-small streams for serialize. `is_plain` decides what counts as plain for all of
-them, and for serialize.
+On the caller, `remotecall_plain` makes the common remotecall whole (its body by
+`encode_plain_call`, its Future, a deferred send), `route_frames` hands each frame
+the I/O thread reads to its handler, `handle_result` gives the common pushed
+result to its Future, `materialize` and `fetch_value` unpickle it into the
+Future's cache when fetched, and `loads_locked` unpickles small streams for
+serialize. The Future's fields are C fields (`RefCore`, `FutureCore`, the bases
+of refs._RefBase and refs.Future). `is_plain` decides what counts as plain for
+all of them, and for serialize. Each C twin of Python code names its original.
 
 The registries it reads (functions found importable, their pickles, the function
 cache, the unpickling lock) are fastdist.protocol.serialize's own objects, handed
