@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import struct
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from fastdist._core._calls import handle_result, run_small_call
+from fastdist._core._calls import (
+    collect_calls,
+    collected_calls,
+    handle_result,
+    run_call,
+)
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import (
@@ -85,10 +89,9 @@ def _decode_call(node: Any, frame: Any) -> tuple[Any, tuple[Any, ...], dict[str,
     return f, args, kwargs
 
 
-def _run_call(node: Any, conn: Any, frame: Any) -> None:
-    """On a call thread: run the call and deliver what it produced."""
-    if run_small_call(node, conn, frame):  # most calls, in C (see _core/_calls.pyx)
-        return
+def run_general_call(node: Any, conn: Any, frame: Any) -> None:
+    """On a call thread: run a call that is not a small one (see _calls.run_call,
+    which runs most calls in C) and deliver what it produced."""
     try:
         f, args, kwargs = _decode_call(node, frame)
         value = node.callpool.run_user(f, *args, **kwargs)
@@ -161,7 +164,6 @@ def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
         pass
 
 
-_local = threading.local()
 # Replies up to this size (and without out-of-band buffers) may wait in a lane's
 # queue; a larger one goes out at once.
 SMALL_REPLY_NBYTES = 16 * 1024
@@ -171,11 +173,12 @@ MAX_QUEUED_REPLIES = 32
 
 
 def handle_call(node: Any, conn: Any, frame: Any) -> None:
-    task = partial(_run_call, node, conn, frame)
-    slot = getattr(_local, "inline_slot", None)
+    task = partial(run_call, node, conn, frame)
+    slot = collected_calls()
     if slot is not None:
         # A call thread is reading this connection itself: it runs the calls it
-        # reads, in order (callpool.py, CallPool._run_lane).
+        # reads, in order (callpool.py, CallPool._run_lane). (Most calls it reads
+        # get here in C: _calls.route_frames.)
         slot.append(task)
     else:
         node.callpool.submit_in_order(conn, task)
@@ -185,11 +188,11 @@ def take_calls(conn: Any, timeout: float) -> list[Any]:
     """As `conn`'s reader (begin_direct), read it on this thread; return the calls
     read, to be run here in order (possibly none)."""
     slot: list[Any] = []
-    _local.inline_slot = slot
+    collect_calls(slot)
     try:
         conn.poll_direct(timeout)
     finally:
-        _local.inline_slot = None
+        collect_calls(None)
     return slot
 
 

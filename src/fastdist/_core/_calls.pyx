@@ -21,6 +21,7 @@ cache, the unpickling lock) are fastdist.protocol.serialize's own objects, hande
 over once by `configure`.
 """
 
+import functools
 import pickle
 
 from cpython.bytes cimport PyBytes_GET_SIZE
@@ -39,6 +40,7 @@ from fastdist._core._wire cimport Frame
 cdef enum:
     CALL = 2
     CALL_FETCH = 3
+    REMOTE_DO = 4
     RESULT = 5
     FLAG_ERROR = 0x01
     FLAG_RELEASED = 0x02
@@ -70,6 +72,11 @@ cdef dict _log_queues = {}  # output._log_queues: pid -> that worker's log recor
 cdef object _Future = None  # refs.Future
 cdef object _sync_block = None  # tasks._current_block: the @sync block a call joins
 cdef Py_ssize_t _defer_max_nbytes = 0  # remotecall.DEFER_MAX_NBYTES
+cdef object _partial = functools.partial
+cdef object _run_call_general = None  # handlers.run_general_call
+# Thread ident -> the list that thread collects the calls it reads in (see
+# `collect_calls`); at most one entry: a worker's one lane thread.
+cdef dict _collecting = {}
 
 
 cdef class RefCore:
@@ -203,8 +210,10 @@ cdef object _cached_function(bytes body, Py_ssize_t k):
 
 cdef _import_handlers():
     global _send_reply, _reply_to_call, _small_reply_nbytes, _max_queued_replies
+    global _run_call_general
     from fastdist import handlers
     _send_reply, _reply_to_call = handlers.send_reply, handlers.reply_to_call
+    _run_call_general = handlers.run_general_call
     _small_reply_nbytes = handlers.SMALL_REPLY_NBYTES
     _max_queued_replies = handlers.MAX_QUEUED_REPLIES
 
@@ -456,6 +465,42 @@ cdef bint _materialize(FutureCore fut) except -1:
     return True
 
 
+def collect_calls(slot):
+    """handlers.take_calls: while `slot` is a list, the call frames this thread reads
+    become tasks in it, to be run here in order (CallPool's lane), rather than going
+    to the call pool; None ends it."""
+    if slot is None:
+        _collecting.pop(PyThread_get_thread_ident(), None)
+    else:
+        _collecting[PyThread_get_thread_ident()] = slot
+
+
+def collected_calls():
+    """The list this thread collects the calls it reads in, or None."""
+    if not _collecting:
+        return None
+    return _collecting.get(PyThread_get_thread_ident())
+
+
+cdef bint _collect(object node, object conn, Frame frame) except -1:
+    """handlers.handle_call's inline case (its twin): True if the call went to this
+    thread's list."""
+    slot = _collecting.get(PyThread_get_thread_ident())
+    if slot is None:
+        return False
+    (<list>slot).append(_partial(run_call, node, conn, frame))
+    return True
+
+
+def run_call(object node, object conn, Frame frame):
+    """Run a call frame and deliver what it produced: the small-call path, or
+    handlers.run_general_call for any other call."""
+    if _run_call_general is None:
+        _import_handlers()
+    if not run_small_call(node, conn, frame):
+        _run_call_general(node, conn, frame)
+
+
 def route_frames(object node, object conn, list frames, object dispatch,
                  object map_shared, object reply_error):
     """Node.on_frames' loop: each frame to its handler (`dispatch`), a RESULT straight
@@ -473,11 +518,16 @@ def route_frames(object node, object conn, list frames, object dispatch,
         try:
             if frame.flags & FLAG_SHM and not map_shared(conn, frame):
                 continue
-            if frame.kind == RESULT and identified:
+            kind = frame.kind
+            if kind == RESULT and identified:
                 try:
                     handle_result(node, conn, frame)
                 except Exception as exc:
                     reply_error(node, conn, frame, exc)
+            elif (identified and _collecting and (kind == CALL or kind == CALL_FETCH
+                                                  or kind == REMOTE_DO)
+                  and _collect(node, conn, frame)):
+                pass
             else:
                 dispatch(node, conn, frame)
         except BaseException:

@@ -477,3 +477,28 @@ def test_a_reply_waits_behind_the_lanes_next_ones_and_goes_out_in_bursts():
     assert _calls.run_small_call(node, conn, call_frame(os.getpid, kind=Kind.CALL_FETCH))
     assert len(conn.sent) == MAX_QUEUED_REPLIES + 1 and conn.queued == []
     pool._lane_conn = pool._lane_reads = None
+
+
+def test_calls_read_by_a_collecting_thread_become_its_tasks_in_order():
+    node, conn = Node(), Conn()
+    conn.peer = 1  # type: ignore[attr-defined]  # identified: the caller, pid 1
+    frames = [call_frame(divmod, 7, i, kind=Kind.CALL_FETCH) for i in (1, 2, 3)]
+    for i, frame in enumerate(frames):
+        frame.id = 100 + i
+    dispatched: list = []
+    slot: list = []
+    _calls.collect_calls(slot)
+    try:
+        assert _calls.collected_calls() is slot
+        _calls.route_frames(node, conn, frames, lambda n, c, f: dispatched.append(f),
+                            lambda c, f: True, None)
+    finally:
+        _calls.collect_calls(None)
+    assert _calls.collected_calls() is None and dispatched == [] and len(slot) == 3
+    for task in slot:  # what the lane does with them
+        task()
+    assert [pickle.loads(body) for *_, body, _ in conn.sent] == [(7, 0), (3, 1), (2, 1)]
+    # Not collecting: the same frames go to dispatch (handlers.handle_call).
+    _calls.route_frames(node, conn, frames, lambda n, c, f: dispatched.append(f),
+                        lambda c, f: True, None)
+    assert dispatched == frames
