@@ -36,10 +36,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from fastdist import node as _node
+from fastdist._core._calls import encode_plain_call, result_value
 from fastdist.exceptions import CapturedException, ProcessExitedException, RemoteException
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import CALL_FETCH
 from fastdist.protocol.values import decode_error, decode_result, encode_error
+from fastdist.refs import _EMPTY
 from fastdist.remotecall import DEFER_MAX_NBYTES, encode_call
 from fastdist.workerpool import (
     AbstractWorkerPool,
@@ -63,6 +65,11 @@ then go many per write and per wake-up, and what waits behind a running element
 when the last ones are handed out is only a few milliseconds of work."""
 
 MAX_PIPELINE_DEPTH = 256
+
+_END = object()  # what next() returns at the end of the input
+
+# Calls at most this long (on average) keep the deepest pipeline.
+_DEEPEST_WORK = PIPELINE_COMMIT_SECONDS / MAX_PIPELINE_DEPTH
 
 AUTO_MAX_BATCH = 100
 """The largest first batch `batch_size="auto"` picks (Julia's `max_batch_size`);
@@ -685,6 +692,7 @@ class _Engine:
         self._conns: dict[int, Any] = {}  # worker -> its connection, once queued on
         self._tokens: dict[int, CachedFunction] = {}  # worker -> the function's key there
         self._myid = n.myid
+        self._ids = n._ids  # (Node.next_id, without its frame)
         # (due, seq, index, args, worker it failed on), a heap on (due, seq)
         self._retries: list[tuple[float, int, int, Any, int]] = []
         self._retry_seq = itertools.count()
@@ -725,10 +733,16 @@ class _Engine:
 
     def _pull(self, source: Iterator[Any]) -> _Unit | None:
         size = self.sizing.size() if self.sizing is not None else self.batch_size
+        start = len(self.results)
+        if size == 1:
+            item = next(source, _END)
+            if item is _END:
+                return None
+            self.results.append(None)
+            return _Unit(start, [item], self.batched)
         chunk = list(itertools.islice(source, size))
         if not chunk:
             return None
-        start = len(self.results)
         self.results.extend([None] * len(chunk))
         return _Unit(start, chunk, self.batched)
 
@@ -888,7 +902,12 @@ class _Engine:
             if token.func is None:
                 self._tokens[w] = token
         try:
-            aux, body, buffers = self._encode(unit, token, w)
+            encoded = None
+            if token.func is None and not unit.batched:
+                # The bulk of a batch_size=1 map, in C (see _encode).
+                encoded = encode_plain_call(
+                    _run_one_keyed, (token.owner, token.key, unit.args[0], self.star), {})
+            aux, body, buffers = encoded or self._encode(unit, token, w)
         except Exception as exc:  # noqa: BLE001 - a failure of these elements
             if token.func is not None:
                 self.cache.unsend(self.f, w)
@@ -897,7 +916,7 @@ class _Engine:
         if self.sizing is not None:
             self.sizing.observe_nbytes(len(unit.args),
                                        len(body) + sum(memoryview(b).nbytes for b in buffers))
-        call.wid = wid = self.n.next_id()
+        call.wid = wid = next(self._ids)
         self.n.waiters[wid] = call
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
@@ -984,7 +1003,9 @@ class _Engine:
         elif call.error is not None:
             value, is_error = call.error, True
         else:
-            value, is_error = decode_result(*call.raw)
+            value, is_error = result_value(call.raw), False  # in C, most results
+            if value is _EMPTY:
+                value, is_error = decode_result(*call.raw)
         if call.lost:
             if self._inflight.pop(w, None) is not None:
                 self._unreachable.add(w)  # alive: back to its pool only at the end
@@ -1016,13 +1037,18 @@ class _Engine:
             seconds, value = value
             self._adapt_depth(seconds)
             self.results[unit.start] = value
-            self._tries.pop(unit.start, None)
-            self._tick(1)
+            if self._tries:
+                self._tries.pop(unit.start, None)
+            if self.bar is not None:
+                self.bar.update(1)
 
     def _adapt_depth(self, seconds: float) -> None:
         """As many calls in flight per worker as make `PIPELINE_COMMIT_SECONDS` of work."""
-        self._work = seconds if self._work is None else 0.8 * self._work + 0.2 * seconds
-        depth = int(PIPELINE_COMMIT_SECONDS / max(self._work, 1e-6))
+        work = self._work
+        self._work = work = seconds if work is None else 0.8 * work + 0.2 * seconds
+        if work <= _DEEPEST_WORK and self._depth == MAX_PIPELINE_DEPTH:
+            return  # short calls, as deep as it goes: the common case, cheap
+        depth = int(PIPELINE_COMMIT_SECONDS / max(work, 1e-6))
         depth = max(PIPELINE_DEPTH, min(MAX_PIPELINE_DEPTH, depth))
         if depth > self._depth:
             self._slots.extend(list(self._inflight) * (depth - self._depth))

@@ -407,6 +407,21 @@ def release_on_del(ref):
         pass
 
 
+def result_value(tuple raw):
+    """protocol.values.decode_result's common case: the value of a small plain
+    result (flags, body, buffers), unpickled here; else refs._EMPTY, and
+    decode_result takes it."""
+    flags, body, buffers = raw
+    if (<int>flags & FLAG_ERROR) or not _small_stream(body, buffers):
+        return _EMPTY
+    if body == _NONE:
+        return None
+    try:
+        return _loads_small(body)
+    except Exception:
+        return _EMPTY
+
+
 def fetch_value(FutureCore fut):
     """Future.fetch's common case: the value if it is here or delivered (unpickled
     now) and not an error; else refs._EMPTY, and Future.fetch takes it."""
