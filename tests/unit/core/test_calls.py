@@ -50,9 +50,16 @@ class Node:
         self.callpool.run_user = counting  # type: ignore[method-assign]
 
 
+def known_by_name(f) -> None:
+    """Make `f` a function that travels by name, its pickle kept (what the first
+    calls to it do), whatever the tests before did."""
+    serialize.dumps((f, (), {}))
+    assert serialize.function_pickle(f) is not None
+
+
 def call_frame(f, *args, kind=Kind.CALL, **kwargs) -> _wire.Frame:
+    known_by_name(f)
     fpickle = serialize.function_pickle(f)
-    assert fpickle is not None
     serialize.loads_function(fpickle)  # as a worker would have on the first call
     frame = _wire.Frame.__new__(_wire.Frame)
     frame.kind, frame.flags, frame.whence, frame.id = kind, 0, 1, 77
@@ -253,7 +260,7 @@ def caller_with_peer(conn) -> Caller:
 def test_a_plain_remotecall_is_deferred_with_the_general_encoding():
     from fastdist.remotecall import encode_call
 
-    encode_call(divmod, (7, 2), {}, 2)  # (divmod becomes known by name)
+    known_by_name(divmod)
     link = Link()
     caller = caller_with_peer(link)
     fut = _calls.remotecall_plain(caller, divmod, 2, (7, 2), {})
@@ -268,10 +275,9 @@ def test_a_plain_remotecall_is_deferred_with_the_general_encoding():
 
 
 def test_a_remotecall_that_is_not_the_common_case_is_left_to_python():
-    from fastdist.remotecall import encode_call
     from fastdist.tasks import _current_block
 
-    encode_call(divmod, (7, 2), {}, 2)
+    known_by_name(divmod)
     link = Link()
     caller = caller_with_peer(link)
     for target in (1, 3, 2.0, True, [2]):  # itself, not connected, not a pid
@@ -287,9 +293,7 @@ def test_a_remotecall_that_is_not_the_common_case_is_left_to_python():
 
 
 def test_a_remotecall_to_a_closed_connection_leaves_nothing_behind():
-    from fastdist.remotecall import encode_call
-
-    encode_call(divmod, (7, 2), {}, 2)
+    known_by_name(divmod)
     caller = caller_with_peer(Link(closed=True))
     assert _calls.remotecall_plain(caller, divmod, 2, (7, 2), {}) is None
     assert caller.pushes == {}  # the Python path tries again and raises
@@ -320,9 +324,7 @@ def refs_empty():
 def test_a_remotecall_future_is_tracked_by_the_collector_only_once_its_value_could_cycle():
     import gc
 
-    from fastdist.remotecall import encode_call
-
-    encode_call(divmod, (7, 2), {}, 2)
+    known_by_name(divmod)
     caller = caller_with_peer(Link())
     atomic = _calls.remotecall_plain(caller, divmod, 2, (7, 2), {})
     container = _calls.remotecall_plain(caller, divmod, 2, (7, 2), {})
@@ -390,10 +392,7 @@ def test_route_frames_skips_a_shared_memory_frame_that_could_not_be_mapped():
 
 
 def test_a_call_without_arguments_is_encoded_as_the_general_path_would():
-    from fastdist.remotecall import encode_call
-
-    encode_call(os.getpid, (), {}, 2)  # found importable ...
-    encode_call(os.getpid, (), {}, 2)  # ... and its pickle kept: from now on, in C
+    known_by_name(os.getpid)
     aux, body, buffers = _calls.encode_plain_call(os.getpid, (), {})
     fpickle = serialize.function_pickle(os.getpid)
     assert (aux, body, buffers) == (len(fpickle), fpickle + pickle.dumps(((), {}), 5), ())
