@@ -411,11 +411,15 @@ def result_value(tuple raw):
     """protocol.values.decode_result's common case: the value of a small plain
     result (flags, body, buffers), unpickled here; else refs._EMPTY, and
     decode_result takes it."""
+    return _result_value(raw)
+
+
+cdef object _result_value(tuple raw):
     flags, body, buffers = raw
     if (<int>flags & FLAG_ERROR) or not _small_stream(body, buffers):
         return _EMPTY
     if body == _NONE:
-        return None
+        return None  # no unpickler for the most common result
     try:
         return _loads_small(body)
     except Exception:
@@ -453,19 +457,10 @@ cdef bint _materialize(FutureCore fut) except -1:
     queue = _log_queues.get(fut.where)
     if queue is not None and queue.records:
         _handle_worker_logs(fut.where)
-    flags, body, buffers = <tuple>raw
-    value = _EMPTY
+    value = _result_value(<tuple>raw)
     is_error = False
-    if not (flags & FLAG_ERROR) and _small_stream(body, buffers):
-        if body == _NONE:
-            value = None  # no unpickler for the most common result
-        else:
-            try:
-                value = _loads_small(body)
-            except Exception:
-                value = _EMPTY
     if value is _EMPTY:
-        value, is_error = _decode_result(flags, body, buffers)
+        value, is_error = _decode_result(*raw)
     # What Future._cache does, without its Python frame.
     lock = fut._lock
     lock.acquire()
