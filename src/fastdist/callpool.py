@@ -56,6 +56,7 @@ class CallPool:
         # The calls that thread read, and those that arrive on the same connection
         # while it runs them: run by it, in order (see submit_in_order).
         self._lane: deque[Callable[[], object]] = deque()
+        # (The lane's state is read by _calls.queue_reply too: whether a reply may wait.)
         self._lane_conn: Any = None  # the connection whose calls join the lane; None: closed
         self._lane_started = 0  # lane tasks begun so far: the watchdog's sign of progress
         self._lane_thread = 0  # ident of the thread running the lane
@@ -103,23 +104,6 @@ class CallPool:
             self._spill_lane()  # the lane closed meanwhile: nobody would run it
             return
         self.submit(task)
-
-    def lane_continues(self, conn: Any) -> bool:
-        """True on the lane's thread while more of `conn`'s calls wait in the lane,
-        or while that thread is still `conn`'s reader (it looks for more calls
-        before it waits, and flushes first).
-
-        The reply of the call it just ran may then wait for the next ones' and go
-        out with them in one write (see handlers.py): when the lane runs dry, or
-        when the watchdog finds the lane stuck, queued replies are flushed.
-        """
-        if self._lane_conn is not conn or self._lane_thread != _get_ident():
-            return False
-        if not self._lane and self._lane_reads is not conn:
-            return False
-        if not self._stall.is_set():
-            self._stall.set()
-        return True
 
     def flush_lane(self, conn: Any) -> None:
         """On the lane's thread: write the replies queued on `conn`. A write that
@@ -375,7 +359,7 @@ class CallPool:
 
 
 def _flush_queued(conn: Any) -> None:
-    """Write the replies a lane queued on `conn` (see `lane_continues`)."""
+    """Write the replies a lane queued on `conn` (see _calls.queue_reply)."""
     if getattr(conn, "has_pending", False):
         try:
             conn.flush()

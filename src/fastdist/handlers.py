@@ -18,6 +18,7 @@ from fastdist._core._calls import (
     collect_calls,
     collected_calls,
     handle_result,
+    queue_reply,
     run_call,
 )
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
@@ -130,18 +131,10 @@ def reply_to_call(node: Any, conn: Any, frame: Any, value: Any, failed: bool) ->
 def send_reply(node: Any, conn: Any, frame: Any, flags: int, body: bytes,
                buffers: Any) -> None:
     """Send a call's RESULT frame, or queue it behind the next ones' if more calls
-    from the same caller are being run here (see CallPool.lane_continues)."""
+    from the same caller are being run here (see _calls.queue_reply)."""
     caller = frame.whence
-    if not buffers and len(body) <= SMALL_REPLY_NBYTES and node.callpool.lane_continues(conn):
-        queue = getattr(conn, "queue_frame", None)
-        if queue is not None:
-            try:
-                if queue(RESULT, flags, 0, caller, frame.id, body) < MAX_QUEUED_REPLIES:
-                    return
-                node.callpool.flush_lane(conn)
-            except ConnectionError:
-                pass
-            return
+    if not buffers and queue_reply(node.callpool, conn, frame, flags, body):
+        return
     if buffers:
         flags, buffers = node.shm.outgoing(conn, flags, buffers)
     try:
@@ -167,7 +160,7 @@ def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
 # Replies up to this size (and without out-of-band buffers) may wait in a lane's
 # queue; a larger one goes out at once.
 SMALL_REPLY_NBYTES = 16 * 1024
-# Replies a worker's lane queues before writing them together (see lane_continues):
+# Replies a worker's lane queues before writing them together (see queue_reply):
 # one write per this many pipelined calls, not per call.
 MAX_QUEUED_REPLIES = 32
 

@@ -4,8 +4,8 @@ a function that travels by name with plain arguments and a plain result.
 
 On the worker, `run_small_call` decodes such a call (function cache, one
 pickle.loads), runs it (`run_user`, which is CallPool.run_user) and pickles its
-result; the reply waits behind the lane's next ones (`_queue_reply`) or goes to
-handlers.send_reply. Anything else, and every failure, takes the Python path in
+result; the reply waits behind the lane's next ones (`queue_reply`) or goes out
+through handlers.send_reply. Anything else, and every failure, takes the Python path in
 fastdist.handlers — the fast path changes what a call costs, never what it does.
 On the caller, `remotecall_plain` makes the common remotecall whole (its body by
 `encode_plain_call`, its Future, a deferred send), `route_frames` hands each frame
@@ -264,10 +264,19 @@ def run_small_call(object node, object conn, Frame frame):
     return True
 
 
+def queue_reply(object pool, object conn, Frame frame, int flags, object body):
+    """Queue a call's small RESULT (`body` bytes, no buffers) behind the next ones'
+    if this is the lane's thread (CallPool) and more of `conn`'s calls wait in the
+    lane, or it is still `conn`'s reader (it looks for more calls before it waits,
+    and flushes first): the reply then goes out with theirs in one write, when the
+    lane runs dry, every MAX_QUEUED_REPLIES replies, or when the watchdog finds the
+    lane stuck. True if queued; False: send the reply now (handlers.send_reply)."""
+    if _send_reply is None:
+        _import_handlers()
+    return type(body) is bytes and _queue_reply(pool, conn, frame, flags, body)
+
+
 cdef bint _queue_reply(object pool, object conn, Frame frame, int flags, bytes body) except -1:
-    """handlers.send_reply's common case: the reply waits in the lane's queue for the
-    next ones' (CallPool.lane_continues, whose twin this is). False: send_reply
-    decides."""
     if (PyBytes_GET_SIZE(body) > _small_reply_nbytes or pool._lane_conn is not conn
             or pool._lane_thread != PyThread_get_thread_ident()):
         return False
