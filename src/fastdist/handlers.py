@@ -11,15 +11,13 @@ import struct
 import sys
 import traceback
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from fastdist._core._calls import (
     collect_calls,
-    collected_calls,
+    handle_call,
     handle_result,
     queue_reply,
-    run_call,
 )
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
 from fastdist.protocol import serialize
@@ -163,18 +161,6 @@ SMALL_REPLY_NBYTES = 16 * 1024
 # Replies a worker's lane queues before writing them together (see queue_reply):
 # one write per this many pipelined calls, not per call.
 MAX_QUEUED_REPLIES = 32
-
-
-def handle_call(node: Any, conn: Any, frame: Any) -> None:
-    task = partial(run_call, node, conn, frame)
-    slot = collected_calls()
-    if slot is not None:
-        # A call thread is reading this connection itself: it runs the calls it
-        # reads, in order (callpool.py, CallPool._run_lane). (Most calls it reads
-        # get here in C: _calls.route_frames.)
-        slot.append(task)
-    else:
-        node.callpool.submit_in_order(conn, task)
 
 
 def take_calls(conn: Any, timeout: float) -> list[Any]:

@@ -501,9 +501,16 @@ def collected_calls():
     return _collecting.get(PyThread_get_thread_ident())
 
 
+cpdef handle_call(object node, object conn, Frame frame):
+    """A CALL, CALL_FETCH or REMOTE_DO frame, on the thread that read it: a task for
+    the thread collecting calls, if that is this one (the lane runs it in order),
+    else for the call pool, in order behind `conn`'s others (submit_in_order)."""
+    if not _collect(node, conn, frame):
+        node.callpool.submit_in_order(conn, _partial(run_call, node, conn, frame))
+
+
 cdef bint _collect(object node, object conn, Frame frame) except -1:
-    """handlers.handle_call's inline case (its twin): True if the call went to this
-    thread's list."""
+    """True if the call went to this thread's list of collected calls."""
     slot = _collecting.get(PyThread_get_thread_ident())
     if slot is None:
         return False

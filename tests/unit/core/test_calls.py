@@ -497,7 +497,7 @@ def test_calls_read_by_a_collecting_thread_become_its_tasks_in_order():
     for task in slot:  # what the lane does with them
         task()
     assert [pickle.loads(body) for *_, body, _ in conn.sent] == [(7, 0), (3, 1), (2, 1)]
-    # Not collecting: the same frames go to dispatch (handlers.handle_call).
+    # Not collecting: the same frames go to dispatch (and on to handle_call).
     _calls.route_frames(node, conn, frames, lambda n, c, f: dispatched.append(f),
                         lambda c, f: True, None)
     assert dispatched == frames
