@@ -303,14 +303,10 @@ class Future(_calls.FutureCore, _RefBase):
         there, and should it be released (see `_deliver`) the value can still be
         given back to its owner when others were handed the reference. It joins
         `live_refs` only if it travels (`__reduce__`): a weak mapping entry per
-        call would cost more than the rest of the Future.
+        call would cost more than the rest of the Future. (Made in C, as for
+        remotecall's C path: _calls.call_future.)
         """
-        self = cls.__new__(cls)
-        self.where, self.whence, self.id, self._holds = where, n.myid, n.next_id(), 1
-        self._value, self._is_error, self._raw, self._shared = _EMPTY, False, None, False
-        self._push = _PUSHED  # its Waiter is made only if someone waits before the value
-        n.pushes[self.id] = self
-        return self
+        return _calls.call_future(cls, n, where)  # type: ignore[no-any-return]
 
     def _push_waiter(self) -> Waiter:
         """The Waiter that the push of this remotecall Future's value sets; made on

@@ -366,29 +366,39 @@ def remotecall_plain(object node, object f, object target, tuple args, dict kwar
     aux, body, _ = <tuple>encoded
     if PyBytes_GET_SIZE(body) > _defer_max_nbytes:
         return None
+    cdef FutureCore fut = _call_future(_Future, node, target)
+    try:
+        conn.send_deferred(CALL, 0, aux, myid, fut.id, body)
+    except ConnectionError:
+        (<dict>node.pushes).pop(fut.id, None)  # no value will come for it
+        fut._holds = 0
+        return None  # the Python path tries again and raises ProcessExitedException
+    return fut
+
+
+def call_future(cls, node, where):
+    """refs.Future._for_call: the Future of a remotecall to `where`, held by the
+    node until its result is pushed (`node.pushes`, by its id)."""
+    return _call_future(cls, node, where)
+
+
+cdef FutureCore _call_future(object cls, object node, object where):
     ident = next(node._ids)
-    cdef FutureCore fut = _Future.__new__(_Future)
-    fut.where = target
-    fut.whence = myid
+    cdef FutureCore fut = cls.__new__(cls)
+    fut.where = where
+    fut.whence = node.myid
     fut.id = ident
     fut._holds = 1
     fut._value = _EMPTY
     fut._is_error = False
     fut._raw = None
     fut._shared = False
-    fut._push = _PUSHED
+    fut._push = _PUSHED  # its Waiter is made only if someone waits before the value
     # Untracked by the garbage collector while it refers only to atomic values (see
     # `_track_with`): 20,000 pipelined calls otherwise made the collector walk
     # 20,000 Futures again and again (0.3 us per call in gen-2 collections).
     PyObject_GC_UnTrack(<void*>fut)
-    pushes = <dict>node.pushes
-    pushes[ident] = fut
-    try:
-        conn.send_deferred(CALL, 0, aux, myid, ident, body)
-    except ConnectionError:
-        pushes.pop(ident, None)  # no value will come for it
-        fut._holds = 0
-        return None  # the Python path tries again and raises ProcessExitedException
+    (<dict>node.pushes)[ident] = fut
     return fut
 
 
