@@ -11,8 +11,10 @@ Port of Distributed.jl `pmap.jl`. Three things differ in how, not in what:
   next one waiting there (`_Turns`); but when the running element blocks (sleeps,
   waits on a channel, a lock, I/O) the next one starts, as Julia switches tasks
   at a blocking point, so elements that wait on each other cannot deadlock.
-* The function travels once per worker per `pmap` (once for the life of the
-  pool with a CachingPool); each call names it by a small key.
+* A function that is not importable on its own (a lambda, a closure, one of
+  `__main__`) travels once per worker per `pmap` (once for the life of the pool
+  with a CachingPool); each call names it by a small key. An importable one goes
+  by name in every call, as remotecall sends it.
 * `batch_size="auto"` starts with Julia's batch size and then sizes batches
   from how long elements took on the workers and how big they are.
 
@@ -42,7 +44,7 @@ from fastdist.protocol import serialize
 from fastdist.protocol.messages import CALL_FETCH
 from fastdist.protocol.values import decode_error, decode_result, encode_error
 from fastdist.refs import _EMPTY
-from fastdist.remotecall import DEFER_MAX_NBYTES, encode_call
+from fastdist.remotecall import DEFER_MAX_NBYTES, encode_general_call
 from fastdist.workerpool import (
     AbstractWorkerPool,
     CachedFunction,
@@ -50,6 +52,7 @@ from fastdist.workerpool import (
     FunctionCache,
     WorkerPool,
     cached_entry,
+    named_entry,
 )
 
 __all__ = ["AUTO_MAX_BATCH", "PIPELINE_DEPTH", "auto_batch_size", "pmap"]
@@ -543,7 +546,22 @@ _turns_lock = threading.Lock()
 def _run_one(token: Any, item: Any, star: bool) -> tuple[float, Any]:
     """On a worker: one element (a tuple of arguments when `star`), in its turn.
     Returns how long it took too (it sets how many calls to keep in flight)."""
-    entry = cached_entry(token)
+    return _run_entry(cached_entry(token), item, star)
+
+
+def _run_one_keyed(owner: int, key: int, item: Any, star: bool) -> tuple[float, Any]:
+    """`_run_one` for a function already on this worker, named by its cache key (a
+    call of plain data: see `_Engine._send`)."""
+    return _run_one(CachedFunction(owner, key, None), item, star)
+
+
+def _run_one_named(fname: bytes, item: Any, star: bool) -> tuple[float, Any]:
+    """`_run_one` for a function that travels by name, `fname` its pickle (see
+    `_Engine.fname`)."""
+    return _run_entry(named_entry(serialize.loads_function(fname)), item, star)
+
+
+def _run_entry(entry: Any, item: Any, star: bool) -> tuple[float, Any]:
     f = entry.func
     turns = _turns_of(entry)
     if turns.short:
@@ -556,12 +574,6 @@ def _run_one(token: Any, item: Any, star: bool) -> tuple[float, Any]:
         start = time.perf_counter()
         value = f(*item) if star else f(item)
         return time.perf_counter() - start, value
-
-
-def _run_one_keyed(owner: int, key: int, item: Any, star: bool) -> tuple[float, Any]:
-    """`_run_one` for a function already on this worker, named by its cache key (a
-    call of plain data: see `_Engine._send`)."""
-    return _run_one(CachedFunction(owner, key, None), item, star)
 
 
 def _run_batch(token: Any, batch: list[Any], star: bool
@@ -579,6 +591,14 @@ def _run_batch_keyed(owner: int, key: int, batch: list[Any], star: bool
                      ) -> tuple[float, list[Any], list[int]]:
     """`_run_batch` for a function already on this worker, named by its cache key."""
     return _run_batch(CachedFunction(owner, key, None), batch, star)
+
+
+def _run_batch_named(fname: bytes, batch: list[Any], star: bool
+                     ) -> tuple[float, list[Any], list[int]]:
+    """`_run_batch` for a function that travels by name, `fname` its pickle."""
+    entry = named_entry(serialize.loads_function(fname))
+    with _turns_of(entry):
+        return _run_elements(entry.func, batch, star, None)
 
 
 def _run_elements(f: Callable[..., Any], batch: list[Any], star: bool,
@@ -677,10 +697,19 @@ class _Engine:
         self.batched = batch_size > 1 or sizing is not None
         self.policy = policy
         self.bar = bar
+        # A function that travels by name goes in every call as its pickle, a few
+        # dozen bytes (serialize.function_pickle), as remotecall sends it: nothing
+        # to leave on each worker first and to forget at the end. Other functions
+        # go once per worker, through a cache: a CachingPool's, or one for this map.
+        self.fname: bytes | None = None
+        self.cache: FunctionCache | None = None
+        self.own_cache = True
         if isinstance(pool, CachingPool) and not pool._remote():
             self.cache, self.own_cache = pool._cache, False
-        else:
-            self.cache, self.own_cache = FunctionCache(), True
+        elif serialize.travels_by_name(f):
+            self.fname = serialize.function_pickle(f)
+        if self.fname is None and self.cache is None:
+            self.cache = FunctionCache()
         self.results: list[Any] = []
         self.failure: BaseException | None = None
         self._done: queue.SimpleQueue[_Call] = queue.SimpleQueue()
@@ -877,7 +906,7 @@ class _Engine:
         if self.pool is not None:
             for w in self._unreachable:
                 self.pool.put(w)
-        if self.own_cache:
+        if self.own_cache and self.cache is not None:
             if drained:
                 self.cache.clear()
             else:
@@ -895,22 +924,30 @@ class _Engine:
         if w == self._myid:
             self.n.callpool.submit(lambda: self._run_here(call))
             return
-        # Once the function is on `w`, its token is the same for every call.
-        token = self._tokens.get(w)
-        if token is None:
-            token = self.cache.token(self.f, w)
-            if token.func is None:
-                self._tokens[w] = token
+        token = None
+        if self.cache is not None:
+            # Once the function is on `w`, its token is the same for every call.
+            token = self._tokens.get(w)
+            if token is None:
+                token = self.cache.token(self.f, w)
+                if token.func is None:
+                    self._tokens[w] = token
+        # The token of the call that brings the function to `w`, if this is it.
+        first = token if token is not None and token.func is not None else None
         try:
-            encoded = None
-            if token.func is None and not unit.batched:
-                # The bulk of a batch_size=1 map, in C (see _encode).
-                encoded = encode_plain_call(
-                    _run_one_keyed, (token.owner, token.key, unit.args[0], self.star), {})
-            aux, body, buffers = encoded or self._encode(unit, token, w)
+            if first is not None:
+                aux, body, buffers = self._encode_first(unit, first, w)
+            else:
+                # A call of plain data (the function named by its pickle or its key):
+                # plain elements make it encoded in C and run by the worker's
+                # small-call path (_core/_calls.pyx). (The first calls make the
+                # runners known by name, as for remotecall.)
+                runner, args = self._call_of(unit, token)
+                aux, body, buffers = (encode_plain_call(runner, args, {})
+                                      or encode_general_call(runner, args, {}, w))
         except Exception as exc:  # noqa: BLE001 - a failure of these elements
-            if token.func is not None:
-                self.cache.unsend(self.f, w)
+            if first is not None:
+                self._unsend(w)
             self._complete_with_error(call, exc)
             return
         if self.sizing is not None:
@@ -924,8 +961,8 @@ class _Engine:
             else:
                 self._queue(w, aux, wid, body)
         except Exception as exc:  # noqa: BLE001 - unreachable (gone, or the topology)
-            if token.func is not None:
-                self.cache.unsend(self.f, w)
+            if first is not None:
+                self._unsend(w)
             call.lost = True
             if self.n.waiters.pop(wid, None) is not None:  # else failed by peer_lost
                 call.fail(exc)
@@ -954,18 +991,25 @@ class _Engine:
         else:
             self._unflushed[w] = conn
 
-    def _encode(self, unit: _Unit, token: Any, w: int) -> tuple[int, bytes, Any]:
-        """(aux, body, buffers) of the call that runs `unit` on worker `w`."""
-        if token.func is None:
-            # Once the function has reached the worker, a call of plain data (the
-            # function named by its cache key): plain elements make it encoded in C
-            # and run by the worker's small-call path (_core/_calls.pyx). (The first
-            # calls make the runners known by name, as for remotecall.)
-            if unit.batched:
-                keyed = (token.owner, token.key, unit.args, self.star)
-                return encode_call(_run_batch_keyed, keyed, {}, w)
-            keyed = (token.owner, token.key, unit.args[0], self.star)
-            return encode_call(_run_one_keyed, keyed, {}, w)
+    def _unsend(self, w: int) -> None:
+        """The call bringing the function to `w` never left: the next one brings it."""
+        if self.cache is not None:
+            self.cache.unsend(self.f, w)
+
+    def _call_of(self, unit: _Unit, token: CachedFunction | None) -> tuple[Any, tuple[Any, ...]]:
+        """(runner, arguments) of the call that runs `unit` with a function the
+        worker has: named by its pickle (no `token`) or by its cache key."""
+        payload = unit.args if unit.batched else unit.args[0]
+        if token is None:
+            return (_run_batch_named if unit.batched else _run_one_named,
+                    (self.fname, payload, self.star))
+        return (_run_batch_keyed if unit.batched else _run_one_keyed,
+                (token.owner, token.key, payload, self.star))
+
+    def _encode_first(self, unit: _Unit, token: CachedFunction, w: int
+                      ) -> tuple[int, bytes, Any]:
+        """(aux, body, buffers) of the call that brings the function to worker `w`
+        (inside `token`) and runs `unit`."""
         runner = _run_batch if unit.batched else _run_one
         payload = unit.args if unit.batched else unit.args[0]
         body, buffers = serialize.dumps((runner, (token, payload, self.star), {}), dest=w,

@@ -74,6 +74,12 @@ def encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     plain = encode_plain_call(f, args, kwargs)  # most calls: in C
     if plain is not None:
         return plain
+    return encode_general_call(f, args, kwargs, pid)
+
+
+def encode_general_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                        pid: int) -> tuple[int, bytes, list[memoryview]]:
+    """`encode_call` for a call `encode_plain_call` declined."""
     fpickle = serialize.function_pickle(f)
     if fpickle is not None:
         body, buffers = serialize.dumps((args, kwargs), dest=pid, what="call's arguments")

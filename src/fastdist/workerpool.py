@@ -441,6 +441,24 @@ def cached_entry(token: CachedFunction) -> _Entry:
     return entry
 
 
+# The entries of functions that come by name (see `named_entry`); forgotten all at
+# once past this many (a module reloaded again and again).
+_named_entries: dict[Any, _Entry] = {}
+_NAMED_ENTRIES_MAX = 1024
+
+
+def named_entry(f: Any) -> _Entry:
+    """The entry of a function that travels by name rather than through a cache (pmap
+    keeps its turns there, as in a cached function's entry)."""
+    entry = _named_entries.get(f)
+    if entry is None:
+        with _func_cond:
+            if len(_named_entries) >= _NAMED_ENTRIES_MAX:
+                _named_entries.clear()
+            entry = _named_entries.setdefault(f, _Entry(f))
+    return entry
+
+
 def resolve_cached_function(node: Any, token: Any) -> Any:
     """The function a CachedFunction stands for (anything else as it is)."""
     if not isinstance(token, CachedFunction):

@@ -18,6 +18,7 @@ from support import bytes_sent
 
 import fastdist as fd
 from fastdist.protocol.serialize import SerializationError
+from fastdist.workerpool import cached_function_count
 
 pmap_module = sys.modules["fastdist.pmap"]
 
@@ -508,6 +509,20 @@ def test_the_function_travels_once_per_worker(ws):
     after = bytes_sent()
     for w in ws:
         assert after[w] - before[w] < 2 * len(blob)
+
+
+def _cached_here(x):
+    return cached_function_count()
+
+
+@pytest.mark.parametrize("batch_size", [1, "auto"])
+def test_an_importable_function_goes_by_name_and_is_cached_nowhere(ws, batch_size):
+    # Named in every call, as remotecall names it: nothing to leave on the workers.
+    assert set(fd.pmap(_cached_here, range(40), batch_size=batch_size)) == {0}
+    # A lambda goes once per worker, through a cache that lives as long as the map.
+    counts = fd.pmap(lambda x: cached_function_count(), range(40), batch_size=batch_size)
+    assert min(counts) >= 1
+    assert [fd.remotecall_fetch(cached_function_count, w) for w in ws] == [0, 0]
 
 
 def test_progress_bar_with_tqdm(ws, capfd):

@@ -180,6 +180,23 @@ def function_pickle(f: Any) -> bytes | None:
     return b
 
 
+def travels_by_name(f: Any) -> bool:
+    """Whether `f` is pickled by its module and name rather than by value, as
+    cloudpickle decides (an importable function or class; lambdas, closures and
+    `__main__` functions travel by value). Once True, calls naming `f` are plain
+    data (`is_plain`): a function `dumps` has not seen yet is looked at here, and
+    remembered as `dumps` would remember it."""
+    if _BY_REFERENCE.get(id(f)) is f:
+        return True
+    if not isinstance(f, _NAMED):
+        return False
+    try:
+        _Pickler(io.BytesIO(), protocol=5).reducer_override(f)  # records it if by name
+    except Exception:  # noqa: BLE001 - not picklable by name; dumps will say why
+        return False
+    return _BY_REFERENCE.get(id(f)) is f
+
+
 # The functions the pickles above name, on the receiving side; each checked against
 # its module on use, so a function rebound there (a reload) is looked up afresh.
 _FUNCTIONS: dict[bytes, tuple[Any, dict[str, Any], str]] = {}

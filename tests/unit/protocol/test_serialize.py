@@ -64,6 +64,19 @@ def test_a_function_pickle_is_cached_only_for_functions_that_travel_by_name():
     assert serialize.loads_function(data) is json.dumps
 
 
+def test_travels_by_name_tells_importable_functions_from_the_others():
+    import json
+
+    serialize._BY_REFERENCE.pop(id(json.dumps), None)
+    assert serialize.travels_by_name(json.dumps)  # unseen by dumps, and found so
+    assert serialize.is_plain((json.dumps, (), {}))  # ... remembered as dumps would
+    assert serialize.travels_by_name(len) and serialize.travels_by_name(json.JSONDecoder)
+    k = 1
+    assert not serialize.travels_by_name(lambda x: x)
+    assert not serialize.travels_by_name(lambda x: x + k)  # a closure
+    assert not serialize.travels_by_name(3) and not serialize.travels_by_name("json.dumps")
+
+
 def test_a_cached_function_rebound_in_its_module_is_looked_up_again(monkeypatch):
     # A worker that reloads a module (or rebinds one of its functions) runs the
     # function the module names now, as an uncached unpickle would.
