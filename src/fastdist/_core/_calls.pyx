@@ -118,6 +118,11 @@ def configure(dict by_reference, dict function_pickles, dict functions, loads_lo
     _BuiltinFunctionType = builtin_function_type
 
 
+cdef inline bint _plain_scalar(object x):
+    cdef type t = type(x)
+    return t is int or t is float or t is str or x is None or t is bool
+
+
 cpdef bint is_plain(object obj, int depth=3):
     """Whether `obj` is plain data (and functions already found importable): most
     calls and results are, and `pickle.dumps` writes them ~5x faster than a
@@ -133,11 +138,20 @@ cpdef bint is_plain(object obj, int depth=3):
         return True
     if t is bytes:
         return PyBytes_GET_SIZE(obj) < _oob_threshold
-    if t is tuple or t is list:
+    # Items are looked at inline when they are the common scalars: a batch of
+    # thousands of numbers is then a pointer compare per item, not a call.
+    if t is list:
         if depth == 0:
             return False
-        for x in obj:
-            if not is_plain(x, depth - 1):
+        for x in <list>obj:
+            if not _plain_scalar(x) and not is_plain(x, depth - 1):
+                return False
+        return True
+    if t is tuple:
+        if depth == 0:
+            return False
+        for x in <tuple>obj:
+            if not _plain_scalar(x) and not is_plain(x, depth - 1):
                 return False
         return True
     if t is dict:
