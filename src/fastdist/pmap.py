@@ -39,6 +39,7 @@ from typing import Any
 
 from fastdist import node as _node
 from fastdist._core._calls import encode_plain_call, result_value
+from fastdist._core._msgloop import poll_direct_many
 from fastdist.exceptions import CapturedException, ProcessExitedException, RemoteException
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import CALL_FETCH
@@ -70,6 +71,9 @@ when the last ones are handed out is only a few milliseconds of work."""
 MAX_PIPELINE_DEPTH = 256
 
 _END = object()  # what next() returns at the end of the input
+
+# Waiting on more workers than this, pmap leaves the reading to the loop thread.
+MAX_DIRECT_CONNS = 64
 
 # Calls at most this long (on average) keep the deepest pipeline.
 _DEEPEST_WORK = PIPELINE_COMMIT_SECONDS / MAX_PIPELINE_DEPTH
@@ -851,9 +855,8 @@ class _Engine:
             if timeout:
                 time.sleep(timeout)
             return
-        try:
-            call = self._done.get(timeout=timeout)
-        except queue.Empty:
+        call = self._next_done(timeout)
+        if call is None:
             return
         self._finish(call)
         while True:
@@ -862,6 +865,56 @@ class _Engine:
             except queue.Empty:
                 return
             self._finish(call)
+
+    def _next_done(self, timeout: float | None) -> _Call | None:
+        """The next call to end, waiting up to `timeout` s (None: no limit) for one;
+        None if none ended meanwhile."""
+        try:
+            return self._done.get_nowait()
+        except queue.Empty:
+            pass
+        conns = self._read_directly()
+        if conns is None:
+            try:
+                return self._done.get(timeout=timeout)
+            except queue.Empty:
+                return None
+        try:
+            # What the loop thread read before it let go is in the queue already.
+            if self._done.empty():
+                poll_direct_many(conns, -1.0 if timeout is None else timeout)
+        finally:
+            for conn in conns:
+                conn.end_direct()
+        try:
+            return self._done.get_nowait()
+        except queue.Empty:
+            return None  # frames for others, or the timeout: the caller looks again
+
+    def _read_directly(self) -> list[Any] | None:
+        """Become the reader of the connections to the workers with calls in flight,
+        so that their replies wake this thread rather than the loop thread, which
+        would then have to wake it (two wake-ups and a hand-off per reply, most of
+        the loop thread's time in a map of short batches). None, having taken
+        nothing, when that cannot be: a call runs here, a connection is not a
+        socket, is gone, or is being read by another thread just now (its frames
+        then come through the queue)."""
+        if self._inflight.get(self._myid, 0):
+            return None
+        conns: list[Any] = []
+        peers = self.n.peers
+        for w, k in self._inflight.items():
+            if not k:
+                continue
+            peer = peers.get(w)
+            conn = peer.conn if peer is not None else None
+            begin = getattr(conn, "begin_direct", None)
+            if begin is None or len(conns) == MAX_DIRECT_CONNS or not begin(0.0):
+                for taken in conns:
+                    taken.end_direct()
+                return None
+            conns.append(conn)
+        return conns or None
 
     # -- workers ------------------------------------------------------------------------
 

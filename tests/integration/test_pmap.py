@@ -511,6 +511,53 @@ def test_the_function_travels_once_per_worker(ws):
         assert after[w] - before[w] < 2 * len(blob)
 
 
+def test_the_calling_thread_reads_the_replies_itself(ws, monkeypatch):
+    import importlib
+
+    pmap_module = importlib.import_module("fastdist.pmap")
+    real = pmap_module.poll_direct_many
+    polled = []
+
+    def counting(conns, timeout):
+        polled.append(len(conns))
+        return real(conns, timeout)
+
+    monkeypatch.setattr(pmap_module, "poll_direct_many", counting)
+    assert [x for x, _ in fd.pmap(_slow_where, range(40))] == list(range(40))
+    assert polled and max(polled) == len(ws), "it waited on every busy worker's socket"
+
+
+def test_other_callers_are_answered_while_a_map_reads_their_connections(ws):
+    done = []
+
+    def other_caller():
+        for _ in range(50):
+            for w in ws:
+                done.append(fd.remotecall_fetch(os.getpid, w))
+
+    started = time.monotonic()
+    t = threading.Thread(target=other_caller)
+    with_map = threading.Thread(target=lambda: fd.pmap(time.sleep, [0.2] * 8))
+    with_map.start()
+    time.sleep(0.05)
+    t.start()
+    t.join(20)
+    took = time.monotonic() - started
+    with_map.join(20)
+    assert len(done) == 100
+    assert took < 0.7, f"the other caller waited {took:.2f} s, as long as the map"
+
+
+def test_ctrl_c_while_a_map_waits_leaves_the_connections_working(ws):
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fd.pmap(time.sleep, [0.5] * 8)
+    assert time.monotonic() - start < 0.45, "the interrupt ended the wait at once"
+    # The loop thread reads the workers' connections again: calls are answered.
+    assert [fd.remotecall_fetch(os.getpid, w) for w in ws] == [os_pid(w) for w in ws]
+
+
 def _cached_here(x):
     return cached_function_count()
 

@@ -808,3 +808,51 @@ cdef class SocketConnection:
             "msgs_received": self.msgs_received,
             "bytes_received": self.bytes_received,
         }
+
+
+# A map waiting on several workers polls at most this many connections at once.
+cdef enum:
+    MAX_DIRECT_CONNS = 64
+
+
+def poll_direct_many(list conns, double timeout):
+    """`poll_direct` over several connections this thread is the reader of (see
+    `begin_direct`): wait up to `timeout` s (negative: no limit) for any of them,
+    then read and dispatch what each holds, on this thread. A thread that waits for
+    the replies of many peers (pmap) is then woken by the sockets themselves, not
+    by the loop thread that would have read them and then had to wake it.
+    Returns how many had something (0 on timeout)."""
+    cdef pollfd fds[MAX_DIRECT_CONNS]
+    cdef SocketConnection conn
+    cdef Py_ssize_t i, n = len(conns)
+    cdef int r = 0, ms = <int>(timeout * 1000) if timeout >= 0 else -1
+    cdef long long until
+    if n > MAX_DIRECT_CONNS:
+        raise ValueError(f"at most {MAX_DIRECT_CONNS} connections")
+    for i in range(n):
+        conn = <SocketConnection?>conns[i]
+        if conn.closed:
+            return 1  # its reader sees it closed: the caller looks again
+        fds[i].fd = conn.fd
+        fds[i].events = POLLIN
+        fds[i].revents = 0
+    with nogil:
+        if _spin_ns > 0 and ms != 0:
+            until = _monotonic_ns() + _spin_ns
+            while True:
+                r = poll(fds, n, 0)
+                if r != 0 or _monotonic_ns() >= until:
+                    break
+                sched_yield()
+        if r == 0 and ms != 0:
+            r = poll(fds, n, ms)
+    if r > 0:
+        PyErr_CheckSignals()  # before any frame is taken, as in poll_direct
+        for i in range(n):
+            if fds[i].revents:
+                conn = <SocketConnection>conns[i]
+                if not conn.closed:
+                    conn._read_available()
+    elif r < 0 and errno == EINTR:
+        PyErr_CheckSignals()
+    return r if r > 0 else 0
