@@ -140,17 +140,10 @@ cpdef bint is_plain(object obj, int depth=3):
         return PyBytes_GET_SIZE(obj) < _oob_threshold
     # Items are looked at inline when they are the common scalars: a batch of
     # thousands of numbers is then a pointer compare per item, not a call.
-    if t is list:
+    if t is list or t is tuple:
         if depth == 0:
             return False
-        for x in <list>obj:
-            if not _plain_scalar(x) and not is_plain(x, depth - 1):
-                return False
-        return True
-    if t is tuple:
-        if depth == 0:
-            return False
-        for x in <tuple>obj:
+        for x in obj:  # (Cython walks an exact list or tuple by index)
             if not _plain_scalar(x) and not is_plain(x, depth - 1):
                 return False
         return True
