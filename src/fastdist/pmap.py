@@ -39,7 +39,7 @@ from typing import Any
 
 from fastdist import node as _node
 from fastdist._core._calls import encode_plain_call, result_value
-from fastdist._core._msgloop import poll_direct_many
+from fastdist._core._msgloop import POLL_DIRECT_MANY_MAX, poll_direct_many
 from fastdist.exceptions import CapturedException, ProcessExitedException, RemoteException
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import CALL_FETCH
@@ -71,9 +71,6 @@ when the last ones are handed out is only a few milliseconds of work."""
 MAX_PIPELINE_DEPTH = 256
 
 _END = object()  # what next() returns at the end of the input
-
-# Waiting on more workers than this, pmap leaves the reading to the loop thread.
-MAX_DIRECT_CONNS = 64
 
 # Calls at most this long (on average) keep the deepest pipeline.
 _DEEPEST_WORK = PIPELINE_COMMIT_SECONDS / MAX_PIPELINE_DEPTH
@@ -896,9 +893,10 @@ class _Engine:
         so that their replies wake this thread rather than the loop thread, which
         would then have to wake it (two wake-ups and a hand-off per reply, most of
         the loop thread's time in a map of short batches). None, having taken
-        nothing, when that cannot be: a call runs here, a connection is not a
-        socket, is gone, or is being read by another thread just now (its frames
-        then come through the queue)."""
+        nothing, when that cannot be: a call runs here, there are more of them than
+        one poll takes (POLL_DIRECT_MANY_MAX), or one is not a socket, is gone, or
+        is being read by another thread just now (its frames then come through the
+        queue)."""
         if self._inflight.get(self._myid, 0):
             return None
         conns: list[Any] = []
@@ -909,7 +907,7 @@ class _Engine:
             peer = peers.get(w)
             conn = peer.conn if peer is not None else None
             begin = getattr(conn, "begin_direct", None)
-            if begin is None or len(conns) == MAX_DIRECT_CONNS or not begin(0.0):
+            if begin is None or len(conns) == POLL_DIRECT_MANY_MAX or not begin(0.0):
                 for taken in conns:
                     taken.end_direct()
                 return None

@@ -813,6 +813,7 @@ cdef class SocketConnection:
 # A map waiting on several workers polls at most this many connections at once.
 cdef enum:
     MAX_DIRECT_CONNS = 64
+POLL_DIRECT_MANY_MAX = MAX_DIRECT_CONNS
 
 
 def poll_direct_many(list conns, double timeout):
@@ -825,7 +826,9 @@ def poll_direct_many(list conns, double timeout):
     cdef pollfd fds[MAX_DIRECT_CONNS]
     cdef SocketConnection conn
     cdef Py_ssize_t i, n = len(conns)
-    cdef int r = 0, ms = <int>(timeout * 1000) if timeout >= 0 else -1
+    # (A timeout is rounded up to whole milliseconds: rounded down, a caller waiting
+    # for a moment a fraction of a millisecond away would poll in a busy loop.)
+    cdef int r = 0, ms = <int>(timeout * 1000 + 0.999) if timeout >= 0 else -1
     cdef long long until
     if n > MAX_DIRECT_CONNS:
         raise ValueError(f"at most {MAX_DIRECT_CONNS} connections")
@@ -844,7 +847,7 @@ def poll_direct_many(list conns, double timeout):
                 if r != 0 or _monotonic_ns() >= until:
                     break
                 sched_yield()
-        if r == 0 and ms != 0:
+        if r == 0:
             r = poll(fds, n, ms)
     if r > 0:
         PyErr_CheckSignals()  # before any frame is taken, as in poll_direct
