@@ -142,6 +142,19 @@ cdef long long _spin_ns = max(0, int(os.environ.get("FASTDIST_SPIN_US", "100")))
 cdef int MAX_SPIN_SKIP = 255
 
 
+cdef int _poll_spinning(pollfd* fds, int n) noexcept nogil:
+    """Poll `fds` without sleeping for up to `_spin_ns`; poll's result (0: nothing
+    came)."""
+    cdef int r
+    cdef long long until = _monotonic_ns() + _spin_ns
+    while True:
+        r = poll(fds, n, 0)
+        if r != 0 or _monotonic_ns() >= until:
+            return r
+        # Another process runnable on this CPU (more processes than cores) goes first.
+        sched_yield()
+
+
 cdef inline long long _monotonic_ms() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -709,20 +722,13 @@ cdef class SocketConnection:
     cdef int _spin(self, pollfd* pfd) noexcept nogil:
         """Poll `pfd` without sleeping for up to `_spin_ns`, unless recent spins on
         this connection went unanswered; poll's result (0: nothing came)."""
-        cdef int r = 0
-        cdef long long until
+        cdef int r
         if _spin_ns <= 0:
             return 0
         if self.spin_skip > 0:
             self.spin_skip -= 1
             return 0
-        until = _monotonic_ns() + _spin_ns
-        while True:
-            r = poll(pfd, 1, 0)
-            if r != 0 or _monotonic_ns() >= until:
-                break
-            # Another process runnable on this CPU (more processes than cores) goes first.
-            sched_yield()
+        r = _poll_spinning(pfd, 1)
         if r == 0:
             self.spin_misses = min(self.spin_misses * 2 + 1, MAX_SPIN_SKIP)
             self.spin_skip = self.spin_misses
@@ -829,7 +835,6 @@ def poll_direct_many(list conns, double timeout):
     # (A timeout is rounded up to whole milliseconds: rounded down, a caller waiting
     # for a moment a fraction of a millisecond away would poll in a busy loop.)
     cdef int r = 0, ms = <int>(timeout * 1000 + 0.999) if timeout >= 0 else -1
-    cdef long long until
     if n > MAX_DIRECT_CONNS:
         raise ValueError(f"at most {MAX_DIRECT_CONNS} connections")
     for i in range(n):
@@ -841,12 +846,7 @@ def poll_direct_many(list conns, double timeout):
         fds[i].revents = 0
     with nogil:
         if _spin_ns > 0 and ms != 0:
-            until = _monotonic_ns() + _spin_ns
-            while True:
-                r = poll(fds, n, 0)
-                if r != 0 or _monotonic_ns() >= until:
-                    break
-                sched_yield()
+            r = _poll_spinning(fds, <int>n)
         if r == 0:
             r = poll(fds, n, ms)
     if r > 0:
