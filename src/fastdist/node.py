@@ -207,15 +207,7 @@ class Node:
                       ref_id: int, body: Any = b"") -> None:
         """Queue a small frame to `pid` for the loop thread to write with others (see
         SocketConnection.send_deferred); a stream connection sends it at once."""
-        conn = self.connection_to(pid)
-        try:
-            deferred = getattr(conn, "send_deferred", None)
-            if deferred is not None:
-                deferred(kind, flags, aux, whence, ref_id, body)
-            else:
-                conn.send_frame(kind, flags, aux, whence, ref_id, body)
-        except ConnectionError as exc:
-            raise ProcessExitedException(pid) from exc
+        self._send_held(pid, "send_deferred", kind, flags, aux, whence, ref_id, body)
 
     def send_queued(self, pid: int, kind: int, flags: int, aux: int, whence: int,
                     ref_id: int, body: Any = b"") -> Any:
@@ -223,13 +215,20 @@ class Node:
         connection, soon (see SocketConnection.queue_frame): a thread sending a burst
         writes it itself, without waking the loop thread. A stream connection sends
         at once (returns None)."""
+        return self._send_held(pid, "queue_frame", kind, flags, aux, whence, ref_id, body)
+
+    def _send_held(self, pid: int, hold: str, kind: int, flags: int, aux: int,
+                   whence: int, ref_id: int, body: Any) -> Any:
+        """Hand a small frame to the connection's method `hold`, which keeps it back to
+        be written with others, and return the connection; one without that method
+        (a stream connection) sends the frame at once, and None is returned."""
         conn = self.connection_to(pid)
         try:
-            queue = getattr(conn, "queue_frame", None)
-            if queue is None:
+            held = getattr(conn, hold, None)
+            if held is None:
                 conn.send_frame(kind, flags, aux, whence, ref_id, body)
                 return None
-            queue(kind, flags, aux, whence, ref_id, body)
+            held(kind, flags, aux, whence, ref_id, body)
             return conn
         except ConnectionError as exc:
             raise ProcessExitedException(pid) from exc

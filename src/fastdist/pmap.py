@@ -583,9 +583,7 @@ def _run_batch(token: Any, batch: list[Any], star: bool
 
     Returns how long it took (it sizes `batch_size="auto"` batches), the results,
     and where the failures are, so that the caller need not look at every result."""
-    entry = cached_entry(token)
-    with _turns_of(entry):
-        return _run_elements(entry.func, batch, star, None)
+    return _run_batch_entry(cached_entry(token), batch, star)
 
 
 def _run_batch_keyed(owner: int, key: int, batch: list[Any], star: bool
@@ -597,7 +595,11 @@ def _run_batch_keyed(owner: int, key: int, batch: list[Any], star: bool
 def _run_batch_named(fname: bytes, batch: list[Any], star: bool
                      ) -> tuple[float, list[Any], list[int]]:
     """`_run_batch` for a function that travels by name, `fname` its pickle."""
-    entry = named_entry(serialize.loads_function(fname))
+    return _run_batch_entry(named_entry(serialize.loads_function(fname)), batch, star)
+
+
+def _run_batch_entry(entry: Any, batch: list[Any], star: bool
+                     ) -> tuple[float, list[Any], list[int]]:
     with _turns_of(entry):
         return _run_elements(entry.func, batch, star, None)
 
