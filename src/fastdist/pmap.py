@@ -15,8 +15,11 @@ Port of Distributed.jl `pmap.jl`. Three things differ in how, not in what:
   `__main__`) travels once per worker per `pmap` (once for the life of the pool
   with a CachingPool); each call names it by a small key. An importable one goes
   by name in every call, as remotecall sends it.
-* `batch_size="auto"` starts with Julia's batch size and then sizes batches
-  from how long elements took on the workers and how big they are.
+* `batch_size="auto"` starts as `multiprocessing.Pool.map` chunks the input, four
+  batches per worker sent at once, but each ends early on its worker once it has
+  run a few milliseconds; later batches are sized from how long elements took
+  and how big they are. (Julia's first batches are of at most 100 elements, and
+  stay so.)
 
 `on_error` and `retry_check` run on the calling process and see the original
 exception (the `RemoteException`'s cause, or `ProcessExitedException` when the
@@ -56,7 +59,7 @@ from fastdist.workerpool import (
     named_entry,
 )
 
-__all__ = ["AUTO_MAX_BATCH", "PIPELINE_DEPTH", "auto_batch_size", "pmap"]
+__all__ = ["AUTO_FIRST_ROUND", "AUTO_MAX_BATCH", "PIPELINE_DEPTH", "auto_batch_size", "pmap"]
 
 PIPELINE_DEPTH = 2
 """The fewest calls in flight per worker: one running, one waiting behind it, so
@@ -75,13 +78,24 @@ _END = object()  # what next() returns at the end of the input
 # Calls at most this long (on average) keep the deepest pipeline.
 _DEEPEST_WORK = PIPELINE_COMMIT_SECONDS / MAX_PIPELINE_DEPTH
 
+AUTO_FIRST_ROUND = 4
+"""`batch_size="auto"` starts by sending this many batches to each worker at once,
+each a `AUTO_FIRST_ROUND`-th of the worker's share of the input (the chunks of
+`multiprocessing.Pool.map`), at most `AUTO_MAX_FIRST_BATCH` elements; each of them
+ends early once it has run `AUTO_BATCH_SECONDS` on its worker, so a slow function
+is found out after an element or a few rather than after a whole share."""
+
+AUTO_MAX_FIRST_BATCH = 10_000
+"""... (so that a long input is not pulled into memory all at once before anything
+is timed)."""
+
 AUTO_MAX_BATCH = 100
-"""The largest first batch `batch_size="auto"` picks (Julia's `max_batch_size`);
-later batches follow what the first ones measured."""
+"""The first batch size `batch_size="auto"` picks for an input of unknown length
+(Julia's `max_batch_size`); later batches follow what the first ones measured."""
 
 AUTO_BATCHES_PER_WORKER = 3
-"""`batch_size="auto"` starts with enough batches for this many per worker (Julia's
-`min_batch_count = 3 * nworkers`), so a slow batch leaves work for the others."""
+"""... and how far it looks ahead to tell whether the input is longer than that:
+enough for this many such batches per worker (Julia's `min_batch_count`)."""
 
 AUTO_BATCH_SECONDS = 0.005
 """Once elements have been timed, `batch_size="auto"` sizes batches to take about
@@ -122,9 +136,10 @@ def pmap(
             `AbstractWorkerPool`; a proxy of one made elsewhere works too).
         distributed: False runs `f` in local threads (`asyncmap`), one per worker.
         batch_size: elements per call (1: each element is a call of its own), or
-            ``"auto"``: batches of ``elements / (3 * workers)`` (at most
-            `AUTO_MAX_BATCH`) at first, as Julia picks them, then sized from how
-            long elements take and how big they are (see `AUTO_BATCH_SECONDS`).
+            ``"auto"``: at first four batches per worker, sent at once, each
+            ending early on its worker once it has run `AUTO_BATCH_SECONDS` (see
+            `AUTO_FIRST_ROUND`); then batches sized from how long elements took
+            and how big they are.
             A batch runs its elements one after the other on one worker.
         on_error: called with the exception of a failed element (the original
             one, not the `RemoteException` around it); what it returns is put in
@@ -193,6 +208,7 @@ def pmap(
         if batch_size == "auto":
             first, total, args = _auto_batch_size(args, total, len(pids))
             sizing = _AutoSize(first, total, len(pids))
+            args = sizing.guess_nbytes(args, star)
             batch_size = first
         engine = _Engine(n, f, pool, pids, int(batch_size), policy, bar, sizing, star)
         return engine.run(args)
@@ -222,17 +238,17 @@ def _known_length(iterables: tuple[Any, ...]) -> int | None:
 
 
 def auto_batch_size(nelements: int, nworkers: int) -> int:
-    """The batch size `batch_size="auto"` picks for `nelements` over `nworkers`.
+    """The first batch size `batch_size="auto"` picks for `nelements` over `nworkers`.
 
-    Enough batches for `AUTO_BATCHES_PER_WORKER` per worker, at most `AUTO_MAX_BATCH`
-    elements each (Julia's `batchsplit`).
+    `AUTO_FIRST_ROUND` batches per worker (as `multiprocessing.Pool.map` chunks),
+    at most `AUTO_MAX_FIRST_BATCH` elements each.
 
     Example:
         >>> auto_batch_size(10_000, 2), auto_batch_size(100, 4), auto_batch_size(5, 4)
-        (100, 8, 1)
+        (1250, 6, 1)
     """
-    per = nelements // (max(1, nworkers) * AUTO_BATCHES_PER_WORKER)
-    return max(1, min(AUTO_MAX_BATCH, per))
+    per = nelements // (max(1, nworkers) * AUTO_FIRST_ROUND)
+    return max(1, min(AUTO_MAX_FIRST_BATCH, per))
 
 
 def _auto_batch_size(args: Iterator[Any], total: int | None, nworkers: int
@@ -257,7 +273,8 @@ class _AutoSize:
     def __init__(self, first: int, total: int | None, nworkers: int) -> None:
         self.first = first
         # Never fewer than 4 batches per worker (multiprocessing.Pool's rule).
-        self.largest = (max(first, total // (4 * max(1, nworkers))) if total is not None
+        self.largest = (max(first, total // (AUTO_FIRST_ROUND * max(1, nworkers)))
+                        if total is not None
                         else self.MAX_UNKNOWN_TOTAL)
         self.seconds: float | None = None  # per element, on a worker
         self.nbytes = 0.0  # per element, arguments or result, whichever is bigger
@@ -276,11 +293,25 @@ class _AutoSize:
         if nelements > 0:
             self.nbytes = max(self.nbytes, nbytes / nelements)
 
+    def guess_nbytes(self, args: Iterator[Any], star: bool) -> Iterator[Any]:
+        """Size up the first element (`sys.getsizeof`): a big one (an array, a long
+        string) makes even the first batch small, before any batch is encoded —
+        a first batch ended early on its budget travels again in part."""
+        head: Any = next(args, _END)
+        if head is _END:
+            return args
+        try:
+            self.observe_nbytes(1, sum(map(sys.getsizeof, head)) if star
+                                else sys.getsizeof(head))
+        except Exception:  # noqa: BLE001 - a hint only
+            pass
+        return itertools.chain((head,), args)
+
     def size(self) -> int:
-        if self.seconds is None:
-            return self.first
-        by_time = AUTO_BATCH_SECONDS / max(self.seconds, 1e-7)
         by_bytes = AUTO_BATCH_NBYTES / max(self.nbytes, 1.0)
+        if self.seconds is None:  # big elements shrink the first batches already
+            return int(max(1, min(by_bytes, self.first)))
+        by_time = AUTO_BATCH_SECONDS / max(self.seconds, 1e-7)
         return int(max(1, min(by_time, by_bytes, self.largest)))
 
 
@@ -577,62 +608,85 @@ def _run_entry(entry: Any, item: Any, star: bool) -> tuple[float, Any]:
         return time.perf_counter() - start, value
 
 
-def _run_batch(token: Any, batch: list[Any], star: bool
+def _run_batch(token: Any, batch: list[Any], star: bool, budget: float | None = None
                ) -> tuple[float, list[Any], list[int]]:
     """On a worker: a batch, element by element; a failure is kept in its place.
 
     Returns how long it took (it sizes `batch_size="auto"` batches), the results,
-    and where the failures are, so that the caller need not look at every result."""
-    return _run_batch_entry(cached_entry(token), batch, star)
+    and where the failures are, so that the caller need not look at every result.
+    With a `budget` (seconds), the batch may end early: see `_run_elements`."""
+    return _run_batch_entry(cached_entry(token), batch, star, budget)
 
 
-def _run_batch_keyed(owner: int, key: int, batch: list[Any], star: bool
-                     ) -> tuple[float, list[Any], list[int]]:
+def _run_batch_keyed(owner: int, key: int, batch: list[Any], star: bool,
+                     budget: float | None = None) -> tuple[float, list[Any], list[int]]:
     """`_run_batch` for a function already on this worker, named by its cache key."""
-    return _run_batch(CachedFunction(owner, key, None), batch, star)
+    return _run_batch(CachedFunction(owner, key, None), batch, star, budget)
 
 
-def _run_batch_named(fname: bytes, batch: list[Any], star: bool
-                     ) -> tuple[float, list[Any], list[int]]:
+def _run_batch_named(fname: bytes, batch: list[Any], star: bool,
+                     budget: float | None = None) -> tuple[float, list[Any], list[int]]:
     """`_run_batch` for a function that travels by name, `fname` its pickle."""
-    return _run_batch_entry(named_entry(serialize.loads_function(fname)), batch, star)
+    return _run_batch_entry(named_entry(serialize.loads_function(fname)), batch, star,
+                            budget)
 
 
-def _run_batch_entry(entry: Any, batch: list[Any], star: bool
+def _run_batch_entry(entry: Any, batch: list[Any], star: bool, budget: float | None
                      ) -> tuple[float, list[Any], list[int]]:
     with _turns_of(entry):
-        return _run_elements(entry.func, batch, star, None)
+        return _run_elements(entry.func, batch, star, None, budget)
 
 
 def _run_elements(f: Callable[..., Any], batch: list[Any], star: bool,
-                  here: Any) -> tuple[float, list[Any], list[int]]:
+                  here: Any, budget: float | None = None
+                  ) -> tuple[float, list[Any], list[int]]:
+    """Run `batch` (on a worker: `here` None; else in this process's call pool).
+
+    With a `budget` (seconds), a batch whose elements turn out slow ends when the
+    time so far says the next element would not fit (after one element at least),
+    and returns the results of a prefix: the caller sends the rest again. Elements
+    run in steps sized to what fits, each at most seven times the elements before
+    it, so a cheap batch pays a few clock reads and a batch whose elements slow
+    down overshoots by a bounded amount."""
     out: list[Any] = []
     failed: list[int] = []
     start = time.perf_counter()
     if here is None:
-        # map() in C, resumed past each failure: list.extend keeps what it appended
-        # before f raised, and the iterator has moved past the failing element.
         items = iter(batch)
+        if budget is None:
+            _map_into(f, items, star, out, failed)
+            return time.perf_counter() - start, out, failed
+        n, step = len(batch), 1
         while True:
-            try:
-                out.extend(itertools.starmap(f, items) if star else map(f, items))
-                break
-            except Exception as exc:  # noqa: BLE001 - the caller decides per element
-                failed.append(len(out))
-                out.append(_ElementFailure(encode_error(exc)[1]))
-        return time.perf_counter() - start, out, failed
+            _map_into(f, itertools.islice(items, step), star, out, failed)
+            took = time.perf_counter() - start
+            done = len(out)
+            fits = int((budget - took) * done / took) if took > 0 else done
+            if done >= n or fits < 1:
+                return took, out, failed
+            step = min(7 * done, fits)
     for i, item in enumerate(batch):
         try:
-            if here is not None:
-                out.append(here.callpool.run_user(f, *item) if star
-                           else here.callpool.run_user(f, item))
-            else:
-                out.append(f(*item) if star else f(item))
+            out.append(here.callpool.run_user(f, *item) if star
+                       else here.callpool.run_user(f, item))
         except Exception as exc:  # noqa: BLE001 - the caller decides per element
             failed.append(i)
-            out.append(_ElementFailure(None, _captured(here, exc)) if here is not None
-                       else _ElementFailure(encode_error(exc)[1]))
+            out.append(_ElementFailure(None, _captured(here, exc)))
     return time.perf_counter() - start, out, failed
+
+
+def _map_into(f: Callable[..., Any], items: Iterator[Any], star: bool, out: list[Any],
+              failed: list[int]) -> None:
+    """Append `f` of each of `items` to `out`: map() in C, resumed past each failure
+    (list.extend keeps what it appended before f raised, and the iterator has moved
+    past the failing element), which is kept in its place and listed in `failed`."""
+    while True:
+        try:
+            out.extend(itertools.starmap(f, items) if star else map(f, items))
+            return
+        except Exception as exc:  # noqa: BLE001 - the caller decides per element
+            failed.append(len(out))
+            out.append(_ElementFailure(encode_error(exc)[1]))
 
 
 # -- the distributed engine ----------------------------------------------------------------
@@ -727,12 +781,17 @@ class _Engine:
         self._ids = n._ids  # (Node.next_id, without its frame)
         # (due, seq, index, args, worker it failed on), a heap on (due, seq)
         self._retries: list[tuple[float, int, int, Any, int]] = []
+        # What batches cut short on their budget left undone, to be sent again.
+        self._rests: deque[_Unit] = deque()
         self._retry_seq = itertools.count()
         self._tries: dict[int, _Tries] = {}
         self._source: Iterator[Any] | None = None
         self._next_poll = 0.0
         self._turns = _Turns()  # for the elements this process runs itself
-        self._depth = PIPELINE_DEPTH
+        # Before anything is timed, 'auto' batches end early on their budget
+        # (`_budget`), so the whole first round can go at once, as multiprocessing's
+        # chunks do: no worker waits for the round trip that times the first ones.
+        self._depth = AUTO_FIRST_ROUND if sizing is not None else PIPELINE_DEPTH
         self._work: float | None = None  # seconds a call takes on its worker, on average
         if pool is None:
             self._hold(pids)
@@ -761,7 +820,7 @@ class _Engine:
         return self.results
 
     def _work_left(self) -> bool:
-        return self._source is not None or bool(self._retries)
+        return self._source is not None or bool(self._retries) or bool(self._rests)
 
     def _pull(self, source: Iterator[Any]) -> _Unit | None:
         size = self.sizing.size() if self.sizing is not None else self.batch_size
@@ -785,6 +844,8 @@ class _Engine:
             unit = self._take_retry(w)
             if unit is not None:
                 return unit
+        if self._rests:
+            return self._take_rest()
         if self._source is None:
             return None
         try:
@@ -796,6 +857,15 @@ class _Engine:
             self._source = None
             self._fail(exc)
         return None
+
+    def _take_rest(self) -> _Unit:
+        """The next batch of what a batch cut short left, sized as batches are now."""
+        rest = self._rests[0]
+        size = self.sizing.size() if self.sizing is not None else self.batch_size
+        if len(rest.args) <= size:
+            return self._rests.popleft()
+        self._rests[0] = _Unit(rest.start + size, rest.args[size:], True)
+        return _Unit(rest.start, rest.args[:size], True)
 
     def _take_retry(self, w: int) -> _Unit | None:
         now = time.monotonic()
@@ -1052,21 +1122,30 @@ class _Engine:
     def _call_of(self, unit: _Unit, token: CachedFunction | None) -> tuple[Any, tuple[Any, ...]]:
         """(runner, arguments) of the call that runs `unit` with a function the
         worker has: named by its pickle (no `token`) or by its cache key."""
-        payload = unit.args if unit.batched else unit.args[0]
+        if not unit.batched:
+            if token is None:
+                return _run_one_named, (self.fname, unit.args[0], self.star)
+            return _run_one_keyed, (token.owner, token.key, unit.args[0], self.star)
+        budget = self._budget()
         if token is None:
-            return (_run_batch_named if unit.batched else _run_one_named,
-                    (self.fname, payload, self.star))
-        return (_run_batch_keyed if unit.batched else _run_one_keyed,
-                (token.owner, token.key, payload, self.star))
+            return _run_batch_named, (self.fname, unit.args, self.star, budget)
+        return _run_batch_keyed, (token.owner, token.key, unit.args, self.star, budget)
+
+    def _budget(self) -> float | None:
+        """How long a batch may run on its worker before it ends early: until elements
+        have been timed, `batch_size="auto"` batches carry `AUTO_BATCH_SECONDS`."""
+        if self.sizing is not None and self.sizing.seconds is None:
+            return AUTO_BATCH_SECONDS
+        return None
 
     def _encode_first(self, unit: _Unit, token: CachedFunction, w: int
                       ) -> tuple[int, bytes, Any]:
         """(aux, body, buffers) of the call that brings the function to worker `w`
         (inside `token`) and runs `unit`."""
-        runner = _run_batch if unit.batched else _run_one
-        payload = unit.args if unit.batched else unit.args[0]
-        body, buffers = serialize.dumps((runner, (token, payload, self.star), {}), dest=w,
-                                        what="pmap call")
+        call: tuple[Any, tuple[Any, ...], dict[str, Any]] = (
+            (_run_batch, (token, unit.args, self.star, self._budget()), {})
+            if unit.batched else (_run_one, (token, unit.args[0], self.star), {}))
+        body, buffers = serialize.dumps(call, dest=w, what="pmap call")
         return 0, body, buffers
 
     def _complete_with_error(self, call: _Call, exc: BaseException) -> None:
@@ -1124,9 +1203,12 @@ class _Engine:
                 raw = call.raw
                 nbytes = (len(raw[1]) + sum(memoryview(b).nbytes for b in raw[2])
                           if raw is not None else 0)
-                self.sizing.observe(len(unit.args), seconds, nbytes)
+                self.sizing.observe(len(value), seconds, nbytes)
             self._adapt_depth(seconds)
             self.results[unit.start:unit.start + len(value)] = value
+            if len(value) < len(unit.args):  # cut short on its budget
+                self._rests.append(_Unit(unit.start + len(value), unit.args[len(value):],
+                                         True))
             for i in failed:
                 self._element_failed(unit.start + i, unit.args[i], value[i].exception(), w)
             self._tick(len(value) - len(failed))
@@ -1173,6 +1255,7 @@ class _Engine:
         if self.failure is None:
             self.failure = exc
             self._retries.clear()
+            self._rests.clear()
             self._source = None
 
     def _tick(self, k: int) -> None:

@@ -417,7 +417,8 @@ def test_a_retry_waiting_for_a_busy_worker_does_not_spin(ws):
 
 def test_auto_batch_size(ws):
     auto = pmap_module.auto_batch_size
-    assert auto(10_000, 2) == 100 and auto(100, 4) == 8 and auto(5, 4) == 1 and auto(0, 2) == 1
+    assert auto(10_000, 2) == 1250 and auto(100, 4) == 6 and auto(5, 4) == 1 and auto(0, 2) == 1
+    assert auto(10**9, 2) == pmap_module.AUTO_MAX_FIRST_BATCH
     assert fd.pmap(lambda x: x, range(1000), batch_size="auto") == list(range(1000))
     assert fd.pmap(lambda x: x, (i for i in range(1000)), batch_size="auto") == list(range(1000))
 
@@ -439,6 +440,58 @@ def test_auto_batches_follow_how_long_elements_take(ws):
     before = {w: fd.stats()["peers"][w]["msgs_sent"] for w in ws}
     assert fd.pmap(slow, range(200), batch_size="auto") == list(range(200))
     assert _calls_sent(ws, before) > 30, "2 ms elements go a few at a time"
+
+
+def _sleepy(x):
+    time.sleep(0.02)
+    if x % 7 == 3:
+        raise ValueError(x)
+    return x
+
+
+def test_auto_first_batches_end_early_when_elements_are_slow(ws):
+    # 80 elements over 2 workers: first batches of 10, all 8 sent at once. At 20 ms
+    # an element, each would run 200 ms before anything was timed; each ends after
+    # its first element instead (AUTO_BATCH_SECONDS), and the rest goes again.
+    before = {w: fd.stats()["peers"][w]["msgs_sent"] for w in ws}
+    got = fd.pmap(_sleepy, range(80), batch_size="auto", on_error=lambda e: -1,
+                  progress=True)
+    assert got == [-1 if x % 7 == 3 else x for x in range(80)]
+    calls = _calls_sent(ws, before)
+    assert calls >= 60, f"{calls} calls: whole first batches ran"
+
+
+def _sleepy_fails_at_1(x):
+    time.sleep(0.02)
+    if x == 1:
+        raise ValueError(x)
+    return x
+
+
+def test_a_batch_with_a_budget_returns_the_part_it_ran():
+    run = pmap_module._run_elements
+    took, out, failed = run(_sleepy_fails_at_1, list(range(40)), False, None, 0.2)
+    assert 2 <= len(out) <= 10 and took >= 0.02 * len(out)
+    assert failed == [1] and isinstance(out[1], pmap_module._ElementFailure)
+    assert [v for i, v in enumerate(out) if i != 1] == [x for x in range(len(out)) if x != 1]
+    took, out, failed = run(lambda x, y: x + y, [(1, 2)] * 1000, True, None, 10.0)
+    assert out == [3] * 1000 and failed == [], "a cheap batch runs whole"
+
+
+def test_big_elements_go_in_small_first_batches(ws, monkeypatch):
+    # 16 elements over 2 workers: first batches of 2, but 3 MB each is more than an
+    # 'auto' batch should carry (AUTO_BATCH_NBYTES): one per call from the start.
+    sizes = []
+    send = pmap_module._Engine._send
+
+    def recording(self, w, unit):
+        sizes.append(len(unit.args))
+        return send(self, w, unit)
+
+    monkeypatch.setattr(pmap_module._Engine, "_send", recording)
+    blob = b"x" * 3_000_000
+    assert fd.pmap(len, [blob] * 16, batch_size="auto") == [3_000_000] * 16
+    assert sizes[:8] == [1] * 8, sizes
 
 
 def test_batches_travel_as_one_call_each(ws):
