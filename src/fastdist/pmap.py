@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from fastdist import node as _node
@@ -211,7 +211,8 @@ def pmap(
             args = sizing.guess_nbytes(args, star)
             batch_size = first
         engine = _Engine(n, f, pool, pids, int(batch_size), policy, bar, sizing, star)
-        return engine.run(args)
+        seq = iterables[0] if not star and type(iterables[0]) in (list, tuple) else None
+        return engine.run(args, seq)
     finally:
         if bar is not None:
             bar.close()
@@ -608,7 +609,7 @@ def _run_entry(entry: Any, item: Any, star: bool) -> tuple[float, Any]:
         return time.perf_counter() - start, value
 
 
-def _run_batch(token: Any, batch: list[Any], star: bool, budget: float | None = None
+def _run_batch(token: Any, batch: Sequence[Any], star: bool, budget: float | None = None
                ) -> tuple[float, list[Any], list[int]]:
     """On a worker: a batch, element by element; a failure is kept in its place.
 
@@ -618,26 +619,26 @@ def _run_batch(token: Any, batch: list[Any], star: bool, budget: float | None = 
     return _run_batch_entry(cached_entry(token), batch, star, budget)
 
 
-def _run_batch_keyed(owner: int, key: int, batch: list[Any], star: bool,
+def _run_batch_keyed(owner: int, key: int, batch: Sequence[Any], star: bool,
                      budget: float | None = None) -> tuple[float, list[Any], list[int]]:
     """`_run_batch` for a function already on this worker, named by its cache key."""
     return _run_batch(CachedFunction(owner, key, None), batch, star, budget)
 
 
-def _run_batch_named(fname: bytes, batch: list[Any], star: bool,
+def _run_batch_named(fname: bytes, batch: Sequence[Any], star: bool,
                      budget: float | None = None) -> tuple[float, list[Any], list[int]]:
     """`_run_batch` for a function that travels by name, `fname` its pickle."""
     return _run_batch_entry(named_entry(serialize.loads_function(fname)), batch, star,
                             budget)
 
 
-def _run_batch_entry(entry: Any, batch: list[Any], star: bool, budget: float | None
+def _run_batch_entry(entry: Any, batch: Sequence[Any], star: bool, budget: float | None
                      ) -> tuple[float, list[Any], list[int]]:
     with _turns_of(entry):
         return _run_elements(entry.func, batch, star, None, budget)
 
 
-def _run_elements(f: Callable[..., Any], batch: list[Any], star: bool,
+def _run_elements(f: Callable[..., Any], batch: Sequence[Any], star: bool,
                   here: Any, budget: float | None = None
                   ) -> tuple[float, list[Any], list[int]]:
     """Run `batch` (on a worker: `here` None; else in this process's call pool).
@@ -697,7 +698,7 @@ class _Unit:
 
     __slots__ = ("args", "batched", "start")
 
-    def __init__(self, start: int, args: list[Any], batched: bool) -> None:
+    def __init__(self, start: int, args: Sequence[Any], batched: bool) -> None:
         self.start = start
         self.args = args
         self.batched = batched
@@ -786,6 +787,7 @@ class _Engine:
         self._retry_seq = itertools.count()
         self._tries: dict[int, _Tries] = {}
         self._source: Iterator[Any] | None = None
+        self._seq: list[Any] | tuple[Any, ...] | None = None
         self._next_poll = 0.0
         self._turns = _Turns()  # for the elements this process runs itself
         # Before anything is timed, 'auto' batches end early on their budget
@@ -801,8 +803,12 @@ class _Engine:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def run(self, args: Iterator[Any]) -> list[Any]:
+    def run(self, args: Iterator[Any], seq: list[Any] | tuple[Any, ...] | None = None
+            ) -> list[Any]:
+        """Map over `args`; or, given `seq` (the list or tuple `args` iterates),
+        take its elements in slices."""
         self._source = args
+        self._seq = seq
         try:
             while True:
                 if self.failure is None:
@@ -825,6 +831,13 @@ class _Engine:
     def _pull(self, source: Iterator[Any]) -> _Unit | None:
         size = self.sizing.size() if self.sizing is not None else self.batch_size
         start = len(self.results)
+        if self._seq is not None:
+            # A list or tuple: a slice is a fifth of what pulling its elements costs.
+            chunk = self._seq[start:start + size]
+            if not chunk:
+                return None
+            self.results.extend([None] * len(chunk))
+            return _Unit(start, chunk, self.batched)
         if size == 1:
             item = next(source, _END)
             if item is _END:

@@ -68,6 +68,20 @@ def test_results_in_input_order_for_any_iterable(ws):
     assert fd.pmap(len, ["x" * 10_000, b"y" * 100_000, (1, 2)]) == [10_000, 100_000, 2]
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, "auto"])
+def test_lists_and_tuples_taken_in_slices_map_like_any_iterable(ws, batch_size):
+    def odd_fails(x):
+        if x % 2:
+            raise ValueError(x)
+        return -x
+
+    expect = [-x if x % 2 == 0 else None for x in range(41)]
+    for items in (list(range(41)), tuple(range(41)), iter(range(41))):
+        got = fd.pmap(odd_fails, items, batch_size=batch_size, on_error=lambda e: None)
+        assert got == expect, type(items)
+    assert fd.pmap(lambda x: x, (), batch_size=batch_size) == []
+
+
 def test_every_worker_takes_part(ws):
     assert sorted(fd.pmap(lambda _: fd.myid(), range(len(ws)))) == sorted(ws), "one each"
     pool = fd.WorkerPool(ws)
