@@ -659,7 +659,9 @@ def _run_elements(f: Callable[..., Any], batch: Sequence[Any], star: bool,
             return time.perf_counter() - start, out, failed
         n, step = len(batch), 1
         while True:
-            _map_into(f, itertools.islice(items, step), star, out, failed)
+            # (The last step takes the iterator itself: islice costs per element.)
+            _map_into(f, items if step >= n - len(out) else itertools.islice(items, step),
+                      star, out, failed)
             took = time.perf_counter() - start
             done = len(out)
             fits = int((budget - took) * done / took) if took > 0 else done
