@@ -80,7 +80,7 @@ _DEEPEST_WORK = PIPELINE_COMMIT_SECONDS / MAX_PIPELINE_DEPTH
 
 AUTO_FIRST_ROUND = 4
 """`batch_size="auto"` starts by sending this many batches to each worker at once,
-each a `AUTO_FIRST_ROUND`-th of the worker's share of the input (the chunks of
+each holding 1/AUTO_FIRST_ROUND of the worker's share of the input (the chunks of
 `multiprocessing.Pool.map`), at most `AUTO_MAX_FIRST_BATCH` elements; each of them
 ends early once it has run `AUTO_BATCH_SECONDS` on its worker, so a slow function
 is found out after an element or a few rather than after a whole share."""
@@ -100,7 +100,8 @@ enough for this many such batches per worker (Julia's `min_batch_count`)."""
 AUTO_BATCH_SECONDS = 0.005
 """Once elements have been timed, `batch_size="auto"` sizes batches to take about
 this long on a worker: long enough that a call's fixed cost (a round trip, two
-pickles) is a few percent, short enough that the last batches end together."""
+pickles) is a few percent, short enough that the last batches end together.
+Before that, it is how long a batch of the first round may run."""
 
 AUTO_BATCH_NBYTES = 4 << 20
 """... and to carry at most about this much (arguments or results) per call."""
