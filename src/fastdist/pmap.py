@@ -279,21 +279,24 @@ class _AutoSize:
                         if total is not None
                         else self.MAX_UNKNOWN_TOTAL)
         self.seconds: float | None = None  # per element, on a worker
-        self.nbytes = 0.0  # per element, arguments or result, whichever is bigger
+        # Bytes per element of the arguments sent and of the results, apart: small
+        # results must not wear down what big arguments taught (a batch of 8 MB
+        # arrays returning floats), nor the other way round.
+        self.arg_nbytes = 0.0
+        self.result_nbytes = 0.0
 
     def observe(self, nelements: int, seconds: float, nbytes: int) -> None:
+        """A batch of `nelements` ran in `seconds`; its reply took `nbytes`."""
         if nelements <= 0:
             return
-        per_s, per_b = seconds / nelements, nbytes / nelements
-        if self.seconds is None:
-            self.seconds, self.nbytes = per_s, max(self.nbytes, per_b)
-        else:
-            self.seconds = 0.7 * self.seconds + 0.3 * per_s
-            self.nbytes = max(0.7 * self.nbytes + 0.3 * per_b, per_b)
+        per_s = seconds / nelements
+        self.seconds = per_s if self.seconds is None else 0.7 * self.seconds + 0.3 * per_s
+        self.result_nbytes = _follow(self.result_nbytes, nbytes / nelements)
 
     def observe_nbytes(self, nelements: int, nbytes: int) -> None:
+        """A batch of `nelements` was sent in `nbytes`."""
         if nelements > 0:
-            self.nbytes = max(self.nbytes, nbytes / nelements)
+            self.arg_nbytes = _follow(self.arg_nbytes, nbytes / nelements)
 
     def guess_nbytes(self, args: Iterator[Any], star: bool) -> Iterator[Any]:
         """Size up the first element (`sys.getsizeof`): a big one (an array, a long
@@ -310,11 +313,17 @@ class _AutoSize:
         return itertools.chain((head,), args)
 
     def size(self) -> int:
-        by_bytes = AUTO_BATCH_NBYTES / max(self.nbytes, 1.0)
+        by_bytes = AUTO_BATCH_NBYTES / max(self.arg_nbytes, self.result_nbytes, 1.0)
         if self.seconds is None:  # big elements shrink the first batches already
             return int(max(1, min(by_bytes, self.first)))
         by_time = AUTO_BATCH_SECONDS / max(self.seconds, 1e-7)
         return int(max(1, min(by_time, by_bytes, self.largest)))
+
+
+def _follow(average: float, sample: float) -> float:
+    """A running average of bytes per element that rises at once and falls slowly:
+    one big element is enough to make the next batches small."""
+    return max(0.7 * average + 0.3 * sample, sample)
 
 
 # -- failures, on_error and retries -------------------------------------------------------

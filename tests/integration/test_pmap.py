@@ -492,9 +492,10 @@ def test_a_batch_with_a_budget_returns_the_part_it_ran():
     assert out == [3] * 1000 and failed == [], "a cheap batch runs whole"
 
 
-def test_big_elements_go_in_small_first_batches(ws, monkeypatch):
-    # 16 elements over 2 workers: first batches of 2, but 3 MB each is more than an
-    # 'auto' batch should carry (AUTO_BATCH_NBYTES): one per call from the start.
+def test_big_elements_go_one_per_batch_from_the_first(ws, monkeypatch):
+    # 40 elements over 2 workers: first batches of 5, but 3 MB each is more than an
+    # 'auto' batch should carry (AUTO_BATCH_NBYTES): one per call from the start,
+    # and still at the end, however small the results that came back.
     sizes = []
     send = pmap_module._Engine._send
 
@@ -504,8 +505,8 @@ def test_big_elements_go_in_small_first_batches(ws, monkeypatch):
 
     monkeypatch.setattr(pmap_module._Engine, "_send", recording)
     blob = b"x" * 3_000_000
-    assert fd.pmap(len, [blob] * 16, batch_size="auto") == [3_000_000] * 16
-    assert sizes[:8] == [1] * 8, sizes
+    assert fd.pmap(len, [blob] * 40, batch_size="auto") == [3_000_000] * 40
+    assert sizes == [1] * 40, sizes
 
 
 def test_batches_travel_as_one_call_each(ws):
