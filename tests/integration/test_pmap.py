@@ -463,13 +463,15 @@ def _sleepy(x):
     return x
 
 
-def test_auto_first_batches_end_early_when_elements_are_slow(ws):
+@pytest.mark.parametrize("by", ["name", "cache"])
+def test_auto_first_batches_end_early_when_elements_are_slow(ws, by):
     # 80 elements over 2 workers: first batches of 10, all 8 sent at once. At 20 ms
     # an element, each would run 200 ms before anything was timed; each ends after
     # its first element instead (AUTO_BATCH_SECONDS), and the rest goes again.
+    # (A lambda travels through the map's function cache, not by name.)
+    f = _sleepy if by == "name" else (lambda x: _sleepy(x))
     before = {w: fd.stats()["peers"][w]["msgs_sent"] for w in ws}
-    got = fd.pmap(_sleepy, range(80), batch_size="auto", on_error=lambda e: -1,
-                  progress=True)
+    got = fd.pmap(f, range(80), batch_size="auto", on_error=lambda e: -1, progress=True)
     assert got == [-1 if x % 7 == 3 else x for x in range(80)]
     calls = _calls_sent(ws, before)
     assert calls >= 60, f"{calls} calls: whole first batches ran"
