@@ -195,8 +195,16 @@ def test_all_combinations_of_keywords(ws):
 # -- errors ----------------------------------------------------------------------------------
 
 
-def test_an_error_stops_pmap_and_raises_the_remote_exception(ws):
+def test_an_error_stops_pmap_and_raises_the_remote_exception(ws, monkeypatch):
     read = []
+    read_at_failure = []
+    fail = pmap_module._Engine._fail
+
+    def noting_fail(self, exc):
+        read_at_failure.append(len(read))
+        return fail(self, exc)
+
+    monkeypatch.setattr(pmap_module._Engine, "_fail", noting_fail)
 
     def source():
         for i in range(100_000):
@@ -213,7 +221,10 @@ def test_an_error_stops_pmap_and_raises_the_remote_exception(ws):
     assert info.value.pid in ws
     assert isinstance(info.value.captured.ex, ValueError)
     assert str(info.value.captured.ex) == "foobar"
-    assert len(read) < 1000, "no new element is read after the failure"
+    # How many were read before the failure came back depends on the pipeline
+    # (hundreds of calls in flight); after it, none.
+    assert read_at_failure and len(read) == read_at_failure[0] < 100_000, (
+        "no new element is read after the failure")
     with pytest.raises(fd.RemoteException, match="foobar"):
         fd.pmap(f, range(100), batch_size=8)
 
