@@ -320,6 +320,11 @@ class _AutoSize:
         return int(max(1, min(by_time, by_bytes, self.largest)))
 
 
+def _nbytes(body: bytes, buffers: Any) -> int:
+    """The size of a frame's body and its out-of-band buffers."""
+    return len(body) + sum(memoryview(b).nbytes for b in buffers)
+
+
 def _follow(average: float, sample: float) -> float:
     """A running average of bytes per element that rises at once and falls slowly:
     one big element is enough to make the next batches small."""
@@ -840,23 +845,22 @@ class _Engine:
     def _work_left(self) -> bool:
         return self._source is not None or bool(self._retries) or bool(self._rests)
 
+    def _size(self) -> int:
+        """How many elements the next batch takes."""
+        return self.sizing.size() if self.sizing is not None else self.batch_size
+
     def _pull(self, source: Iterator[Any]) -> _Unit | None:
-        size = self.sizing.size() if self.sizing is not None else self.batch_size
+        size = self._size()
         start = len(self.results)
-        if self._seq is not None:
-            # A list or tuple: a slice is a fifth of what pulling its elements costs.
-            chunk = self._seq[start:start + size]
-            if not chunk:
-                return None
-            self.results.extend([None] * len(chunk))
-            return _Unit(start, chunk, self.batched)
-        if size == 1:
+        if size == 1 and self._seq is None:
             item = next(source, _END)
             if item is _END:
                 return None
             self.results.append(None)
             return _Unit(start, [item], self.batched)
-        chunk = list(itertools.islice(source, size))
+        # A list or tuple is sliced: a fifth of what pulling its elements costs.
+        chunk = (self._seq[start:start + size] if self._seq is not None
+                 else list(itertools.islice(source, size)))
         if not chunk:
             return None
         self.results.extend([None] * len(chunk))
@@ -886,7 +890,7 @@ class _Engine:
     def _take_rest(self) -> _Unit:
         """The next batch of what a batch cut short left, sized as batches are now."""
         rest = self._rests[0]
-        size = self.sizing.size() if self.sizing is not None else self.batch_size
+        size = self._size()
         if len(rest.args) <= size:
             return self._rests.popleft()
         self._rests[0] = _Unit(rest.start + size, rest.args[size:], True)
@@ -1099,8 +1103,7 @@ class _Engine:
             self._complete_with_error(call, exc)
             return
         if self.sizing is not None:
-            self.sizing.observe_nbytes(len(unit.args),
-                                       len(body) + sum(memoryview(b).nbytes for b in buffers))
+            self.sizing.observe_nbytes(len(unit.args), _nbytes(body, buffers))
         call.wid = wid = next(self._ids)
         self.n.waiters[wid] = call
         try:
@@ -1226,8 +1229,7 @@ class _Engine:
             seconds, value, failed = value
             if self.sizing is not None:
                 raw = call.raw
-                nbytes = (len(raw[1]) + sum(memoryview(b).nbytes for b in raw[2])
-                          if raw is not None else 0)
+                nbytes = _nbytes(raw[1], raw[2]) if raw is not None else 0
                 self.sizing.observe(len(value), seconds, nbytes)
             self._adapt_depth(seconds)
             self.results[unit.start:unit.start + len(value)] = value
