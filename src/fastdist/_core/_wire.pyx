@@ -163,6 +163,18 @@ cdef void _give_mapping(char* data, Py_ssize_t length):
     munmap(data, length)
 
 
+# Receive buffers alive in this process, and their bytes (see `live_recv_buffers`).
+cdef Py_ssize_t _live_buffers = 0
+cdef Py_ssize_t _live_nbytes = 0
+
+
+def live_recv_buffers():
+    """(count, bytes) of the receive buffers alive in this process: what received
+    frames still hold, through the arrays unpickled from them or otherwise (a check
+    that nothing keeps a finished call's arguments)."""
+    return _live_buffers, _live_nbytes
+
+
 cdef class RecvBuffer:
     """A writable allocation that one received body or out-of-band buffer lands in.
 
@@ -187,8 +199,15 @@ cdef class RecvBuffer:
         self.nbytes = nbytes
         self.filled = 0
         self.exports = 0
+        global _live_buffers, _live_nbytes
+        _live_buffers += 1
+        _live_nbytes += nbytes
 
     def __dealloc__(self):
+        global _live_buffers, _live_nbytes
+        if self.data != NULL:
+            _live_buffers -= 1
+            _live_nbytes -= self.nbytes
         if self.mapped:
             _give_mapping(self.data, self.mapped)
         else:
