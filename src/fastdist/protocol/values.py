@@ -27,6 +27,12 @@ def encode_result(value: Any, dest: int | None) -> tuple[int, bytes, list[memory
         return 0, body, buffers
     except serialize.SerializationError as exc:
         return encode_error(exc)
+    except BaseException as exc:  # noqa: BLE001 - e.g. SystemExit from a __reduce__
+        # Every call gets one reply: a value, or the error that stood in its way.
+        error = serialize.SerializationError(
+            f"could not serialise the result: {type(exc).__name__}: {_safe_str(exc)}")
+        error.__cause__ = exc
+        return encode_error(error)
 
 
 def encode_error(exc: BaseException, pid: int | None = None) -> tuple[int, bytes, list[memoryview]]:
@@ -40,16 +46,21 @@ def encode_error(exc: BaseException, pid: int | None = None) -> tuple[int, bytes
         n = _node.peek()
         origin = pid if pid is not None else (n.myid if n is not None else 1)
         ex = exc
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        except BaseException:  # noqa: BLE001 - a __str__ that raises: the type still says
+            text = f"{type(exc).__qualname__}: <no traceback: it could not be formatted>\n"
+    # (BaseException: an exception whose pickling raises SystemExit still has its
+    # stand-in reach the caller, who waits for exactly one reply.)
     try:
         ex_bytes: bytes | None = pickle.dumps(ex, protocol=5)
-    except Exception:  # noqa: BLE001 - try by value, then the stand-in below carries it
+    except BaseException:  # noqa: BLE001 - try by value, then the stand-in below carries it
         try:
             # An exception class defined in the caller's script reached this process
             # by value; cloudpickle sends it back by value under the same class id,
             # so the caller gets its very own class (`except MyError` matches).
             ex_bytes = cloudpickle.dumps(ex, protocol=5)
-        except Exception:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001
             ex_bytes = None
     name = f"{type(ex).__module__}.{type(ex).__qualname__}"
     if type(ex).__module__ == "builtins":
@@ -61,7 +72,7 @@ def encode_error(exc: BaseException, pid: int | None = None) -> tuple[int, bytes
 def _safe_str(ex: BaseException) -> str:
     try:
         return str(ex)
-    except Exception:  # noqa: BLE001
+    except BaseException:  # noqa: BLE001
         return f"<unprintable {type(ex).__name__}>"
 
 
