@@ -5,8 +5,9 @@ from __future__ import annotations
 import abc
 import math
 import threading
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, SupportsIndex
 
 from fastdist.exceptions import ChannelClosedError
@@ -14,6 +15,29 @@ from fastdist.exceptions import ChannelClosedError
 __all__ = ["AbstractChannel", "Channel", "refuse_pickle"]
 
 _NOT_PICKLABLE = "a Channel lives in one process; use RemoteChannel to share it"
+
+# `interrupt` reaches a call on a thread other than a worker's main one as an
+# asynchronous exception, which Python raises only between bytecodes: a wait
+# without end would never let it through. Waits go in slices of this length.
+WAIT_SLICE_SECONDS = 0.25
+
+
+def wait_for(cond: threading.Condition, predicate: Callable[[], object],
+             timeout: float | None) -> bool:
+    """`cond.wait_for(predicate, timeout)` (lock held), waking every
+    WAIT_SLICE_SECONDS so that an interrupt of this thread is raised in time."""
+    if timeout is not None:
+        deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if timeout is None:
+            cond.wait(WAIT_SLICE_SECONDS)
+            continue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return bool(predicate())
+        cond.wait(min(left, WAIT_SLICE_SECONDS))
 
 
 def refuse_pickle(obj: object, protocol: int | None = None) -> NoReturn:
@@ -203,9 +227,8 @@ class Channel(AbstractChannel):
             if self._size == 0:
                 self._put_unbuffered(v, timeout)
                 return self
-            if not self._writable.wait_for(
-                lambda: self._closed or len(self._buffer) < self._size, timeout
-            ):
+            if not wait_for(self._writable,
+                            lambda: self._closed or len(self._buffer) < self._size, timeout):
                 raise TimeoutError(f"put timed out after {timeout} s")
             self._check_open()
             self._buffer.append(v)
@@ -216,7 +239,12 @@ class Channel(AbstractChannel):
         offer = _Offer(v, self._lock)
         self._offers.append(offer)
         self._announce_value()
-        offer.cond.wait_for(lambda: offer.taken or self._closed, timeout)
+        try:
+            wait_for(offer.cond, lambda: offer.taken or self._closed, timeout)
+        except BaseException:  # interrupted: the value must not reach a taker later
+            if not offer.taken and offer in self._offers:
+                self._offers.remove(offer)
+            raise
         if offer.taken:
             return
         self._check_open()  # close() has already withdrawn the offer
@@ -359,7 +387,7 @@ class Channel(AbstractChannel):
 
     def _await_value(self, cond: threading.Condition, timeout: float | None, what: str) -> None:
         """With the lock held: wait for a value, or raise if closed and drained."""
-        if not cond.wait_for(lambda: self._closed or self._has_value(), timeout):
+        if not wait_for(cond, lambda: self._closed or self._has_value(), timeout):
             raise TimeoutError(f"{what} timed out after {timeout} s")
         if not self._has_value():
             raise ChannelClosedError(f"{what} on a closed and empty Channel")

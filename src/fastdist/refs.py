@@ -14,13 +14,14 @@ value is freed when every client's count is zero.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastdist import node as _node
 from fastdist._core import _calls
-from fastdist.channel import AbstractChannel, Channel
+from fastdist.channel import WAIT_SLICE_SECONDS, AbstractChannel, Channel
 from fastdist.exceptions import (
     ChannelClosedError,
     FutureAlreadySetError,
@@ -110,10 +111,17 @@ class Waiter:
         if self._set:
             return True
         # Each woken waiter releases the lock again, waking the next: a broadcast.
-        if self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
-            self._lock.release()
-            return True
-        return False
+        # Waits go in slices, so that an interrupt of this thread is raised in time
+        # (see channel.WAIT_SLICE_SECONDS).
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while True:
+            left = WAIT_SLICE_SECONDS if deadline is None else min(
+                WAIT_SLICE_SECONDS, deadline - time.monotonic())
+            if self._lock.acquire(timeout=max(left, 0.0)):
+                self._lock.release()
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return self._set
 
 
 class RemoteValue:
