@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastdist._core._calls import route_frames
-from fastdist._core._msgloop import MessageLoop
+from fastdist._core._msgloop import MessageLoop, set_keepalive_interval
 from fastdist.callpool import CallPool
 from fastdist.exceptions import ProcessExitedException, ProtocolError
 from fastdist.output import drain_worker_pipes
@@ -190,6 +190,11 @@ class Node:
         conn.peer = p.pid
         p.conn = conn
         p.last_seen = time.monotonic()
+        # Both ends know each other now: pings may flow (they would be refused before).
+        start_keepalive = getattr(conn, "start_keepalive", None)
+        if start_keepalive is not None:
+            set_keepalive_interval(heartbeat_timeout() / 4)
+            start_keepalive()
         p.connected.set(True)
 
     def send(self, pid: int, kind: int, flags: int, aux: int, whence: int, ref_id: int,
@@ -440,7 +445,15 @@ class Node:
                 conn.close(ProtocolError("handshake timed out"))
 
     def _heartbeat(self, now: float) -> None:
+        """Declare dead a peer that has sent nothing for FASTDIST_HEARTBEAT_TIMEOUT.
+
+        Every connection carries something at least every quarter of the timeout:
+        on sockets, the keepalive thread's pings, which need no GIL (_msgloop); on
+        stream connections (custom transports), a PING from here. This process may
+        itself have been unable to run (its user code held the GIL): bytes that wait
+        unread in the socket then count as heard, not silence."""
         timeout = heartbeat_timeout()
+        set_keepalive_interval(timeout / 4)
         for p in list(self.peers.values()):
             conn = p.conn
             if conn is None or conn.is_closed:
@@ -450,17 +463,19 @@ class Node:
                 p.last_rx = rx
                 p.last_seen = now
             elif now - p.last_seen > timeout:
-                conn.close(TimeoutError(f"no word from process {p.pid} for {timeout:g} s"))
+                unread = getattr(conn, "unread_nbytes", None)
+                if unread is not None and unread() > 0:
+                    p.last_seen = now
+                else:
+                    conn.close(TimeoutError(f"no word from process {p.pid} for {timeout:g} s"))
+                    continue
+            if hasattr(conn, "start_keepalive"):
                 continue
             tx = conn.bytes_sent
             if tx != p.last_tx:
                 p.last_tx = tx
                 p.last_sent = now
-            # Ping when the peer has gone quiet, and also when we have: a peer that is
-            # reading one long frame of ours sends nothing until its end, so it hears
-            # from us only if we speak up on our own, and so does the peer sending it.
-            quiet = now - min(p.last_seen, p.last_sent)
-            if quiet > timeout / 4 and now - p.last_ping > timeout / 4:
+            if now - p.last_sent > timeout / 4 and now - p.last_ping > timeout / 4:
                 p.last_ping = now
                 try:
                     conn.send_nowait(Kind.PING, 0, 0, self.myid, 0)

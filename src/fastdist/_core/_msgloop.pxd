@@ -17,6 +17,18 @@ cdef extern from "<poll.h>" nogil:
         POLLOUT
 
 
+# What the keepalive thread needs of a connection, readable without the GIL: it
+# lives inside the SocketConnection, which deregisters it before closing its fd.
+cdef struct Keepalive:
+    int fd                          # the socket (mirrors SocketConnection.fd while registered)
+    PyThread_type_lock send_lock    # the connection's send_lock: a ping never splits a frame
+    long long last_write_ns         # when bytes last went out (monotonic ns), by anyone
+    bint half_written               # outq held a partly written frame when send_lock was let go
+    int ping_left                   # bytes of a ping the kernel has not taken yet (see _finish_ping)
+    uint64_t ping_bytes             # bytes of pings written, counted into bytes_sent
+    bint registered                 # in the keepalive thread's table
+
+
 cdef class MessageLoop:
     cdef int epfd                   # the epoll instance every registered fd lives in
     cdef int wakefd                 # eventfd that wakeup() writes to, to end an epoll_wait
@@ -53,14 +65,16 @@ cdef class SocketConnection:
     cdef int spin_misses            # consecutive spins that ended without data (capped)
     cdef int spin_skip              # waits left to block at once before spinning again
     cdef bint close_fd_pending      # the fd is shut down but a sender still holds send_lock
+    cdef Keepalive keepalive        # what the GIL-free keepalive thread reads and writes
     cdef readonly uint64_t msgs_sent
-    cdef readonly uint64_t bytes_sent
+    cdef uint64_t frame_bytes_sent  # bytes of frames written (pings apart: see bytes_sent)
     cdef readonly uint64_t writes     # sendmsg calls that wrote: frames per write shows batching
     cdef readonly uint64_t msgs_received
     cdef readonly uint64_t bytes_received
 
     cdef int _acquire(self) except -1
     cdef int _release(self) except -1
+    cdef int _finish_ping(self) except -1
     cdef int _move_pending(self) except -1
     cdef Py_ssize_t _write_some(self) except -1
     cdef int _flush_blocking(self) except -1
@@ -68,4 +82,4 @@ cdef class SocketConnection:
     cdef int _on_readable(self) except -1
     cdef int _read_available(self) except -1
     cdef int _read_handshake(self) except -1
-    cdef int _spin(self, pollfd* pfd) noexcept nogil
+    cdef int _spin(self, pollfd* pfd, int n) noexcept nogil

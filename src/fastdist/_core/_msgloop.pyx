@@ -1,12 +1,19 @@
-"""The socket I/O loop: one epoll thread per process reading frames, and gathered sends.
+"""The socket I/O loop: one epoll thread per process reading frames, gathered sends,
+and a keepalive thread that needs no GIL.
 
-Reads happen only on the loop thread, which hands complete frames to a Python
-handler and never runs user code. Writes happen on the thread that sends: it
-gathers prelude, body and out-of-band buffers into one `sendmsg` straight from
-their memory, and stays until the kernel holds every byte, so the caller may
-reuse an array as soon as its call returns. The loop thread itself only sends
-small control frames, and never waits for a busy connection (see `send_nowait`).
-The GIL is released exactly around `epoll_wait`, `recv`, `sendmsg` and `poll`.
+A connection is read by the loop thread, or for a moment by a thread that waits
+for its reply (`begin_direct`), which never runs user code while it holds the
+role; complete frames go to a Python handler. Writes happen on the thread that
+sends: it gathers prelude, body and out-of-band buffers into one `sendmsg`
+straight from their memory, and stays until the kernel holds every byte, so the
+caller may reuse an array as soon as its call returns. The loop thread itself
+only sends small control frames, and never waits for a busy connection (see
+`send_nowait`). The GIL is released exactly around `epoll_wait`, `recv`,
+`sendmsg` and `poll`.
+
+Liveness is the process's, not its Python code's: the keepalive thread is a
+plain pthread that writes a PING on every connection that has sent nothing for a
+while, also while user code holds the GIL in a long C routine (see `Keepalive`).
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -24,10 +31,10 @@ from cpython.pythread cimport (
 )
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from posix.unistd cimport close as c_close, read as c_read, write as c_write
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, nanosleep, timespec
 
 cdef extern from "pythread.h":
     # (Not in Cython's cpython.pythread: a lock wait with a deadline, 1 if acquired.)
@@ -66,6 +73,30 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLLERR
         EPOLLHUP
         EPOLLRDHUP
+
+
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+    enum:
+        FIONREAD
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    int pthread_create(pthread_t* thread, const pthread_attr_t* attr,
+                       void* (*start)(void*) noexcept nogil, void* arg)
+    int pthread_detach(pthread_t thread)
+
+
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    int sigfillset(sigset_t* s)
+    int pthread_sigmask(int how, const sigset_t* s, sigset_t* old)
+    enum:
+        SIG_BLOCK
 
 
 cdef extern from "<sys/eventfd.h>" nogil:
@@ -182,6 +213,132 @@ cdef bytes _small_frame(int kind, int flags, unsigned int aux, unsigned int when
         view = memoryview(body).cast("B")
         memcpy(p + PRELUDE_NBYTES, &view[0], body_n)
     return frame
+
+
+# -- keepalive: a ping on every quiet connection, without the GIL -----------------------
+#
+# A process whose user code holds the GIL in one long C routine (a numpy kernel,
+# `sum(range(10**9))`) runs no Python at all: neither the loop thread nor the
+# heartbeat in Node._tick. Its peers must still hear from it, or they would declare
+# it dead. So a plain pthread, started on the first registration, wakes a few times
+# per interval and writes a PING frame on every registered connection that has
+# written nothing for `_keepalive_ns`. It never waits for a lock: a connection
+# whose send_lock is held is being written to (or will be), and one whose outq
+# holds a half-written frame must not get bytes in between. What receives the
+# pings is the peer's business (Node._heartbeat counts received bytes); a process
+# that is frozen whole (SIGSTOP) or gone sends none, and is declared dead.
+
+cdef PyThread_type_lock _keepalive_lock = PyThread_allocate_lock()  # guards the table
+cdef Keepalive** _keepalives = NULL     # the registered connections' Keepalive fields
+cdef Py_ssize_t _nkeepalives = 0
+cdef Py_ssize_t _keepalives_cap = 0
+cdef bint _keepalive_started = False
+cdef long long _keepalive_ns = 7500000000LL  # ping a connection quiet for this long
+cdef char _ping_frame[PRELUDE_NBYTES]
+encode_prelude(_ping_frame, 9, 0, 0, 0, 0, 0, 0, NULL)  # Kind.PING, nothing else
+
+
+def set_keepalive_interval(double seconds):
+    """Ping a connection that has written nothing for `seconds` (Node sets a quarter
+    of FASTDIST_HEARTBEAT_TIMEOUT on every tick, so a change of it takes effect)."""
+    global _keepalive_ns
+    _keepalive_ns = <long long>(max(seconds, 0.01) * 1e9)
+
+
+def _keepalive_after_fork():
+    """In a forked child: no keepalive thread runs, and the table's lock may have
+    been held by it at the fork. Start afresh (with the connections registered
+    before the fork forgotten: the child's own registrations start the thread)."""
+    global _keepalive_lock, _nkeepalives, _keepalive_started
+    _keepalive_lock = PyThread_allocate_lock()
+    _nkeepalives = 0
+    _keepalive_started = False
+
+
+os.register_at_fork(after_in_child=_keepalive_after_fork)
+
+
+cdef int _keepalive_add(Keepalive* k) except -1:
+    global _keepalives, _nkeepalives, _keepalives_cap, _keepalive_started
+    cdef Keepalive** grown
+    cdef pthread_t thread
+    with nogil:
+        PyThread_acquire_lock(_keepalive_lock, WAIT_LOCK)
+    try:
+        if k.registered:
+            return 0
+        if _nkeepalives == _keepalives_cap:
+            grown = <Keepalive**>realloc(_keepalives,
+                                         sizeof(Keepalive*) * (2 * _keepalives_cap + 16))
+            if grown == NULL:
+                raise MemoryError()
+            _keepalives = grown
+            _keepalives_cap = 2 * _keepalives_cap + 16
+        _keepalives[_nkeepalives] = k
+        _nkeepalives += 1
+        k.registered = True
+        if not _keepalive_started:
+            if pthread_create(&thread, NULL, _keepalive_main, NULL) != 0:
+                raise OSError(errno, "could not start the keepalive thread")
+            pthread_detach(thread)
+            _keepalive_started = True
+    finally:
+        PyThread_release_lock(_keepalive_lock)
+    return 0
+
+
+cdef void _keepalive_remove(Keepalive* k) noexcept nogil:
+    global _nkeepalives
+    cdef Py_ssize_t i
+    if not k.registered:
+        return
+    PyThread_acquire_lock(_keepalive_lock, WAIT_LOCK)
+    for i in range(_nkeepalives):
+        if _keepalives[i] == k:
+            _nkeepalives -= 1
+            _keepalives[i] = _keepalives[_nkeepalives]
+            break
+    k.registered = False
+    PyThread_release_lock(_keepalive_lock)
+
+
+cdef void _keepalive_ping(Keepalive* k, long long now) noexcept nogil:
+    """Write a PING on `k`'s socket if it has been quiet, without ever waiting."""
+    cdef Py_ssize_t r
+    if k.fd < 0 or k.ping_left or k.half_written or now - k.last_write_ns < _keepalive_ns:
+        return
+    if not PyThread_acquire_lock(k.send_lock, NOWAIT_LOCK):
+        return
+    if not k.half_written and not k.ping_left and k.fd >= 0:
+        r = send(k.fd, _ping_frame, PRELUDE_NBYTES, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if r > 0:
+            k.ping_bytes += r
+            # (A socket with room takes 32 bytes whole; should it not, the next
+            # writer sends the rest before anything else: see _finish_ping.)
+            k.ping_left = PRELUDE_NBYTES - r
+        k.last_write_ns = now  # a full socket is retried an interval later, not at once
+    PyThread_release_lock(k.send_lock)
+
+
+cdef void* _keepalive_main(void* arg) noexcept nogil:
+    cdef sigset_t all_signals
+    cdef timespec pause
+    cdef long long step
+    cdef Py_ssize_t i
+    # Signals are for the threads that run Python: one taken here would wake nobody.
+    sigfillset(&all_signals)
+    pthread_sigmask(SIG_BLOCK, &all_signals, NULL)
+    while True:
+        step = min(_keepalive_ns // 4, 250000000LL)
+        pause.tv_sec = step // 1000000000LL
+        pause.tv_nsec = step % 1000000000LL
+        nanosleep(&pause, NULL)
+        PyThread_acquire_lock(_keepalive_lock, WAIT_LOCK)
+        for i in range(_nkeepalives):
+            _keepalive_ping(_keepalives[i], _monotonic_ns())
+        PyThread_release_lock(_keepalive_lock)
+    return NULL
+
 
 
 cdef class MessageLoop:
@@ -364,8 +521,12 @@ cdef class SocketConnection:
         self.outq = []
         self.pending = []
         self.out_off = 0
+        self.keepalive.fd = -1
+        self.keepalive.send_lock = self.send_lock
+        self.keepalive.last_write_ns = _monotonic_ns()
 
     def __dealloc__(self):
+        _keepalive_remove(&self.keepalive)  # (closed connections are removed already)
         if self.send_lock != NULL:
             PyThread_free_lock(self.send_lock)
         if self.read_lock != NULL:
@@ -374,6 +535,27 @@ cdef class SocketConnection:
     @property
     def is_closed(self):
         return self.closed
+
+    @property
+    def bytes_sent(self):
+        """Bytes written: frames, and the keepalive thread's pings."""
+        return self.frame_bytes_sent + self.keepalive.ping_bytes
+
+    def start_keepalive(self):
+        """Let the keepalive thread ping this connection when it is quiet (once the
+        peer reads frames: after the handshake and its IDENTIFY)."""
+        if self.closed or self.handshake is not None:
+            return
+        self.keepalive.fd = self.fd
+        _keepalive_add(&self.keepalive)
+
+    def unread_nbytes(self):
+        """Bytes the kernel holds for this socket that nobody has read yet: a peer
+        whose pings wait here has spoken, even if this process could not read."""
+        cdef int n = 0
+        if self.closed or self.fd < 0 or ioctl(self.fd, FIONREAD, &n) < 0:
+            return 0
+        return n
 
     cdef int _acquire(self) except -1:
         cdef int ok
@@ -385,6 +567,8 @@ cdef class SocketConnection:
         return 0
 
     cdef int _release(self) except -1:
+        # The keepalive thread must not write between the parts of a frame.
+        self.keepalive.half_written = bool(self.outq)
         if self.close_fd_pending and self.fd >= 0:
             c_close(self.fd)
             self.fd = -1
@@ -410,6 +594,8 @@ cdef class SocketConnection:
             return 0
         if self.fd < 0 or self.closed:
             raise ConnectionResetError("connection closed")
+        if self.keepalive.ping_left:
+            self._finish_ping()
         try:
             for seg in self.outq:
                 if niov == MAX_IOV:
@@ -453,9 +639,36 @@ cdef class SocketConnection:
             if err == EAGAIN:
                 return 0
             raise ConnectionResetError(err, os.strerror(err))
-        self.bytes_sent += written
+        self.frame_bytes_sent += written
+        self.keepalive.last_write_ns = _monotonic_ns()
         self.writes += 1
         return written
+
+    cdef int _finish_ping(self) except -1:
+        """Write what the kernel did not take of a keepalive ping (send_lock held),
+        before any other byte: a frame must not start inside it."""
+        cdef pollfd pfd
+        cdef Py_ssize_t r
+        cdef int left
+        while self.keepalive.ping_left:
+            left = self.keepalive.ping_left
+            with nogil:
+                r = send(self.fd, _ping_frame + PRELUDE_NBYTES - left, left,
+                         MSG_DONTWAIT | MSG_NOSIGNAL)
+            if r > 0:
+                self.keepalive.ping_left -= r
+                self.keepalive.ping_bytes += r
+            elif r < 0 and errno != EAGAIN and errno != EINTR:
+                raise ConnectionResetError(errno, os.strerror(errno))
+            else:
+                pfd.fd = self.fd
+                pfd.events = POLLOUT
+                pfd.revents = 0
+                with nogil:
+                    poll(&pfd, 1, 1000)
+                if self.closed:
+                    raise ConnectionResetError("connection closed")
+        return 0
 
     cdef int _flush_blocking(self) except -1:
         cdef pollfd pfd
@@ -719,8 +932,8 @@ cdef class SocketConnection:
             raise
         return True
 
-    cdef int _spin(self, pollfd* pfd) noexcept nogil:
-        """Poll `pfd` without sleeping for up to `_spin_ns`, unless recent spins on
+    cdef int _spin(self, pollfd* pfd, int n) noexcept nogil:
+        """Poll `pfd[:n]` without sleeping for up to `_spin_ns`, unless recent spins on
         this connection went unanswered; poll's result (0: nothing came)."""
         cdef int r
         if _spin_ns <= 0:
@@ -728,7 +941,7 @@ cdef class SocketConnection:
         if self.spin_skip > 0:
             self.spin_skip -= 1
             return 0
-        r = _poll_spinning(pfd, 1)
+        r = _poll_spinning(pfd, n)
         if r == 0:
             self.spin_misses = min(self.spin_misses * 2 + 1, MAX_SPIN_SKIP)
             self.spin_skip = self.spin_misses
@@ -736,26 +949,36 @@ cdef class SocketConnection:
             self.spin_misses = 0
         return r
 
-    def poll_direct(self, double timeout):
+    def poll_direct(self, double timeout, int wake_fd=-1):
         """As this connection's reader, wait up to `timeout` s for frames and dispatch
         them on this thread; 1 if something was read, 0 on timeout. It polls
-        without sleeping for a moment first (see `_spin_ns`)."""
-        cdef pollfd pfd
-        cdef int r, ms = <int>(timeout * 1000) if timeout >= 0 else -1
+        without sleeping for a moment first (see `_spin_ns`). A `wake_fd` (an
+        eventfd) ends the wait too, and is drained: a worker's idle main thread
+        waits so for calls and for work handed to it by the loop thread."""
+        cdef pollfd pfd[2]
+        cdef int r, n = 2 if wake_fd >= 0 else 1
+        cdef int ms = <int>(timeout * 1000) if timeout >= 0 else -1
+        cdef uint64_t counter
         if self.closed:
             return 1
-        pfd.fd = self.fd
-        pfd.events = POLLIN
-        pfd.revents = 0
+        pfd[0].fd = self.fd
+        pfd[0].events = POLLIN
+        pfd[0].revents = 0
+        pfd[1].fd = wake_fd
+        pfd[1].events = POLLIN
+        pfd[1].revents = 0
         with nogil:
-            r = self._spin(&pfd) if ms != 0 else 0
+            r = self._spin(pfd, n) if ms != 0 else 0
             if r == 0:
-                r = poll(&pfd, 1, ms)
+                r = poll(pfd, n, ms)
+            if r > 0 and pfd[1].revents:
+                c_read(wake_fd, &counter, 8)
         if r > 0:
             # A Ctrl-C that came while we waited raises here, before any frame is
             # taken: raised while dispatching, it would drop other callers' frames.
             PyErr_CheckSignals()
-            self._read_available()
+            if pfd[0].revents:
+                self._read_available()
         elif r < 0 and errno == EINTR:
             PyErr_CheckSignals()
         return 1 if r > 0 else 0
@@ -789,6 +1012,8 @@ cdef class SocketConnection:
         if self.closed:
             return
         self.closed = True
+        _keepalive_remove(&self.keepalive)
+        self.keepalive.fd = -1
         self.loop.conns.pop(self.fd, None)
         if self.fd >= 0:
             epoll_ctl(self.loop.epfd, EPOLL_CTL_DEL, self.fd, NULL)
@@ -809,7 +1034,7 @@ cdef class SocketConnection:
     def stats(self):
         return {
             "msgs_sent": self.msgs_sent,
-            "bytes_sent": self.bytes_sent,
+            "bytes_sent": self.frame_bytes_sent + self.keepalive.ping_bytes,
             "writes": self.writes,
             "msgs_received": self.msgs_received,
             "bytes_received": self.bytes_received,
