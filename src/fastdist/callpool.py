@@ -1,317 +1,374 @@
-"""The threads that run calls: as many as there are calls in progress, reused when idle.
+"""The threads that run calls, and the rules that keep a process live whatever its calls do.
 
-A call that blocks (on a channel, a fetch, a lock) must not stop a process from
-serving others, as a Julia task would not; so the pool grows a thread whenever
-none is idle, and threads that stay idle for a while exit. User code runs only
-here, never on the I/O thread. Running calls are tracked so that `interrupt`
-can raise KeyboardInterrupt in exactly those threads.
+Threads of a process and what each may do (docs/ARCHITECTURE.md, "Threading model"):
+
+- The I/O thread reads every connection nobody else is reading and routes frames;
+  it never runs user code, so calls, results, puts, heartbeats and interrupts are
+  served whatever the calls do.
+- Runners run calls and other tasks: on a worker, its main thread (the *primary*:
+  `serve_forever`), and *helpers*, started when work waits and no runner is free,
+  ended after `IDLE_EXIT_SECONDS` idle. An idle primary may read the connection to
+  pid 1 itself (no hand-off from the I/O thread for a call), but gives the
+  reading role back before it runs what it read.
+- The monitor starts (or wakes) a helper when queued work has not moved for
+  `STALL_SECONDS` — a call blocked on a later one, or running long, never holds up
+  the calls behind it — and writes replies a stuck runner had queued.
+
+Plain calls run concurrently, each a task of its own. A pool's calls
+(FLAG_SERIAL) go to the caller's serial lane: one at a time, in order, as
+Julia's pool gives a worker one call at a time. Running calls are tracked so
+that `interrupt` raises KeyboardInterrupt in exactly those threads (see
+_calls.interrupt_calls).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import queue
+import select
+import signal
 import sys
 import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable
+from types import FrameType
+from typing import Any, NoReturn
 
 from fastdist._core import _calls
 
-_get_ident = threading.get_ident
+Task = Callable[[], object]
 
-# An idle thread exits after this long; a burst of blocked calls leaves no crowd behind.
+# An idle helper exits after this long; a burst of blocked calls leaves no crowd behind.
 IDLE_EXIT_SECONDS = 30.0
-# Threads started without waiting; beyond this a queued call waits this long for a
-# thread to come free before another is started (threads beyond the cores only add
-# GIL contention when calls are short, which they mostly are).
+# Without a primary (the master; a custom-transport worker) this many helpers start
+# at once for work that finds none idle; beyond them the monitor decides.
 MIN_THREADS = max(2, os.cpu_count() or 2)
+# Queued work that has not moved for this long gets a thread of its own (the monitor);
+# a runner whose current task has run this long counts as busy for long (submit).
 STALL_SECONDS = 0.005
+# How long an idle primary waits in one poll before looking around again.
+IDLE_POLL_SECONDS = 1.0
+# How long an idle primary waits for the I/O thread to hand it the reading role.
+TAKE_READER_SECONDS = 0.002
+
+
+class _Turn:
+    """The ready queue's entry for a serial lane whose next task may start."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Hashable) -> None:
+        self.key = key
+
+
+class _Runner:
+    """What the pool knows of one runner thread."""
+
+    __slots__ = ("ident", "idle", "since", "wake", "woken")
+
+    def __init__(self) -> None:
+        self.ident = threading.get_ident()
+        self.idle = False
+        self.woken = False  # told to look at the queue since it went idle
+        self.since = 0.0  # when its current task started
+        # A helper sleeps on this lock (held = asleep); the primary polls an eventfd.
+        self.wake: Any = None
 
 
 class CallPool:
     def __init__(self, name: str = "fastdist-call") -> None:
         self._name = name
-        self._tasks: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._idle = 0  # threads waiting in get()
-        self._queued = 0  # tasks put and not yet taken
-        self._taken = 0  # tasks taken so far: the watchdog's sign that the pool progresses
-        self._nthreads = 0
-        self._running_user: dict[int, int] = {}  # thread ident -> depth of user calls
-        # Threads running user code that are dispatching frames they read for others
-        # (see shield), and the interrupts held back from them meanwhile.
+        # Work that may start now: tasks, and the turns of serial lanes, in arrival order.
+        self._ready: deque[Task | _Turn] = deque()
+        self._lanes: dict[Hashable, deque[Task]] = {}  # key -> tasks waiting in it
+        self._lanes_running: set[Hashable] = set()  # lanes with a task running
+        self._nwaiting = 0  # tasks queued, in _ready or in a lane (read by _calls)
+        self._ntaken = 0  # tasks taken so far: the monitor's sign that work moves
+        self._idle: list[_Runner] = []  # idle helpers, the most recent last
+        self._nthreads = 0  # helpers
+        self._primary: _Runner | None = None
+        # Connections with replies queued behind the calls that waited (_calls.queue_reply).
+        self._replies: dict[Any, bool] = {}
+        self._monitor_armed = False
+        self._monitor = threading.Event()
+        self._monitor_started = False
+        # Threads running user code (ident -> depth), and interrupts held back from
+        # those dispatching frames for others: see _calls.run_user / interrupt_calls.
+        self._running_user: dict[int, int] = {}
         self._shielded: set[int] = set()
         self._deferred: set[int] = set()
-        self._closed = False
-        self._stall = threading.Event()
-        threading.Thread(target=self._watch_stalls, name=f"{name}-watchdog", daemon=True).start()
-        # At most one idle thread reads the busiest connection itself (see _fast_read).
+        self._main_ident = threading.main_thread().ident or 0
+        self._signal_main = False  # on_sigint is the main thread's SIGINT handler
+        self._main_pending = False  # an interrupt signalled to the main thread applies
+        self._signals_sent = 0  # SIGINTs sent to the main thread, not yet handled
+        # The connection the idle primary reads (to pid 1), once there is one.
         self.fast_connection: Callable[[], Any] | None = None
-        self._fast_reader_active = False
-        # The calls that thread read, and those that arrive on the same connection
-        # while it runs them: run by it, in order (see submit_in_order).
-        self._lane: deque[Callable[[], object]] = deque()
-        # (The lane's state is read by _calls.queue_reply too: whether a reply may wait.)
-        self._lane_conn: Any = None  # the connection whose calls join the lane; None: closed
-        self._lane_started = 0  # lane tasks begun so far: the watchdog's sign of progress
-        self._lane_thread = 0  # ident of the thread running the lane
-        # The lane's thread is reading calls or writing replies: slow I/O is no stall.
-        self._lane_io = False
-        # The connection the lane's thread is still the reader of while it runs the
-        # lane (None once given back); changed only under _reader_lock, which the
-        # lane's thread holds while it reads, so the watchdog never takes the role
-        # away in the middle of a read.
-        self._lane_reads: Any = None
-        self._reader_lock = threading.Lock()
 
-    def submit(self, task: Callable[[], object]) -> None:
-        """Run `task()` on a pool thread; never blocks.
+    # -- handing work over ------------------------------------------------------------
 
-        A waiting thread takes it if there is one; below MIN_THREADS a thread is
-        started for it; otherwise it waits for a thread to come free, and the
-        stall watchdog starts another if none does within STALL_SECONDS (a call
-        blocked on a channel must not hold up the calls queued behind it).
-        """
+    def submit(self, task: Task) -> None:
+        """Run `task()` on a runner thread, beside whatever else runs; never blocks."""
         with self._lock:
-            self._queued += 1
-            short = self._queued > self._idle
-            spawn = short and self._nthreads < MIN_THREADS
-            if spawn:
-                self._nthreads += 1
-        self._tasks.put(task)
-        if spawn:
-            self._start_thread()
-        elif short:
-            self._stall.set()
+            self._ready.append(task)
+            self._nwaiting += 1
+            wake = self._dispatch_locked()
+        if wake is not None:
+            wake()
 
-    def submit_in_order(self, conn: Any, task: Callable[[], object]) -> None:
-        """Run a call read from `conn`: behind the calls the fast reader is running
-        if they came from the same connection (one thread, no hand-off, no GIL
-        contention), else as `submit`. A lane task that does not start within
-        STALL_SECONDS (the one before it blocks, or runs long) goes to the pool,
-        so a call waiting for a later one cannot hold it up."""
-        if self._lane_conn is conn:
-            self._lane.append(task)
-            if not self._stall.is_set():
-                self._stall.set()
-            if self._lane_conn is conn:
-                return
-            self._spill_lane()  # the lane closed meanwhile: nobody would run it
-            return
-        self.submit(task)
-
-    def flush_lane(self, conn: Any) -> None:
-        """On the lane's thread: write the replies queued on `conn`. A write that
-        waits (the caller is slow to read) is no stall: calls handed to other
-        threads could not answer sooner, so the watchdog leaves the lane alone."""
-        self._lane_io = True
-        try:
-            conn.flush()
-        finally:
-            self._lane_io = False
-
-    def _spill_lane(self) -> None:
-        """Hand the lane's waiting tasks to the pool (each is taken exactly once)."""
-        while self._lane:
-            try:
-                task = self._lane.popleft()
-            except IndexError:  # another thread emptied it meanwhile
-                return
-            self.submit(task)
-
-    def _run_lane(self, conn: Any, tasks: list[Callable[[], object]],
-                  take_calls: Callable[[Any, float], list[Callable[[], object]]]) -> bool:
-        """On the fast reader, still `conn`'s reader: run `tasks`, and the calls read
-        meanwhile, in order. When the lane runs dry it reads what has come since
-        (without waiting) and goes on, so a stream of calls costs one read and one
-        write per batch and no hand-off. A call that gets stuck loses the reader
-        role to the loop thread (see _watch_stalls), and a call about to wait for a
-        reply gives it up (see lend_reader). True if this thread is `conn`'s reader
-        afterwards."""
-        self._lane.extend(tasks)
-        self._lane_thread = _get_ident()
-        self._lane_conn = conn
-        self._lane_reads = conn
-        if not self._stall.is_set():
-            self._stall.set()  # the watchdog looks after the ones waiting
-        lane = self._lane
-        try:
-            while True:
-                try:
-                    task = lane.popleft()
-                except IndexError:  # dry (or the watchdog handed the rest to the pool)
-                    more = self._read_more(conn, take_calls)
-                    if not more:
-                        break
-                    lane.extend(more)
-                    continue
-                self._lane_started += 1
-                try:
-                    task()
-                except BaseException:  # noqa: BLE001 - never kill the thread
-                    traceback.print_exc()
-        finally:
-            with self._reader_lock:
-                regained = self._lane_reads is conn
-                self._lane_reads = None
-            self._lane_conn = None
-            self._lane_thread = 0
-            if lane:
-                self._spill_lane()  # what joined after our last look
-            _flush_queued(conn)
-        return regained
-
-    def _read_more(self, conn: Any,
-                   take_calls: Callable[[Any, float], list[Callable[[], object]]]
-                   ) -> list[Callable[[], object]]:
-        """The calls that reached `conn` since the lane's last read, if this thread
-        is still its reader; none if nothing came or the role was taken back."""
-        with self._reader_lock:
-            if self._lane_reads is not conn:
-                return []
-            # (Reading a large batch takes a while: thousands of frames to route.)
-            self._lane_io = True
-            try:
-                return take_calls(conn, 0.0)
-            finally:
-                self._lane_io = False
-
-    def lend_reader(self, conn: Any) -> None:
-        """A call on the lane's thread is about to wait for a reply on `conn`: give
-        the reader role back, so that the wait can read the reply (or the loop
-        thread can) rather than nobody until the watchdog steps in."""
-        if self._lane_reads is not conn or self._lane_thread != _get_ident():
-            return
-        with self._reader_lock:
-            if self._lane_reads is not conn:
-                return
-            self._lane_reads = None
-        conn.end_direct()
-
-    def _take_back_reader(self) -> None:
-        """The watchdog's half of lend_reader: the lane is stuck in a call, so the
-        loop thread reads its connection again."""
-        with self._reader_lock:
-            conn, self._lane_reads = self._lane_reads, None
-        if conn is not None:
-            conn.end_direct()
-
-    def _start_thread(self) -> None:
-        threading.Thread(target=self._serve, name=f"{self._name}-{self._nthreads}",
-                         daemon=True).start()
-
-    def _watch_stalls(self) -> None:
-        while True:
-            self._stall.wait()
-            lane_mark, taken_mark = self._lane_started, self._taken
-            time.sleep(STALL_SECONDS)
-            if self._lane_started == lane_mark and not self._lane_io:
-                # The fast reader is stuck in a call: the rest go on, and the replies
-                # it queued meanwhile go out.
-                lane_conn = self._lane_conn
-                self._lane_conn = None  # calls that come now go to the pool, not behind it
-                self._take_back_reader()
-                if self._lane:
-                    self._spill_lane()
-                if lane_conn is not None:
-                    _flush_queued(lane_conn)
-            with self._lock:
-                if self._queued <= self._idle:
-                    if not self._lane:
-                        self._stall.clear()
-                    continue
-                if self._taken != taken_mark:
-                    # A backlog of calls that are being taken is not a stall: another
-                    # thread would only fight the busy ones for the GIL.
-                    continue
-                self._nthreads += 1
-            self._start_thread()
-
-    def _fast_read(self) -> None:
-        """Serve the connection to pid 1 from this idle thread, running the calls read
-        on it here, in order: a call then costs no hand-off from the I/O thread.
-
-        Returns when this thread is no longer needed as the fast reader (the
-        connection is gone or being read by someone else).
-        """
-        from fastdist.handlers import take_calls
-
+    def submit_serial(self, key: Hashable, task: Task) -> None:
+        """Run `task()` after the tasks submitted before it under `key`, never beside
+        one of them; never blocks."""
         with self._lock:
-            if self._fast_reader_active or self.fast_connection is None:
-                return
-            self._fast_reader_active = True
-        busy = 0
-        held = None  # the connection this thread is the reader of, if any
-        try:
-            while True:
-                conn = self.fast_connection() if self.fast_connection is not None else None
-                if conn is None or getattr(conn, "is_closed", True):
-                    return
-                if held is not conn:
-                    # The I/O thread holds the connection for a moment (nearly always,
-                    # under a stream of calls), or a user thread reads it for its own
-                    # reply: wait for it a little, a few times.
-                    if not conn.begin_direct(0.002):
-                        busy += 1
-                        if busy > 20:
-                            return
-                        continue
-                    held = conn
-                busy = 0
-                tasks = take_calls(conn, 5.0)
-                if not tasks:
-                    continue
-                # The lane holds the connection now and may lose it (see _run_lane).
-                # This thread stays the one fast reader meanwhile: a second one would
-                # run a lane of its own, and the two would take each other's state.
-                held = conn if self._run_lane(conn, tasks, take_calls) else None
-        finally:
-            if held is not None:
-                held.end_direct()
-            with self._lock:
-                self._fast_reader_active = False
+            self._add_serial(key, task)
+            wake = self._dispatch_locked()
+        if wake is not None:
+            wake()
 
-    def _serve(self) -> None:
+    def submit_calls(self, calls: Iterable[tuple[Hashable | None, Task]]) -> None:
+        """The calls a thread read in one batch: (serial lane key or None, task)."""
+        with self._lock:
+            for key, task in calls:
+                if key is None:
+                    self._ready.append(task)
+                    self._nwaiting += 1
+                else:
+                    self._add_serial(key, task)
+            wake = self._dispatch_locked()
+        if wake is not None:
+            wake()
+
+    def _add_serial(self, key: Hashable, task: Task) -> None:
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = deque()
+        lane.append(task)
+        self._nwaiting += 1
+        # Its turn is queued once: when the lane has work and nothing of it runs.
+        if len(lane) == 1 and key not in self._lanes_running:
+            self._ready.append(_Turn(key))
+
+    def _dispatch_locked(self) -> Callable[[], None] | None:
+        """After work was queued: who looks at it (returned: the wake-up to do once the
+        lock is let go). The idle primary first (it runs calls where an interrupt
+        reaches every blocking state); else an idle helper if the runners are busy
+        for long, or there is no primary; else the monitor watches the queue."""
+        if not self._ready:
+            return None
+        p = self._primary
+        me = threading.get_ident()
+        if p is not None and p.idle:
+            if p.woken or p.ident == me:
+                return None  # it looks at the queue before it waits again
+            p.woken = True
+            return p.wake  # type: ignore[no-any-return]
+        busy_long = p is None or time.monotonic() - p.since > STALL_SECONDS
+        if busy_long and self._idle:
+            helper = self._idle.pop()
+            helper.idle = False
+            return helper.wake.release  # type: ignore[no-any-return]
+        if p is None and self._nthreads < MIN_THREADS:
+            self._nthreads += 1
+            return self._start_helper
+        self._arm_monitor_locked()
+        return None
+
+    # -- running work -----------------------------------------------------------------
+
+    def _take_locked(self) -> tuple[Task | None, Hashable | None]:
+        if self._ready:
+            entry = self._ready.popleft()
+            self._ntaken += 1
+            self._nwaiting -= 1
+            if self._ready and not self._monitor_armed:
+                # What is left waits for this runner, which may block in what it took.
+                self._arm_monitor_locked()
+            if type(entry) is _Turn:
+                key = entry.key
+                self._lanes_running.add(key)
+                return self._lanes[key].popleft(), key
+            return entry, None  # type: ignore[return-value]
+        return None, None
+
+    def _run(self, runner: _Runner, task: Task, key: Hashable | None) -> None:
+        """Run `task`, and after it its serial lane's next tasks, on this thread."""
         while True:
-            with self._lock:
-                self._idle += 1
-            try:
-                task = self._tasks.get(timeout=IDLE_EXIT_SECONDS)
-            except queue.Empty:
-                with self._lock:
-                    self._idle -= 1
-                    # Leave only when the other waiting threads cover what is queued.
-                    if self._queued <= self._idle:
-                        self._nthreads -= 1
-                        return
-                continue
-            except KeyboardInterrupt:
-                with self._lock:
-                    self._idle -= 1
-                continue  # an interrupt that arrived just after a call finished
-            with self._lock:
-                self._idle -= 1
-                self._queued -= 1
-                self._taken += 1
             try:
                 task()
-            except BaseException:  # noqa: BLE001 - a task must never kill its thread
+            except BaseException:  # noqa: BLE001 - a task must never kill its runner
                 try:
                     print("fastdist: uncaught error in a call thread:", file=sys.stderr)
                     traceback.print_exc()
                 except BaseException:  # noqa: BLE001
                     pass
-            # Idle now: first offer to be the fast reader (not counted as idle meanwhile).
-            if self.fast_connection is not None and not self._fast_reader_active:
-                try:
-                    self._fast_read()
-                except KeyboardInterrupt:
-                    pass
+            # Nothing of the task stays alive while this thread idles (its arguments
+            # and result may be large).
+            task = None  # type: ignore[assignment]
+            if key is None:
+                return
+            with self._lock:
+                lane = self._lanes[key]
+                if not lane:
+                    del self._lanes[key]
+                    self._lanes_running.discard(key)
+                    return
+                task = lane.popleft()
+                self._nwaiting -= 1
+                self._ntaken += 1
+                runner.since = time.monotonic()
+
+    def _flush_replies(self) -> None:
+        """Write the replies queued on connections (before this runner idles)."""
+        while self._replies:
+            try:
+                conn, _ = self._replies.popitem()
+            except KeyError:
+                return
+            try:
+                conn.flush()
+            except ConnectionError:
+                pass  # the caller is gone: nobody to answer
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _start_helper(self) -> None:
+        threading.Thread(target=self._serve, name=f"{self._name}-{self._nthreads}",
+                         daemon=True).start()
+
+    def _serve(self) -> None:
+        _block_sigint()
+        me = _Runner()
+        me.wake = threading.Lock()
+        me.wake.acquire()
+        while True:
+            with self._lock:
+                task, key = self._take_locked()
+                if task is None:
+                    me.idle = True
+                    self._idle.append(me)
+                else:
+                    me.since = time.monotonic()
+            if task is not None:
+                self._run(me, task, key)
+                continue
+            self._flush_replies()
+            if me.wake.acquire(timeout=IDLE_EXIT_SECONDS):
+                continue
+            with self._lock:
+                if me in self._idle:
+                    # Leave only when nothing was handed to us meanwhile.
+                    self._idle.remove(me)
+                    self._nthreads -= 1
+                    return
+            me.wake.acquire()  # woken just as the wait ended: take the wake-up
+
+    # -- the primary: a worker's main thread --------------------------------------------
+
+    def serve_forever(self) -> NoReturn:
+        """Run calls on this thread (a worker's main thread) until the process ends.
+
+        Idle, it reads the connection to pid 1 itself (spin, then block), so that a
+        call costs no hand-off from the I/O thread; it gives the reading role back
+        before it runs anything it read, so the I/O thread reads on while user
+        code runs."""
+        me = _Runner()
+        wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        me.wake = lambda: os.eventfd_write(wakefd, 1)
+        self._primary = me
+        poller = select.poll()
+        poller.register(wakefd, select.POLLIN)
+        while True:
+            with self._lock:
+                task, key = self._take_locked()
+                if task is None:
+                    me.idle, me.woken = True, False
+                else:
+                    me.since = time.monotonic()
+            if task is not None:
+                self._run(me, task, key)
+                continue
+            self._flush_replies()
+            try:
+                self._idle_wait(wakefd, poller)
+            except KeyboardInterrupt:
+                pass  # a SIGINT for a call that had ended (on_sigint lets it through)
+            with self._lock:
+                me.idle = False
+            try:
+                os.eventfd_read(wakefd)
+            except BlockingIOError:
+                pass
+
+    def _idle_wait(self, wakefd: int, poller: select.poll) -> None:
+        """Wait for work: reading the connection to pid 1 if this thread can become
+        its reader, else on the wake-up fd alone."""
+        get = self.fast_connection
+        conn = get() if get is not None else None
+        if conn is not None and not conn.is_closed and conn.begin_direct(TAKE_READER_SECONDS):
+            try:
+                if not self._ready:
+                    conn.poll_direct(IDLE_POLL_SECONDS, wakefd)
+            finally:
+                conn.end_direct()
+            return
+        if not self._ready:
+            poller.poll(IDLE_POLL_SECONDS * 1000)
+
+    # -- the monitor ------------------------------------------------------------------
+
+    def _arm_monitor(self) -> None:
+        """Have the monitor watch the queue and the queued replies (see _watch)."""
+        with self._lock:
+            self._arm_monitor_locked()
+
+    def _arm_monitor_locked(self) -> None:
+        if not self._monitor_started:
+            self._monitor_started = True
+            threading.Thread(target=self._watch, name=f"{self._name}-monitor",
+                             daemon=True).start()
+        if not self._monitor_armed:
+            self._monitor_armed = True
+            self._monitor.set()
+
+    def _watch(self) -> None:
+        """Every STALL_SECONDS while armed: replies queued a whole round ago go out,
+        and queued work that nobody took meanwhile gets a helper. Disarms only when
+        there is neither; `_calls.queue_reply` records a reply before it looks at
+        the armed flag, and this clears the flag before it looks for the last time,
+        so no reply is left without a watcher."""
+        _block_sigint()
+        while True:
+            self._monitor.wait()
+            taken = self._ntaken
+            replies = list(self._replies)
+            time.sleep(STALL_SECONDS)
+            for conn in replies:
+                if self._replies.pop(conn, None) is not None:
+                    try:
+                        conn.flush()
+                    except ConnectionError:
+                        pass
+            wake = None
+            with self._lock:
+                if self._ready and self._ntaken == taken:
+                    if self._idle:
+                        helper = self._idle.pop()
+                        helper.idle = False
+                        wake = helper.wake.release
+                    else:
+                        self._nthreads += 1
+                        wake = self._start_helper
+                if not self._ready and not self._replies:
+                    self._monitor_armed = False
+                    self._monitor.clear()
+                    if self._replies:
+                        self._monitor_armed = True
+                        self._monitor.set()
+            if wake is not None:
+                wake()
+
+    # -- user code and interrupts -----------------------------------------------------
 
     # Call user code, marking this thread as interruptible while it runs: in C
     # (_core/_calls.pyx), for every call a worker runs.
@@ -319,14 +376,31 @@ class CallPool:
 
     def interrupt(self) -> int:
         """Raise KeyboardInterrupt in every thread running user code; return how many."""
-        with self._lock:
-            idents = list(self._running_user)
-            for ident in idents:
-                if ident in self._shielded:
-                    self._deferred.add(ident)
-                else:
-                    _raise_in(ident)
-        return len(idents)
+        return _calls.interrupt_calls(self)
+
+    def install_sigint(self) -> None:
+        """On a worker's main thread: SIGINT (`interrupt`'s own, or `kill -INT`)
+        raises KeyboardInterrupt in the call running there, wherever it blocks, and
+        an outside one interrupts the other running calls too. The worker lives."""
+        signal.signal(signal.SIGINT, self.on_sigint)
+        self._signal_main = True
+
+    def on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        """The SIGINT handler (main thread, between two bytecodes of whatever runs)."""
+        ours = self._signals_sent > 0
+        self._signals_sent = 0
+        applies = self._main_pending
+        self._main_pending = False
+        if not ours:
+            _calls.interrupt_calls(self, True)  # from outside: every running call
+            applies = True
+        main = self._main_ident
+        if not applies or main not in self._running_user:
+            return  # the call it was meant for has ended; nothing else is hit
+        if main in self._shielded:
+            self._deferred.add(main)  # dispatching others' frames: raised by unshield
+            return
+        raise KeyboardInterrupt
 
     def is_running_user(self) -> bool:
         return threading.get_ident() in self._running_user
@@ -340,33 +414,24 @@ class CallPool:
         hang their callers, so it waits until the dispatch is over. Call it inside
         the `try` whose `finally` calls `unshield`.
         """
-        with self._lock:
-            self._shielded.add(threading.get_ident())
+        _calls.shield(self)
 
     def unshield(self) -> None:
         """Let interrupts through again, raising one that was held back."""
-        ident = threading.get_ident()
-        with self._lock:
-            self._shielded.discard(ident)
-            if ident in self._deferred:
-                self._deferred.discard(ident)
-                if ident in self._running_user:
-                    _raise_in(ident)
+        _calls.unshield(self)
 
     @property
     def nthreads(self) -> int:
+        """Helper threads (the primary not counted)."""
         return self._nthreads
 
-
-def _flush_queued(conn: Any) -> None:
-    """Write the replies a lane queued on `conn` (see _calls.queue_reply)."""
-    if getattr(conn, "has_pending", False):
-        try:
-            conn.flush()
-        except ConnectionError:
-            pass  # the caller is gone: nobody to answer
+    @property
+    def nidle(self) -> int:
+        """Helper threads waiting for work."""
+        return len(self._idle)
 
 
-def _raise_in(ident: int) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
+def _block_sigint() -> None:
+    """SIGINT is for the main thread: one taken by another would wake nobody there."""
+    if threading.current_thread() is not threading.main_thread():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

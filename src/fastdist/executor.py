@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 from fastdist import node as _node
+from fastdist.protocol.messages import FLAG_SERIAL
 from fastdist.workerpool import AbstractWorkerPool, CachingPool, default_worker_pool
 
 __all__ = ["Executor"]
@@ -222,14 +223,14 @@ class Executor(concurrent.futures.Executor):
             self._done()
 
     def _start(self, item: _WorkItem, pool: AbstractWorkerPool, w: int) -> None:
-        from fastdist.remotecall import remotecall, when_ready
+        from fastdist.remotecall import call_future, when_ready
 
         n = _node.current()
         fn: Callable[..., Any] = item.fn
         try:
             if isinstance(pool, CachingPool) and w != n.myid:
                 fn = pool._token_for(fn, w)
-            fut = remotecall(fn, w, *item.args, **item.kwargs)
+            fut = call_future(fn, w, item.args, item.kwargs, FLAG_SERIAL)
         except BaseException as exc:  # noqa: BLE001 - the caller sees it on the future
             pool.put(w)
             item.future.set_exception(exc)

@@ -1,8 +1,10 @@
 """Message kind -> handler: what a process does with each frame it receives.
 
-Handlers run on the I/O thread, so they only route: anything that unpickles user
-data or runs user code (calls, fetch replies, log records) goes to the call
-threads. Frames from a connection that has not named itself are refused.
+Handlers run on whichever thread reads the connection — the I/O thread, or a
+thread waiting for its own reply — and never run user code there: they only
+route. Calls, and anything that unpickles user data (fetch replies, log
+records), go to the call threads (callpool.py). Frames from a connection that
+has not named itself are refused.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 from fastdist._core._calls import (
-    collect_calls,
     handle_call,
     handle_result,
     queue_reply,
@@ -101,13 +102,20 @@ def run_general_call(node: Any, conn: Any, frame: Any) -> None:
 
 
 def reply_to_call(node: Any, conn: Any, frame: Any, value: Any, failed: bool) -> None:
-    """Deliver what a call produced: its value, or (`failed`) the exception it raised."""
+    """Deliver what a call produced: its value, or (`failed`) the exception it raised.
+
+    Every CALL and CALL_FETCH gets exactly one reply: a value that cannot be made
+    into one (it fails to pickle, even with a BaseException) is answered with the
+    error instead."""
     caller = frame.whence
     kind = frame.kind
     if kind == Kind.REMOTE_DO:
         if failed:
-            print(f"fastdist: error in remote_do on worker {node.myid}:", file=sys.stderr)
-            traceback.print_exception(type(value), value, value.__traceback__)
+            try:
+                print(f"fastdist: error in remote_do on worker {node.myid}:", file=sys.stderr)
+                traceback.print_exception(type(value), value, value.__traceback__)
+            except BaseException:  # noqa: BLE001 - a __str__ that raises: nothing to print
+                pass
         return
     released = 0
     if kind == Kind.CALL:
@@ -148,7 +156,7 @@ def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
     elif rv.is_error:
         flags, body, buffers = encode_error(rv.obj)
     else:
-        flags, body, buffers = encode_result(rv.obj, pid)
+        flags, body, buffers = encode_result(rv.obj, pid)  # (an error if it won't pickle)
     try:
         node.send(pid, Kind.RESULT, flags, 0, pid, waiter_id, body, buffers)
     except Exception:  # noqa: BLE001 - the fetcher died; nothing to tell
@@ -161,18 +169,6 @@ SMALL_REPLY_NBYTES = 16 * 1024
 # Replies a worker's lane queues before writing them together (see queue_reply):
 # one write per this many pipelined calls, not per call.
 MAX_QUEUED_REPLIES = 32
-
-
-def take_calls(conn: Any, timeout: float) -> list[Any]:
-    """As `conn`'s reader (begin_direct), read it on this thread; return the calls
-    read, to be run here in order (possibly none)."""
-    slot: list[Any] = []
-    collect_calls(slot)
-    try:
-        conn.poll_direct(timeout)
-    finally:
-        collect_calls(None)
-    return slot
 
 
 def handle_fetch(node: Any, conn: Any, frame: Any) -> None:
@@ -241,11 +237,13 @@ def handle_shm_forget(node: Any, conn: Any, frame: Any) -> None:
 
 
 def handle_ping(node: Any, conn: Any, frame: Any) -> None:
-    conn.send_nowait(Kind.PONG, 0, 0, node.myid, 0)
+    """Arrival alone is the point: the heartbeat counts received bytes. Each side
+    pings on its own whenever it has been quiet (the keepalive thread, see
+    _msgloop), so nothing is answered."""
 
 
 def handle_pong(node: Any, conn: Any, frame: Any) -> None:
-    """Arrival alone is the point: the heartbeat counts received bytes."""
+    """As PING (older peers answered a PING with a PONG)."""
 
 
 def handle_identify(node: Any, conn: Any, frame: Any) -> None:

@@ -7,10 +7,12 @@ Port of Distributed.jl `pmap.jl`. Three things differ in how, not in what:
   worker idles for a round trip between elements. Here the calling thread keeps
   at least `PIPELINE_DEPTH` calls in flight per worker (more for short calls:
   `PIPELINE_COMMIT_SECONDS`) and reacts to results as they arrive (no thread per call);
-  small calls are written in bursts. A worker still runs one element at a time, the
-  next one waiting there (`_Turns`); but when the running element blocks (sleeps,
-  waits on a channel, a lock, I/O) the next one starts, as Julia switches tasks
-  at a blocking point, so elements that wait on each other cannot deadlock.
+  small calls are written in bursts. A worker still runs one element at a time, in
+  the order sent, as Julia's does: the calls go in the map's serial lane there
+  (FLAG_SERIAL, see callpool.py), so per-worker state (a file, a connection, a
+  scratch buffer) is never shared by two elements at once. An element that blocks
+  holds up the ones sent behind it to the same worker, as with Julia's one task
+  per worker.
 * A function that is not importable on its own (a lambda, a closure, one of
   `__main__`) travels once per worker per `pmap` (once for the life of the pool
   with a CachingPool); each call names it by a small key. An importable one goes
@@ -31,7 +33,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import operator
-import os
 import queue
 import sys
 import threading
@@ -45,7 +46,7 @@ from fastdist._core._calls import encode_plain_call, result_value
 from fastdist._core._msgloop import POLL_DIRECT_MANY_MAX, poll_direct_many
 from fastdist.exceptions import CapturedException, ProcessExitedException, RemoteException
 from fastdist.protocol import serialize
-from fastdist.protocol.messages import CALL_FETCH
+from fastdist.protocol.messages import CALL_FETCH, FLAG_SERIAL
 from fastdist.protocol.values import decode_error, decode_result, encode_error
 from fastdist.refs import _EMPTY
 from fastdist.remotecall import DEFER_MAX_NBYTES, encode_general_call
@@ -56,7 +57,6 @@ from fastdist.workerpool import (
     FunctionCache,
     WorkerPool,
     cached_entry,
-    named_entry,
 )
 
 __all__ = ["AUTO_FIRST_ROUND", "AUTO_MAX_BATCH", "PIPELINE_DEPTH", "auto_batch_size", "pmap"]
@@ -474,127 +474,10 @@ class _ElementFailure:
         return self.exc
 
 
-TURN_POLL_SECONDS = 0.02
-"""How often an element waiting for its turn looks whether the running one is blocked."""
-
-BLOCKED_BUSY_FRACTION = 0.2
-"""A running element whose thread ran, or waited for a core, less than this fraction
-of the time passed since the last look is blocked."""
-
-SHORT_ELEMENT_SECONDS = 0.002
-"""Elements shorter than this (on average) do not take turns: waiting for a turn
-costs a thread wake-up, more than such an element, and two of them running at
-once cost nothing worth avoiding."""
-
-# Without a way to see another thread's activity, an element waiting this long
-# starts anyway.
-_BLIND_WAIT_SECONDS = 1.0
-
-
-class _Turns:
-    """The elements of one pmap on one process take turns: one runs, the others wait,
-    unless every running one is blocked, in which case the next starts beside them.
-    CPU-bound elements thus never share a core, and elements that wait on one
-    another still all run. Short elements (`SHORT_ELEMENT_SECONDS`) skip the turns.
-
-    Blocked means: the thread neither ran nor waited for a core (Linux's
-    per-thread schedstat), so a busy machine, where a CPU-bound thread spends most
-    of its time waiting for a core, does not make it look blocked. Elsewhere the
-    thread's CPU clock is used.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        # thread ident -> [native thread id, busy seconds, wall seconds] at the last look
-        self._running: dict[int, list[Any]] = {}
-        self._started: dict[int, float] = {}  # thread ident -> when its element started
-        self._duration: float | None = None  # of an element, on average
-        self._short = False
-
-    def __enter__(self) -> None:
-        ident = threading.get_ident()
-        with self._cond:
-            waited = 0.0
-            while self._running and not self._short and not self._all_blocked(waited):
-                self._cond.wait(TURN_POLL_SECONDS)
-                waited += TURN_POLL_SECONDS
-            now = time.monotonic()
-            # How busy the thread is gets measured once someone waits for it.
-            self._running[ident] = [threading.get_native_id(), None, now]
-            self._started[ident] = now
-
-    def __exit__(self, *exc: object) -> None:
-        ident = threading.get_ident()
-        with self._cond:
-            self._running.pop(ident, None)
-            self.record(time.monotonic() - self._started.pop(ident, time.monotonic()))
-            self._cond.notify()
-
-    @property
-    def short(self) -> bool:
-        """Elements are short: they run without taking turns (and without `with`,
-        whose bookkeeping costs more than such an element: see `_run_one`)."""
-        return self._short
-
-    def record(self, took: float) -> None:
-        """An element took `took` seconds. (Unlocked when called for a short
-        element: a lost update of an average is harmless.)"""
-        self._duration = (took if self._duration is None
-                          else 0.8 * self._duration + 0.2 * took)
-        self._short = self._duration < SHORT_ELEMENT_SECONDS
-
-    def _all_blocked(self, waited: float) -> bool:
-        now = time.monotonic()
-        blocked = True
-        for ident, sample in self._running.items():
-            tid, busy, wall = sample
-            busy_now = _busy_seconds(ident, tid)
-            if busy_now is None:
-                blocked = blocked and waited >= _BLIND_WAIT_SECONDS
-                continue
-            if busy is None or now - wall < TURN_POLL_SECONDS or (
-                    busy_now - busy >= BLOCKED_BUSY_FRACTION * (now - wall)):
-                blocked = False
-            sample[1], sample[2] = busy_now, now
-        return blocked
-
-
-_schedstat = os.path.exists(f"/proc/self/task/{threading.get_native_id()}/schedstat")
-
-
-def _busy_seconds(ident: int, tid: int) -> float | None:
-    """Seconds thread `tid` has run or waited for a core (its CPU time where the
-    system does not say), or None when nothing can be known."""
-    if _schedstat:
-        try:
-            with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
-                ran, waited, _ = f.read().split()
-            return (int(ran) + int(waited)) / 1e9
-        except (OSError, ValueError):
-            return None
-    try:
-        return time.clock_gettime(time.pthread_getcpuclockid(ident))
-    except (AttributeError, OSError):
-        return None
-
-
-def _turns_of(entry: Any) -> _Turns:
-    turns = entry.turns
-    if turns is None:
-        with _turns_lock:
-            if entry.turns is None:
-                entry.turns = _Turns()
-            turns = entry.turns
-    return turns  # type: ignore[no-any-return]
-
-
-_turns_lock = threading.Lock()
-
-
 def _run_one(token: Any, item: Any, star: bool) -> tuple[float, Any]:
-    """On a worker: one element (a tuple of arguments when `star`), in its turn.
-    Returns how long it took too (it sets how many calls to keep in flight)."""
-    return _run_entry(cached_entry(token), item, star)
+    """On a worker: one element (a tuple of arguments when `star`). Returns how long
+    it took too (it sets how many calls to keep in flight)."""
+    return _timed(cached_entry(token).func, item, star)
 
 
 def _run_one_keyed(owner: int, key: int, item: Any, star: bool) -> tuple[float, Any]:
@@ -606,22 +489,13 @@ def _run_one_keyed(owner: int, key: int, item: Any, star: bool) -> tuple[float, 
 def _run_one_named(fname: bytes, item: Any, star: bool) -> tuple[float, Any]:
     """`_run_one` for a function that travels by name, `fname` its pickle (see
     `_Engine.fname`)."""
-    return _run_entry(named_entry(serialize.loads_function(fname)), item, star)
+    return _timed(serialize.loads_function(fname), item, star)
 
 
-def _run_entry(entry: Any, item: Any, star: bool) -> tuple[float, Any]:
-    f = entry.func
-    turns = _turns_of(entry)
-    if turns.short:
-        start = time.perf_counter()
-        value = f(*item) if star else f(item)
-        took = time.perf_counter() - start
-        turns.record(took)
-        return took, value
-    with turns:
-        start = time.perf_counter()
-        value = f(*item) if star else f(item)
-        return time.perf_counter() - start, value
+def _timed(f: Callable[..., Any], item: Any, star: bool) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = f(*item) if star else f(item)
+    return time.perf_counter() - start, value
 
 
 def _run_batch(token: Any, batch: Sequence[Any], star: bool, budget: float | None = None
@@ -631,7 +505,7 @@ def _run_batch(token: Any, batch: Sequence[Any], star: bool, budget: float | Non
     Returns how long it took (it sizes `batch_size="auto"` batches), the results,
     and where the failures are, so that the caller need not look at every result.
     With a `budget` (seconds), the batch may end early: see `_run_elements`."""
-    return _run_batch_entry(cached_entry(token), batch, star, budget)
+    return _run_elements(cached_entry(token).func, batch, star, None, budget)
 
 
 def _run_batch_keyed(owner: int, key: int, batch: Sequence[Any], star: bool,
@@ -643,14 +517,7 @@ def _run_batch_keyed(owner: int, key: int, batch: Sequence[Any], star: bool,
 def _run_batch_named(fname: bytes, batch: Sequence[Any], star: bool,
                      budget: float | None = None) -> tuple[float, list[Any], list[int]]:
     """`_run_batch` for a function that travels by name, `fname` its pickle."""
-    return _run_batch_entry(named_entry(serialize.loads_function(fname)), batch, star,
-                            budget)
-
-
-def _run_batch_entry(entry: Any, batch: Sequence[Any], star: bool, budget: float | None
-                     ) -> tuple[float, list[Any], list[int]]:
-    with _turns_of(entry):
-        return _run_elements(entry.func, batch, star, None, budget)
+    return _run_elements(serialize.loads_function(fname), batch, star, None, budget)
 
 
 def _run_elements(f: Callable[..., Any], batch: Sequence[Any], star: bool,
@@ -806,7 +673,8 @@ class _Engine:
         self._source: Iterator[Any] | None = None
         self._seq: list[Any] | tuple[Any, ...] | None = None
         self._next_poll = 0.0
-        self._turns = _Turns()  # for the elements this process runs itself
+        # The elements this process runs itself go one at a time, as on a worker.
+        self._lane = object()
         # Before anything is timed, 'auto' batches end early on their budget
         # (`_budget`), so the whole first round can go at once, as multiprocessing's
         # chunks do: no worker waits for the round trip that times the first ones.
@@ -1074,7 +942,7 @@ class _Engine:
         self._inflight[w] += 1
         self._ncalls += 1
         if w == self._myid:
-            self.n.callpool.submit(lambda: self._run_here(call))
+            self.n.callpool.submit_serial(self._lane, lambda: self._run_here(call))
             return
         token = None
         if self.cache is not None:
@@ -1108,7 +976,7 @@ class _Engine:
         self.n.waiters[wid] = call
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
-                self.n.send(w, CALL_FETCH, 0, aux, self._myid, wid, body, buffers)
+                self.n.send(w, CALL_FETCH, FLAG_SERIAL, aux, self._myid, wid, body, buffers)
             else:
                 self._queue(w, aux, wid, body)
         except Exception as exc:  # noqa: BLE001 - unreachable (gone, or the topology)
@@ -1124,13 +992,13 @@ class _Engine:
         little to do, which would otherwise wait for the whole refill to be encoded."""
         conn = self._conns.get(w)
         if conn is None:
-            conn = self.n.send_queued(w, CALL_FETCH, 0, aux, self._myid, wid, body)
+            conn = self.n.send_queued(w, CALL_FETCH, FLAG_SERIAL, aux, self._myid, wid, body)
             if conn is None:
                 return  # a stream connection: sent
             self._conns[w] = conn
         else:
             try:
-                conn.queue_frame(CALL_FETCH, 0, aux, self._myid, wid, body)
+                conn.queue_frame(CALL_FETCH, FLAG_SERIAL, aux, self._myid, wid, body)
             except ConnectionError as exc:
                 raise ProcessExitedException(w) from exc
         if self._inflight[w] <= PIPELINE_DEPTH:
@@ -1184,15 +1052,14 @@ class _Engine:
         """On a call thread of this process: a unit for the worker that is us."""
         unit, n = call.unit, self.n
         try:
-            with self._turns:
-                if unit.batched:
-                    call.local = (_run_elements(self.f, unit.args, self.star, n), False)
-                else:
-                    item = unit.args[0]
-                    start = time.perf_counter()
-                    value = (n.callpool.run_user(self.f, *item) if self.star
-                             else n.callpool.run_user(self.f, item))
-                    call.local = ((time.perf_counter() - start, value), False)
+            if unit.batched:
+                call.local = (_run_elements(self.f, unit.args, self.star, n), False)
+            else:
+                item = unit.args[0]
+                start = time.perf_counter()
+                value = (n.callpool.run_user(self.f, *item) if self.star
+                         else n.callpool.run_user(self.f, item))
+                call.local = ((time.perf_counter() - start, value), False)
         except BaseException as exc:  # noqa: BLE001 - handed to the engine
             call.local = (_captured(n, exc), True)
         self._done.put(call)

@@ -22,7 +22,7 @@ from fastdist._core._calls import (
     fetch_value,
     remotecall_plain,
 )
-from fastdist.channel import AbstractChannel
+from fastdist.channel import WAIT_SLICE_SECONDS, AbstractChannel
 from fastdist.exceptions import (
     CapturedException,
     FutureAlreadySetError,
@@ -126,7 +126,23 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
 
         fut = pool_remotecall(pid_or_pool, f, args, kwargs)
         return fut  # type: ignore[no-any-return]
-    pid = int(pid_or_pool)
+    return _call_future(n, f, int(pid_or_pool), args, kwargs, 0)
+
+
+def call_future(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+                flags: int = 0) -> Future:
+    """`remotecall` to one process; `flags` go on the call frame (FLAG_SERIAL: a
+    pool's call, which the worker runs after the pool's earlier ones)."""
+    n = _node.current()
+    fut = remotecall_plain(n, f, pid, args, kwargs, flags)  # most calls, in C
+    if fut is not None:
+        return fut  # type: ignore[no-any-return]
+    return _call_future(n, f, int(pid), args, kwargs, flags)
+
+
+def _call_future(n: Any, f: Any, pid: int, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 flags: int) -> Future:
+    """`call_future` for a call that `remotecall_plain` declined."""
     if pid == n.myid:
         fut = Future()
         rv = n.store.lookup(fut.rrid)
@@ -148,10 +164,10 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
         fut = Future._for_call(n, pid)
         try:
             if buffers or len(body) > DEFER_MAX_NBYTES:
-                n.send(pid, CALL, 0, aux, n.myid, fut.id, body, buffers)
+                n.send(pid, CALL, flags, aux, n.myid, fut.id, body, buffers)
             else:
                 # Written with the next burst; whoever waits for it flushes first.
-                n.send_deferred(pid, CALL, 0, aux, n.myid, fut.id, body)
+                n.send_deferred(pid, CALL, flags, aux, n.myid, fut.id, body)
         except BaseException:
             n.pushes.pop(fut.id, None)  # no value will come for it
             fut._holds = 0
@@ -175,13 +191,19 @@ def remotecall_fetch(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Any
     if _is_pool(pid_or_pool):
         from fastdist.workerpool import pool_call
 
-        return pool_call(pid_or_pool, remotecall_fetch, f, args, kwargs)
+        return pool_call(pid_or_pool, call_fetch, f, args, kwargs)
+    return call_fetch(f, pid_or_pool, args, kwargs)
+
+
+def call_fetch(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+               flags: int = 0) -> Any:
+    """`remotecall_fetch` to one process (`flags` as for `call_future`)."""
     n = _node.current()
-    pid = int(pid_or_pool)
+    pid = int(pid)
     if pid == n.myid:
         return _run_local(f, args, kwargs)
     aux, body, buffers = encode_call(f, args, kwargs, pid)
-    return call_and_wait(n, pid, Kind.CALL_FETCH, 0, body, buffers, aux=aux)
+    return call_and_wait(n, pid, Kind.CALL_FETCH, flags, body, buffers, aux=aux)
 
 
 def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: Any,
@@ -276,12 +298,13 @@ def _wait_reply(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
     read_direct = getattr(conn, "read_direct", None)
     if read_direct is None:
         return w.wait(timeout)
-    n.callpool.lend_reader(conn)  # a call in a worker's lane may hold the reader role
     deadline = None if timeout is None else time.monotonic() + timeout
     # An interruptible call must not take an interrupt while it dispatches others' frames.
     shield = n.callpool.is_running_user()
+    # (In slices: an interrupt of a call's thread is raised between two of them.)
+    wait_slice = WAIT_SLICE_SECONDS if shield else 1.0
     while not w.done():
-        left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+        left = wait_slice if deadline is None else min(wait_slice, deadline - time.monotonic())
         if left <= 0:
             return False
         if shield:
@@ -307,8 +330,14 @@ def remotecall_wait(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Futu
     if _is_pool(pid_or_pool):
         from fastdist.workerpool import pool_call
 
-        return pool_call(pid_or_pool, remotecall_wait, f, args, kwargs)  # type: ignore[no-any-return]
-    fut = remotecall(f, pid_or_pool, *args, **kwargs)
+        return pool_call(pid_or_pool, call_wait, f, args, kwargs)  # type: ignore[no-any-return]
+    return call_wait(f, pid_or_pool, args, kwargs)
+
+
+def call_wait(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+              flags: int = 0) -> Future:
+    """`remotecall_wait` to one process (`flags` as for `call_future`)."""
+    fut = call_future(f, pid, args, kwargs, flags)
     fut.wait()
     return fut
 
@@ -318,10 +347,16 @@ def remote_do(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> None:
     if _is_pool(pid_or_pool):
         from fastdist.workerpool import pool_call
 
-        pool_call(pid_or_pool, remote_do, f, args, kwargs)
+        pool_call(pid_or_pool, call_do, f, args, kwargs)
         return
+    call_do(f, pid_or_pool, args, kwargs)
+
+
+def call_do(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+            flags: int = 0) -> None:
+    """`remote_do` to one process (`flags` as for `call_future`)."""
     n = _node.current()
-    pid = int(pid_or_pool)
+    pid = int(pid)
     if pid == n.myid:
         def run() -> None:
             try:
@@ -334,7 +369,7 @@ def remote_do(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> None:
         n.callpool.submit(run)
         return
     aux, body, buffers = encode_call(f, args, kwargs, pid)
-    n.send(pid, Kind.REMOTE_DO, 0, aux, n.myid, 0, body, buffers)
+    n.send(pid, Kind.REMOTE_DO, flags, aux, n.myid, 0, body, buffers)
 
 
 # -- Future internals used by refs.Future ------------------------------------------------

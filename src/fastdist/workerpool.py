@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastdist import node as _node
+from fastdist.channel import wait_for
 from fastdist.exceptions import ProcessExitedException
 from fastdist.protocol import serialize
-from fastdist.protocol.messages import Kind
+from fastdist.protocol.messages import FLAG_SERIAL, Kind
 
 __all__ = [
     "AbstractWorkerPool",
@@ -151,7 +152,7 @@ class WorkerPool(AbstractWorkerPool):
                     if self._is_default:
                         return 1
                     raise RuntimeError("No active worker available in pool")
-                if not self._cond.wait(timeout):
+                if not wait_for(self._cond, lambda: bool(self._free) or not self._all, timeout):
                     raise TimeoutError(f"no worker of the pool became free within {timeout} s")
 
     def __len__(self) -> int:
@@ -323,26 +324,28 @@ def remote(f: Callable[..., Any], pool: AbstractWorkerPool | None = None) -> Cal
 
 
 def pool_call(pool: AbstractWorkerPool, fn: Any, f: Any, args: Any, kwargs: Any) -> Any:
-    """`fn(f, w, *args, **kwargs)` on a worker `w` taken from the pool and given back."""
+    """`fn(f, w, args, kwargs, FLAG_SERIAL)` (remotecall.call_fetch, call_wait or
+    call_do) on a worker `w` taken from the pool and given back: a pool's call,
+    which the worker runs one at a time with the pool's others."""
     w = pool.take()
     try:
         if isinstance(pool, CachingPool) and w != _node.current().myid:
-            return fn(pool._token_for(f, w), w, *args, **kwargs)
-        return fn(f, w, *args, **kwargs)
+            return fn(pool._token_for(f, w), w, args, kwargs, FLAG_SERIAL)
+        return fn(f, w, args, kwargs, FLAG_SERIAL)
     finally:
         pool.put(w)
 
 
 def pool_remotecall(pool: AbstractWorkerPool, f: Any, args: Any, kwargs: Any) -> Any:
     """`remotecall` on a pool: the worker goes back to the pool when the call is done."""
-    from fastdist.remotecall import remotecall, when_ready
+    from fastdist.remotecall import call_future, when_ready
 
     w = pool.take()
     try:
         if isinstance(pool, CachingPool) and w != _node.current().myid:
-            fut = remotecall(pool._token_for(f, w), w, *args, **kwargs)
+            fut = call_future(pool._token_for(f, w), w, args, kwargs, FLAG_SERIAL)
         else:
-            fut = remotecall(f, w, *args, **kwargs)
+            fut = call_future(f, w, args, kwargs, FLAG_SERIAL)
     except BaseException:
         pool.put(w)
         raise
@@ -396,15 +399,13 @@ class CachedFunction:
 
 
 class _Entry:
-    """A cached function on a worker, or the error that unpickling it raised, and
-    what pmap keeps with it (whose turn it is to run)."""
+    """A cached function on a worker, or the error that unpickling it raised."""
 
-    __slots__ = ("error", "func", "turns")
+    __slots__ = ("error", "func")
 
     def __init__(self, func: Any, error: BaseException | None = None) -> None:
         self.func = func
         self.error = error
-        self.turns: Any = None
 
 
 _func_cache: dict[tuple[int, int], _Entry] = {}
@@ -438,24 +439,6 @@ def cached_entry(token: CachedFunction) -> _Entry:
             entry = _func_cache[k]
     if entry.error is not None:
         raise entry.error
-    return entry
-
-
-# The entries of functions that come by name (see `named_entry`); forgotten all at
-# once past this many (a module reloaded again and again).
-_named_entries: dict[Any, _Entry] = {}
-_NAMED_ENTRIES_MAX = 1024
-
-
-def named_entry(f: Any) -> _Entry:
-    """The entry of a function that travels by name rather than through a cache (pmap
-    keeps its turns there, as in a cached function's entry)."""
-    entry = _named_entries.get(f)
-    if entry is None:
-        with _func_cond:
-            if len(_named_entries) >= _NAMED_ENTRIES_MAX:
-                _named_entries.clear()
-            entry = _named_entries.setdefault(f, _Entry(f))
     return entry
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import select
-import signal
 import socket
 import sys
 import threading
@@ -152,10 +151,12 @@ def start_worker(out: Any = None, cookie: str | None = None, close_stdin: bool =
     n.start_listener(host, port, advertised=advertised_host(host))
     print(f"fastdist_worker:{n.port}#{n.host}", file=out, flush=True)
     # Ctrl-C (or `kill -INT`) interrupts the running calls; the worker lives on.
-    signal.signal(signal.SIGINT, lambda *_: n.callpool.interrupt())
+    n.callpool.install_sigint()
     _exit_if_nobody_connects(n)
-    n.loop.run()
-    os._exit(0)
+    # The I/O thread reads; this, the main thread, runs calls (where an interrupt's
+    # SIGINT ends a sleep or a blocking wait) and never returns.
+    n.start_loop_thread()
+    n.callpool.serve_forever()
 
 
 def _exit_if_nobody_connects(n: Node) -> None:

@@ -529,20 +529,25 @@ def test_batches_travel_as_one_call_each(ws):
     assert 4 <= sent <= 10, f"{sent} messages for 4 batches"
 
 
-def test_each_worker_has_calls_in_flight_back_to_back(ws):
-    # With one call in flight per worker (Julia), a worker's elements never
-    # overlap in time; pmap keeps the next one there while one runs.
-    def span(x):
-        start = time.monotonic()
-        time.sleep(0.05)
-        return fd.myid(), start, time.monotonic()
+def _span(x):
+    start = time.monotonic()
+    time.sleep(0.05)
+    return fd.myid(), start, time.monotonic()
 
-    spans = fd.pmap(span, range(12))
-    overlapping = 0
+
+def test_a_worker_runs_a_maps_elements_one_at_a_time_and_back_to_back(ws):
+    # A pool gives a worker one call at a time (Julia): a map's elements never
+    # overlap on a worker, even while one sleeps; and since the next one is already
+    # there while one runs, the worker starts it at once, not a round trip later.
+    spans = fd.pmap(_span, range(16))
+    gaps = []
     for w in ws:
         mine = sorted((s, e) for p, s, e in spans if p == w)
-        overlapping += sum(b[0] < a[1] for a, b in itertools.pairwise(mine))
-    assert overlapping > 0
+        assert len(mine) >= 2, f"worker {w} got {len(mine)} elements"
+        assert all(b[0] >= a[1] for a, b in itertools.pairwise(mine)), \
+            f"two elements overlapped on worker {w}: {mine}"
+        gaps.extend(b[0] - a[1] for a, b in itertools.pairwise(mine))
+    assert sorted(gaps)[len(gaps) // 2] < 0.01, f"gaps between elements: {sorted(gaps)}"
 
 
 def _spin(x):
@@ -562,20 +567,22 @@ def test_cpu_bound_elements_take_turns_on_a_worker(ws):
             "two CPU-bound elements shared a worker's core"
 
 
-def _waits_for_a_later_element(x, rc):
+def _waits_for_an_element_elsewhere(x, rc):
     if x == 0:
         return rc.take(timeout=20)
-    if x == 2:
-        rc.put("from 2")
+    if x == 1:
+        rc.put("from 1")
     return x
 
 
-def test_elements_that_wait_on_each_other_do_not_deadlock(ws):
-    # Slots go A, B, A, B: 2 waits on A behind 0, which blocks until 2 has run.
+def test_an_element_waiting_for_one_on_another_worker_does_not_deadlock(ws):
+    # Slots go A, B, A, B: 0 runs on A and waits until 1, on B, has run. (One that
+    # waited for an element sent behind it to the same worker would wait for good,
+    # as in Julia: a worker runs a pool's calls one at a time.)
     rc = fd.RemoteChannel(lambda: fd.Channel(1))
     start = time.monotonic()
-    got = fd.pmap(_waits_for_a_later_element, range(4), [rc] * 4)
-    assert got == ["from 2", 1, 2, 3]
+    got = fd.pmap(_waits_for_an_element_elsewhere, range(4), [rc] * 4)
+    assert got == ["from 1", 1, 2, 3]
     assert time.monotonic() - start < 5
 
 

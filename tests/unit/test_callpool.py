@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 
 import pytest
 
@@ -50,3 +52,46 @@ def test_calls_blocked_on_a_later_call_get_threads_of_their_own() -> None:
         assert finished.acquire(timeout=10)
     assert release.is_set()
     assert pool.nthreads >= n_blocked + 1
+
+
+@pytest.mark.timeout(60)
+def test_interrupts_racing_finishing_calls_never_land_after_the_call() -> None:
+    # An interrupt aimed at a call that is returning must be dropped with the call:
+    # the thread never carries it into what it does next (reading a connection,
+    # the next call). Thousands of interrupts against thousands of short calls,
+    # with the GIL switching threads as often as it can.
+    pool = CallPool(name="race-test")
+    stop = threading.Event()
+    seen = {"in_call": 0, "late": 0, "calls": 0}
+
+    def user_code() -> None:
+        sum(range(100))
+
+    def calls() -> None:
+        while not stop.is_set():
+            try:
+                pool.run_user(user_code)
+            except KeyboardInterrupt:
+                seen["in_call"] += 1
+            try:
+                sum(range(100))  # not user code: no interrupt may land here
+            except KeyboardInterrupt:
+                seen["late"] += 1
+            seen["calls"] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    t = threading.Thread(target=calls, name="race-calls")
+    t.start()
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            pool.interrupt()
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        t.join(10)
+    assert not t.is_alive()
+    assert seen["late"] == 0, seen
+    assert seen["in_call"] > 10 and seen["calls"] > 100, seen
+    assert pool._running_user == {} and pool.interrupt() == 0

@@ -4,9 +4,13 @@ a function that travels by name with plain arguments and a plain result.
 
 On the worker, `run_small_call` decodes such a call (function cache, one
 pickle.loads), runs it (`run_user`, which is CallPool.run_user) and pickles its
-result; the reply waits behind the lane's next ones (`queue_reply`) or goes out
-through handlers.send_reply. Anything else, and every failure, takes the Python path in
-fastdist.handlers — the fast path changes what a call costs, never what it does.
+result; the reply waits behind the replies of calls queued after it
+(`queue_reply`) or goes out through handlers.send_reply. Anything else, and every
+failure, takes the Python path in fastdist.handlers — the fast path changes what
+a call costs, never what it does. `run_user`, `interrupt_calls`, `shield` and
+`unshield` keep CallPool's record of which threads run user code: in C, each is
+one step under the GIL, so an interrupt can never fall between a check and what
+it decides.
 On the caller, `remotecall_plain` makes the common remotecall whole (its body by
 `encode_plain_call`, its Future, a deferred send), `route_frames` hands each frame
 the I/O thread reads to its handler, `handle_result` gives the common pushed
@@ -25,6 +29,7 @@ import functools
 import pickle
 
 from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Next
 from cpython.pythread cimport PyThread_get_thread_ident
 from cpython.ref cimport PyObject
 
@@ -33,6 +38,13 @@ cdef extern from "Python.h":
     void PyObject_GC_Track(void* op)
     void PyObject_GC_UnTrack(void* op)
     int PyObject_GC_IsTracked(object op)
+    PyObject* PyExc_KeyboardInterrupt
+
+
+cdef extern from "<signal.h>" nogil:
+    int pthread_kill(unsigned long thread, int sig)
+    enum:
+        SIGINT
 
 from fastdist._core._wire cimport Frame
 
@@ -44,6 +56,7 @@ cdef enum:
     RESULT = 5
     FLAG_ERROR = 0x01
     FLAG_RELEASED = 0x02
+    FLAG_SERIAL = 0x08  # a pool's call: run after the caller's other pool calls, never beside
     FLAG_SHM = 0x80  # sharedmem.FLAG_SHM
 
 cdef object _pickle_loads = pickle.loads
@@ -74,9 +87,6 @@ cdef object _sync_block = None  # tasks._current_block: the @sync block a call j
 cdef Py_ssize_t _defer_max_nbytes = 0  # remotecall.DEFER_MAX_NBYTES
 cdef object _partial = functools.partial
 cdef object _run_call_general = None  # handlers.run_general_call
-# Thread ident -> the list that thread collects the calls it reads in (see
-# `collect_calls`); at most one entry: a worker's one lane thread.
-cdef dict _collecting = {}
 
 
 cdef class RefCore:
@@ -244,7 +254,7 @@ def run_small_call(object node, object conn, Frame frame):
     else:
         try:
             decoded = _loads_small(arguments)
-        except Exception:
+        except BaseException:
             return False  # decoded again on the Python path, which reports the error
     if type(decoded) is not tuple or len(<tuple>decoded) != 2:
         return False
@@ -265,41 +275,47 @@ def run_small_call(object node, object conn, Frame frame):
         _reply_to_call(node, conn, frame, value, False)
         return True
     flags = FLAG_RELEASED if kind == CALL else 0
-    body = _NONE if value is None else _pickle_dumps(value, 5)
+    try:
+        body = _NONE if value is None else _pickle_dumps(value, 5)
+    except BaseException:
+        # (pickle.dumps of plain data fails only by running out of memory, or a
+        # BaseException from elsewhere: the general path makes the error reply.)
+        _reply_to_call(node, conn, frame, value, False)
+        return True
     if not _queue_reply(node.callpool, conn, frame, flags, body):
         _send_reply(node, conn, frame, flags, body, ())
     return True
 
 
 def queue_reply(object pool, object conn, Frame frame, int flags, object body):
-    """Queue a call's small RESULT (`body` bytes, no buffers) behind the next ones'
-    if this is the lane's thread (CallPool) and more of `conn`'s calls wait in the
-    lane, or it is still `conn`'s reader (it looks for more calls before it waits,
-    and flushes first): the reply then goes out with theirs in one write, when the
-    lane runs dry, every MAX_QUEUED_REPLIES replies, or when the watchdog finds the
-    lane stuck. True if queued; False: send the reply now (handlers.send_reply)."""
+    """Queue a call's small RESULT (`body` bytes, no buffers) on `conn` when more
+    calls wait to run in this process: the reply then goes out with theirs in one
+    write, when the thread that runs them finds nothing left to run, every
+    MAX_QUEUED_REPLIES replies, or when CallPool's monitor finds them waiting
+    behind a call that takes long. True if queued; False: send the reply now
+    (handlers.send_reply)."""
     if _send_reply is None:
         _import_handlers()
     return type(body) is bytes and _queue_reply(pool, conn, frame, flags, body)
 
 
 cdef bint _queue_reply(object pool, object conn, Frame frame, int flags, bytes body) except -1:
-    if (PyBytes_GET_SIZE(body) > _small_reply_nbytes or pool._lane_conn is not conn
-            or pool._lane_thread != PyThread_get_thread_ident()):
+    if PyBytes_GET_SIZE(body) > _small_reply_nbytes or pool._nwaiting <= 0:
         return False
-    if not pool._lane and pool._lane_reads is not conn:
-        return False
-    stall = pool._stall
-    if not stall.is_set():
-        stall.set()
     queue = getattr(conn, "queue_frame", None)
     if queue is None:
         return False
     try:
         if queue(RESULT, flags, 0, frame.whence, frame.id, body) >= _max_queued_replies:
-            pool.flush_lane(conn)
+            conn.flush()
+            return True
     except ConnectionError:
-        pass
+        return True  # the caller is gone: nobody to answer
+    # Recorded first, then the monitor armed if it was not: it clears its flag
+    # before it looks at the record for the last time (CallPool._watch).
+    (<dict>pool._replies)[conn] = True
+    if not pool._monitor_armed:
+        pool._arm_monitor()
     return True
 
 
@@ -307,27 +323,73 @@ def run_user(pool, fn, *args, **kwargs):
     """CallPool.run_user: call user code, marking this thread as interruptible while
     it runs (`pool._running_user`, thread ident -> depth).
 
-    CallPool.interrupt raises KeyboardInterrupt, under `pool._lock`, in the threads
-    it finds marked. The mark goes under that lock too, and an interrupt that was
-    aimed at the user code but came as it returned is dropped then (the call is
-    done): the thread never carries it into what it does next. Setting the mark
-    needs no lock: in C the update is atomic under the GIL."""
+    An interrupt aimed at the user code that comes as it returns is dropped then
+    (the call is done): the thread never carries it into what it does next. Each
+    update of the marks is one step under the GIL, as `interrupt_calls` is, so no
+    lock is needed — and none may be taken: on the main thread a lock's wait can
+    run the SIGINT handler, which could raise in the middle of the unmarking."""
     cdef dict running = pool._running_user
     cdef unsigned long ident = PyThread_get_thread_ident()
     running[ident] = running.get(ident, 0) + 1
     try:
         return fn(*args, **kwargs)
     finally:
-        lock = pool._lock
-        lock.acquire()
-        try:
-            depth = running.pop(ident) - 1
-            if depth:
-                running[ident] = depth
-            else:
-                PyThreadState_SetAsyncExc(ident, NULL)
-        finally:
-            lock.release()
+        depth = running.pop(ident) - 1
+        if depth:
+            running[ident] = depth
+        else:
+            PyThreadState_SetAsyncExc(ident, NULL)
+            (<set>pool._deferred).discard(ident)
+            if ident == <unsigned long>pool._main_ident:
+                pool._main_pending = False
+
+
+def interrupt_calls(pool, bint from_signal=False):
+    """CallPool.interrupt: raise KeyboardInterrupt in every thread running user code;
+    return how many. A thread that is dispatching frames for others (`shield`) gets
+    it when it is done. The main thread of a worker, which installed
+    CallPool.on_sigint, gets a SIGINT, which also ends a sleep, a wait on a lock
+    or a socket, a poll; it then raises in the handler (`from_signal`: we are in
+    that handler, which raises by itself). Other threads get an asynchronous
+    exception, which Python code sees at once and a blocking call when it
+    returns."""
+    cdef dict running = pool._running_user
+    cdef set shielded = pool._shielded
+    cdef set deferred = pool._deferred
+    cdef unsigned long main = pool._main_ident
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef Py_ssize_t pos = 0
+    cdef unsigned long ident
+    cdef int n = 0
+    while PyDict_Next(running, &pos, &key, &value):
+        n += 1
+        ident = <unsigned long><object>key
+        if ident in shielded:
+            deferred.add(ident)
+        elif ident == main and pool._signal_main:
+            if not from_signal:
+                pool._main_pending = True
+                pool._signals_sent += 1
+                pthread_kill(main, SIGINT)
+        else:
+            PyThreadState_SetAsyncExc(ident, PyExc_KeyboardInterrupt)
+    return n
+
+
+def shield(pool):
+    """CallPool.shield: hold interrupts of this thread back until `unshield`."""
+    (<set>pool._shielded).add(PyThread_get_thread_ident())
+
+
+def unshield(pool):
+    """CallPool.unshield: let interrupts through again; raise one held back."""
+    cdef unsigned long ident = PyThread_get_thread_ident()
+    (<set>pool._shielded).discard(ident)
+    if ident in <set>pool._deferred:
+        (<set>pool._deferred).discard(ident)
+        if ident in <dict>pool._running_user:
+            raise KeyboardInterrupt
 
 
 def configure_refs(pushed, empty, decode_result, handle_worker_logs, dict log_queues):
@@ -348,11 +410,13 @@ def configure_remotecall(future, sync_block, Py_ssize_t defer_max_nbytes):
     _Future, _sync_block, _defer_max_nbytes = future, sync_block, defer_max_nbytes
 
 
-def remotecall_plain(object node, object f, object target, tuple args, dict kwargs):
+def remotecall_plain(object node, object f, object target, tuple args, dict kwargs,
+                     int flags=0):
     """remotecall's common case without its Python frames: `f` travels by name, the
     arguments are plain, `target` is the pid of a connected peer, and no @sync block
     is open. Returns the Future, or None having done nothing: remotecall's Python
-    path then takes the call (and reports what is wrong with it).
+    path then takes the call (and reports what is wrong with it). `flags` go on
+    the call frame (FLAG_SERIAL for a pool's call).
 
     What it does is remotecall's (encode_call, Future._for_call, a deferred send).
     """
@@ -375,7 +439,7 @@ def remotecall_plain(object node, object f, object target, tuple args, dict kwar
         return None
     cdef FutureCore fut = _call_future(_Future, node, target)
     try:
-        conn.send_deferred(CALL, 0, aux, myid, fut.id, body)
+        conn.send_deferred(CALL, flags, aux, myid, fut.id, body)
     except ConnectionError:
         (<dict>node.pushes).pop(fut.id, None)  # no value will come for it
         fut._holds = 0
@@ -501,38 +565,16 @@ cdef bint _materialize(FutureCore fut) except -1:
     return True
 
 
-def collect_calls(slot):
-    """handlers.take_calls: while `slot` is a list, the call frames this thread reads
-    become tasks in it, to be run here in order (CallPool's lane), rather than going
-    to the call pool; None ends it."""
-    if slot is None:
-        _collecting.pop(PyThread_get_thread_ident(), None)
-    else:
-        _collecting[PyThread_get_thread_ident()] = slot
-
-
-def collected_calls():
-    """The list this thread collects the calls it reads in, or None."""
-    if not _collecting:
-        return None
-    return _collecting.get(PyThread_get_thread_ident())
-
-
 cpdef handle_call(object node, object conn, Frame frame):
     """A CALL, CALL_FETCH or REMOTE_DO frame, on the thread that read it: a task for
-    the thread collecting calls, if that is this one (the lane runs it in order),
-    else for the call pool, in order behind `conn`'s others (submit_in_order)."""
-    if not _collect(node, conn, frame):
-        node.callpool.submit_in_order(conn, _partial(run_call, node, conn, frame))
+    the call pool (a pool's call in the caller's serial lane)."""
+    node.callpool.submit_calls([_call_task(node, conn, frame)])
 
 
-cdef bint _collect(object node, object conn, Frame frame) except -1:
-    """True if the call went to this thread's list of collected calls."""
-    slot = _collecting.get(PyThread_get_thread_ident())
-    if slot is None:
-        return False
-    (<list>slot).append(_partial(run_call, node, conn, frame))
-    return True
+cdef tuple _call_task(object node, object conn, Frame frame):
+    """(serial lane key or None, task) of a call frame (see CallPool.submit_calls)."""
+    return (frame.whence if frame.flags & FLAG_SERIAL else None,
+            _partial(run_call, node, conn, frame))
 
 
 def run_call(object node, object conn, Frame frame):
@@ -548,35 +590,42 @@ def route_frames(object node, object conn, list frames, object dispatch,
                  object map_shared, object reply_error):
     """Node.on_frames' loop: each frame to its handler (`dispatch`), a RESULT straight
     to `handle_result` — most frames a caller's I/O thread reads are results, and
-    the Python loop and dispatch cost more than handling one. Shared-memory frames
-    are mapped first (`map_shared`, False: nothing to dispatch); a handler's
-    exception fails that frame only (`reply_error`, as dispatch does). Should
-    something escape (a KeyboardInterrupt), the frames after it, which belong to
-    other callers, are dispatched before it propagates."""
+    the Python loop and dispatch cost more than handling one — and the calls of the
+    batch to the call pool at once, at its end (one hand-over per batch). Shared-
+    memory frames are mapped first (`map_shared`, False: nothing to dispatch); a
+    handler's exception fails that frame only (`reply_error`, as dispatch does).
+    Should something escape (a KeyboardInterrupt), the frames after it, which
+    belong to other callers, are dispatched before it propagates, and the calls
+    read so far still run."""
     cdef Frame frame
     cdef Py_ssize_t i, n = len(frames)
     cdef bint identified = conn.peer is not None
-    for i in range(n):
-        frame = <Frame>frames[i]
-        try:
-            if frame.flags & FLAG_SHM and not map_shared(conn, frame):
-                continue
-            kind = frame.kind
-            if kind == RESULT and identified:
-                try:
-                    handle_result(node, conn, frame)
-                except Exception as exc:
-                    reply_error(node, conn, frame, exc)
-            elif (identified and _collecting and (kind == CALL or kind == CALL_FETCH
-                                                  or kind == REMOTE_DO)
-                  and _collect(node, conn, frame)):
-                pass
-            else:
-                dispatch(node, conn, frame)
-        except BaseException:
-            for rest in frames[i + 1:]:
-                dispatch(node, conn, rest)
-            raise
+    cdef list calls = None
+    try:
+        for i in range(n):
+            frame = <Frame>frames[i]
+            try:
+                if frame.flags & FLAG_SHM and not map_shared(conn, frame):
+                    continue
+                kind = frame.kind
+                if kind == RESULT and identified:
+                    try:
+                        handle_result(node, conn, frame)
+                    except Exception as exc:
+                        reply_error(node, conn, frame, exc)
+                elif identified and (kind == CALL or kind == CALL_FETCH or kind == REMOTE_DO):
+                    if calls is None:
+                        calls = []
+                    calls.append(_call_task(node, conn, frame))
+                else:
+                    dispatch(node, conn, frame)
+            except BaseException:
+                for rest in frames[i + 1:]:
+                    dispatch(node, conn, rest)
+                raise
+    finally:
+        if calls is not None:
+            node.callpool.submit_calls(calls)
 
 
 cpdef handle_result(object node, object conn, Frame frame):

@@ -22,8 +22,8 @@ class Kind(enum.IntEnum):
     FETCH = 6  # send the value of ref (whence, id) owned here; aux = requester's waiter id
     PUT_FUTURE = 7  # set the value of Future (whence, id) owned here (see FLAG_RESTORE)
     REFS = 8  # batched reference-count changes, body = packed REF_RECORDs
-    PING = 9  # liveness probe; answered by PONG on the I/O thread
-    PONG = 10
+    PING = 9  # liveness: sent on a connection quiet for a while (never answered)
+    PONG = 10  # (what older peers answered a PING with; ignored)
     PEERS = 11  # master -> worker: body = pickled list of peer facts (pid, host, port, ...)
     CONNECT_BACK = 12  # ask a higher pid to open the worker-to-worker link to aux = pid
     INTERRUPT = 13  # raise KeyboardInterrupt in the calls running on this process
@@ -52,6 +52,10 @@ FLAG_RELEASED = 0x02
 # PUT_FUTURE: a released value coming back (FLAG_ERROR may be set too): store it if
 # unset, drop the creator's hold, reply nothing.
 FLAG_RESTORE = 0x04
+# CALL, CALL_FETCH, REMOTE_DO sent through a worker pool (pmap, remote, remotecall on a
+# pool, the Executor): the worker runs them one at a time per caller, in order — a
+# pool gives a worker one call at a time — and other calls beside them.
+FLAG_SERIAL = 0x08
 
 # REFS body: one record per change, (whence u32, client pid u32, id u64, delta i64).
 REF_RECORD = struct.Struct("<IIqq")

@@ -13,7 +13,7 @@ from fastdist.callpool import CallPool
 from fastdist.exceptions import RemoteException
 from fastdist.handlers import reply_to_call
 from fastdist.protocol import serialize
-from fastdist.protocol.messages import FLAG_ERROR, FLAG_RELEASED, Kind
+from fastdist.protocol.messages import FLAG_ERROR, FLAG_RELEASED, FLAG_SERIAL, Kind
 from fastdist.protocol.values import decode_result
 from fastdist.refs import Future, Waiter
 
@@ -347,7 +347,7 @@ def test_route_frames_sends_results_to_handle_result_and_the_rest_to_dispatch():
     waiters = {i: Waiter(peer=2) for i in (1, 2)}
     caller.waiters.update(waiters)
     other = result_frame(3, None)
-    other.kind = Kind.CALL_FETCH
+    other.kind = Kind.FETCH
     dispatched = []
     frames = [result_frame(1, "a", flags=0), other, result_frame(2, "b", flags=0)]
     _calls.route_frames(caller, Identified(), frames, lambda n, c, f: dispatched.append(f),
@@ -370,15 +370,53 @@ def test_route_frames_fails_one_bad_frame_and_hands_on_the_rest_after_an_interru
         if len(dispatched) == 1:
             raise KeyboardInterrupt
 
-    call = result_frame(3, None)
-    call.kind = Kind.CALL
+    first = result_frame(3, None)
+    first.kind = Kind.PUT_FUTURE
     later = [result_frame(4, None), result_frame(5, None)]
     for f in later:
-        f.kind = Kind.CALL
+        f.kind = Kind.PUT_FUTURE
     with pytest.raises(KeyboardInterrupt):
-        _calls.route_frames(caller, Identified(), [call, *later], interrupted,
+        _calls.route_frames(caller, Identified(), [first, *later], interrupted,
                             lambda c, f: True, None)
-    assert dispatched == [call, *later]
+    assert dispatched == [first, *later]
+
+
+class RecordingPool:
+    """A call pool that records what is handed to it (see CallPool.submit_calls)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+
+    def submit_calls(self, calls):
+        self.batches.append(list(calls))
+
+
+def test_the_calls_of_a_batch_go_to_the_pool_at_once_in_order_even_after_an_interrupt():
+    node = Caller()
+    node.callpool = RecordingPool()  # type: ignore[attr-defined]
+    calls = [call_frame(divmod, 7, i, kind=Kind.CALL_FETCH) for i in (1, 2)]
+    calls[1].flags |= FLAG_SERIAL
+    stop = result_frame(9, None)
+    stop.kind = Kind.PING
+    after = call_frame(divmod, 7, 3, kind=Kind.CALL_FETCH)
+
+    dispatched = []
+
+    def interrupted(n, c, f):
+        dispatched.append(f)
+        if f is stop:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _calls.route_frames(node, Identified(), [*calls, stop, after], interrupted,
+                            lambda c, f: True, None)
+    # The two calls read before the interrupt were handed over in one batch (the
+    # pool's call in its caller's serial lane); the frame after it went on to its
+    # handler (for a call, handle_call) before the interrupt propagated.
+    [batch] = node.callpool.batches  # type: ignore[attr-defined]
+    assert [key for key, _ in batch] == [None, calls[1].whence]
+    assert [task.args[2] for _, task in batch] == calls
+    assert dispatched == [stop, after]
 
 
 def test_route_frames_skips_a_shared_memory_frame_that_could_not_be_mapped():
@@ -435,8 +473,8 @@ def test_run_user_marks_the_thread_interruptible_while_user_code_runs():
     assert seen == [{me: 1}, {me: 2}] and pool._running_user == {}
 
 
-class LaneConn(Conn):
-    """A connection the lane's thread reads: replies may wait in its queue."""
+class QueueingConn(Conn):
+    """A socket-like connection: replies may wait in its queue."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -452,52 +490,29 @@ class LaneConn(Conn):
         self.sent.extend(q + ([],) for q in self.queued)
         self.queued.clear()
 
-    def end_direct(self):
-        """(The pool's watchdog may take the reader role back from a lane it finds
-        stuck; there is nothing to give back here.)"""
 
-
-def test_a_reply_waits_behind_the_lanes_next_ones_and_goes_out_in_bursts():
-    import threading
-
+def test_a_reply_waits_while_more_calls_wait_and_goes_out_in_bursts():
     from fastdist.handlers import MAX_QUEUED_REPLIES
 
-    node, conn = Node(), LaneConn()
+    node, conn = Node(), QueueingConn()
     pool = node.callpool
-    pool._lane_conn, pool._lane_reads = conn, conn
-    pool._lane_thread = threading.get_ident()  # this thread runs the lane
+    armed = []
+
+    def arm():
+        armed.append(True)
+        pool._monitor_armed = True
+
+    pool._arm_monitor = arm  # type: ignore[method-assign]
+    pool._nwaiting = 3  # more calls wait to run here: replies may wait for theirs
     for _ in range(MAX_QUEUED_REPLIES - 1):
         assert _calls.run_small_call(node, conn, call_frame(os.getpid, kind=Kind.CALL_FETCH))
     assert conn.sent == [] and len(conn.queued) == MAX_QUEUED_REPLIES - 1
+    # The monitor was asked to watch them (once: it stays armed), in case the
+    # calls that wait take long.
+    assert pool._replies == {conn: True} and armed == [True]
     assert _calls.run_small_call(node, conn, call_frame(divmod, 7, 2, kind=Kind.CALL_FETCH))
     assert conn.flushes == 1 and len(conn.sent) == MAX_QUEUED_REPLIES
     assert pickle.loads(conn.sent[-1][4]) == (3, 1)
-    pool._lane_thread = 0  # another thread's lane: this reply goes out at once
+    pool._nwaiting = 0  # nothing else to run: this reply goes out at once
     assert _calls.run_small_call(node, conn, call_frame(os.getpid, kind=Kind.CALL_FETCH))
     assert len(conn.sent) == MAX_QUEUED_REPLIES + 1 and conn.queued == []
-    pool._lane_conn = pool._lane_reads = None
-
-
-def test_calls_read_by_a_collecting_thread_become_its_tasks_in_order():
-    node, conn = Node(), Conn()
-    conn.peer = 1  # type: ignore[attr-defined]  # identified: the caller, pid 1
-    frames = [call_frame(divmod, 7, i, kind=Kind.CALL_FETCH) for i in (1, 2, 3)]
-    for i, frame in enumerate(frames):
-        frame.id = 100 + i
-    dispatched: list = []
-    slot: list = []
-    _calls.collect_calls(slot)
-    try:
-        assert _calls.collected_calls() is slot
-        _calls.route_frames(node, conn, frames, lambda n, c, f: dispatched.append(f),
-                            lambda c, f: True, None)
-    finally:
-        _calls.collect_calls(None)
-    assert _calls.collected_calls() is None and dispatched == [] and len(slot) == 3
-    for task in slot:  # what the lane does with them
-        task()
-    assert [pickle.loads(body) for *_, body, _ in conn.sent] == [(7, 0), (3, 1), (2, 1)]
-    # Not collecting: the same frames go to dispatch (and on to handle_call).
-    _calls.route_frames(node, conn, frames, lambda n, c, f: dispatched.append(f),
-                        lambda c, f: True, None)
-    assert dispatched == frames
