@@ -103,6 +103,7 @@ class CallPool:
         self._signal_main = False  # on_sigint is the main thread's SIGINT handler
         self._main_pending = False  # an interrupt signalled to the main thread applies
         self._signals_sent = 0  # SIGINTs sent to the main thread, not yet handled
+        self._last_signal = 0.0  # when the last of them was sent (monotonic)
         # The connection the idle primary reads (to pid 1), once there is one.
         self.fast_connection: Callable[[], Any] | None = None
 
@@ -163,7 +164,7 @@ class CallPool:
                 return None  # it looks at the queue before it waits again
             p.woken = True
             return p.wake  # type: ignore[no-any-return]
-        busy_long = p is None or time.monotonic() - p.since > STALL_SECONDS
+        busy_long = self._busy_long()
         if busy_long and self._idle:
             helper = self._idle.pop()
             helper.idle = False
@@ -176,8 +177,17 @@ class CallPool:
 
     # -- running work -----------------------------------------------------------------
 
-    def _take_locked(self) -> tuple[Task | None, Hashable | None]:
-        if self._ready:
+    def _busy_long(self) -> bool:
+        """Whether helpers may run work: there is no primary, or it has been on its
+        current task for STALL_SECONDS. While the primary is idle or has just
+        started, work is left to it: calls then run on the main thread, where an
+        interrupt reaches them in every blocking state, and short calls do not
+        spread over threads that would only fight over the GIL."""
+        p = self._primary
+        return p is None or (not p.idle and time.monotonic() - p.since > STALL_SECONDS)
+
+    def _take_locked(self, runner: _Runner) -> tuple[Task | None, Hashable | None]:
+        if self._ready and (runner is self._primary or self._busy_long()):
             entry = self._ready.popleft()
             self._ntaken += 1
             self._nwaiting -= 1
@@ -192,7 +202,8 @@ class CallPool:
         return None, None
 
     def _run(self, runner: _Runner, task: Task, key: Hashable | None) -> None:
-        """Run `task`, and after it its serial lane's next tasks, on this thread."""
+        """Run `task`, and after it its serial lane's next tasks, on this thread (a
+        helper hands the lane back to the queue once the primary is free)."""
         while True:
             try:
                 task()
@@ -207,16 +218,27 @@ class CallPool:
             task = None  # type: ignore[assignment]
             if key is None:
                 return
+            wake = None
             with self._lock:
                 lane = self._lanes[key]
                 if not lane:
                     del self._lanes[key]
                     self._lanes_running.discard(key)
                     return
-                task = lane.popleft()
-                self._nwaiting -= 1
-                self._ntaken += 1
-                runner.since = time.monotonic()
+                if runner is not self._primary and not self._busy_long():
+                    # The primary is free: the lane goes on there (see _busy_long).
+                    self._lanes_running.discard(key)
+                    self._ready.appendleft(_Turn(key))
+                    wake = self._dispatch_locked()
+                else:
+                    task = lane.popleft()
+                    self._nwaiting -= 1
+                    self._ntaken += 1
+                    runner.since = time.monotonic()
+            if task is None:
+                if wake is not None:
+                    wake()
+                return
 
     def _flush_replies(self) -> None:
         """Write the replies queued on connections (before this runner idles)."""
@@ -243,7 +265,7 @@ class CallPool:
         me.wake.acquire()
         while True:
             with self._lock:
-                task, key = self._take_locked()
+                task, key = self._take_locked(me)
                 if task is None:
                     me.idle = True
                     self._idle.append(me)
@@ -280,7 +302,7 @@ class CallPool:
         poller.register(wakefd, select.POLLIN)
         while True:
             with self._lock:
-                task, key = self._take_locked()
+                task, key = self._take_locked(me)
                 if task is None:
                     me.idle, me.woken = True, False
                 else:
@@ -349,9 +371,11 @@ class CallPool:
                         conn.flush()
                     except ConnectionError:
                         pass
+            if self._main_pending and self._main_ident in self._running_user:
+                self._signal_main_again()
             wake = None
             with self._lock:
-                if self._ready and self._ntaken == taken:
+                if self._ready and self._ntaken == taken and self._busy_long():
                     if self._idle:
                         helper = self._idle.pop()
                         helper.idle = False
@@ -359,7 +383,7 @@ class CallPool:
                     else:
                         self._nthreads += 1
                         wake = self._start_helper
-                if not self._ready and not self._replies:
+                if not self._ready and not self._replies and not self._main_pending:
                     self._monitor_armed = False
                     self._monitor.clear()
                     if self._replies:
@@ -376,7 +400,20 @@ class CallPool:
 
     def interrupt(self) -> int:
         """Raise KeyboardInterrupt in every thread running user code; return how many."""
-        return _calls.interrupt_calls(self)
+        n = _calls.interrupt_calls(self)
+        if self._main_pending:
+            self._last_signal = time.monotonic()
+            self._arm_monitor()  # it signals again until the call takes it (see _watch)
+        return n
+
+    def _signal_main_again(self) -> None:
+        """The SIGINT sent to the main thread has not reached its call yet. It may have
+        come just before the call entered a blocking system call (a sleep), which it
+        then did not end: the monitor sends another every round until the handler
+        runs or the call ends."""
+        self._signals_sent += 1
+        self._last_signal = time.monotonic()
+        signal.pthread_kill(self._main_ident, signal.SIGINT)
 
     def install_sigint(self) -> None:
         """On a worker's main thread: SIGINT (`interrupt`'s own, or `kill -INT`)
@@ -387,7 +424,9 @@ class CallPool:
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         """The SIGINT handler (main thread, between two bytecodes of whatever runs)."""
-        ours = self._signals_sent > 0
+        # (Signals coalesce: one handled now may stand for several sent, and one sent
+        # again by the monitor may come just after; neither is from outside.)
+        ours = self._signals_sent > 0 or time.monotonic() - self._last_signal < 0.5
         self._signals_sent = 0
         applies = self._main_pending
         self._main_pending = False
