@@ -371,6 +371,22 @@ def test_interrupt_reaches_the_call_in_every_blocking_state(cluster, short_heart
     assert fd.remotecall_fetch(time.sleep, w, 1.5 * HEARTBEAT) is None
 
 
+@pytest.mark.timeout(120)
+def test_an_interrupt_sent_as_the_call_starts_to_sleep_still_reaches_it(warm):
+    # The SIGINT may be taken just before the call enters the sleep, which it then
+    # does not end: it is sent again until the call has it.
+    w = warm[0]
+    for _ in range(40):
+        started = started_channel()
+        fut = fd.remotecall(block, w, "sleep", started)
+        started.take(timeout=10)
+        fd.interrupt(w)  # at once: the call is somewhere between its put and its sleep
+        with pytest.raises(fd.RemoteException) as info:
+            fut.fetch(timeout=5)
+        assert isinstance(info.value.__cause__, KeyboardInterrupt)
+    alive_and_answering(w)
+
+
 @pytest.mark.timeout(60)
 def test_an_outside_sigint_interrupts_the_running_call_and_the_worker_lives(warm):
     w = warm[0]
