@@ -1,4 +1,4 @@
-"""Build the Cython core: fastdist._core._wire, _msgloop, _shm and _calls."""
+"""Build the Cython core: fastdist._core._wire, _msgloop, _shm, _runqueue and _calls."""
 
 import os
 
@@ -25,7 +25,7 @@ extensions = [
         define_macros=macros,
         extra_compile_args=extra,
     )
-    for name in ("_wire", "_msgloop", "_shm", "_calls")
+    for name in ("_wire", "_msgloop", "_shm", "_runqueue", "_calls")
 ]
 
 setup(

@@ -46,6 +46,7 @@ cdef extern from "<signal.h>" nogil:
     enum:
         SIGINT
 
+from fastdist._core._runqueue cimport RunQueue
 from fastdist._core._wire cimport Frame
 
 # Message kinds and flags this path deals with (protocol/messages.py).
@@ -300,7 +301,8 @@ def queue_reply(object pool, object conn, Frame frame, int flags, object body):
 
 
 cdef bint _queue_reply(object pool, object conn, Frame frame, int flags, bytes body) except -1:
-    if PyBytes_GET_SIZE(body) > _small_reply_nbytes or pool._nwaiting <= 0:
+    cdef RunQueue runq = pool.runq
+    if PyBytes_GET_SIZE(body) > _small_reply_nbytes or runq.nwaiting <= 0:
         return False
     queue = getattr(conn, "queue_frame", None)
     if queue is None:
@@ -311,11 +313,12 @@ cdef bint _queue_reply(object pool, object conn, Frame frame, int flags, bytes b
             return True
     except ConnectionError:
         return True  # the caller is gone: nobody to answer
-    # Recorded first, then the monitor armed if it was not: it clears its flag
+    # Recorded first, then the monitor armed if it was not: it clears its event
     # before it looks at the record for the last time (CallPool._watch).
-    (<dict>pool._replies)[conn] = True
-    if not pool._monitor_armed:
-        pool._arm_monitor()
+    runq.replies[conn] = True
+    if not runq.monitor_armed:
+        runq.monitor_armed = True
+        runq.arm()
     return True
 
 

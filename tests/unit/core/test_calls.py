@@ -7,6 +7,7 @@ import os
 import pickle
 
 import pytest
+from fastdist._core._runqueue import RunQueue
 
 from fastdist._core import _calls, _wire
 from fastdist.callpool import CallPool
@@ -495,24 +496,24 @@ def test_a_reply_waits_while_more_calls_wait_and_goes_out_in_bursts():
     from fastdist.handlers import MAX_QUEUED_REPLIES
 
     node, conn = Node(), QueueingConn()
-    pool = node.callpool
     armed = []
-
-    def arm():
-        armed.append(True)
-        pool._monitor_armed = True
-
-    pool._arm_monitor = arm  # type: ignore[method-assign]
-    pool._nwaiting = 3  # more calls wait to run here: replies may wait for theirs
+    # A run queue with no thread to run what waits in it, and a monitor that only
+    # records being armed.
+    runq = node.callpool.runq = RunQueue(lambda: armed.append(True), lambda: None,
+                                         print, 0, 1.0)
+    for _ in range(3):  # more calls wait to run here: replies may wait for theirs
+        runq.submit(lambda: None)
+    assert armed == [True]  # (by the waiting work)
     for _ in range(MAX_QUEUED_REPLIES - 1):
         assert _calls.run_small_call(node, conn, call_frame(os.getpid, kind=Kind.CALL_FETCH))
     assert conn.sent == [] and len(conn.queued) == MAX_QUEUED_REPLIES - 1
-    # The monitor was asked to watch them (once: it stays armed), in case the
-    # calls that wait take long.
-    assert pool._replies == {conn: True} and armed == [True]
+    # The monitor watches them (armed already: it stays so), in case the calls
+    # that wait take long.
+    assert runq.replies == {conn: True} and armed == [True]
     assert _calls.run_small_call(node, conn, call_frame(divmod, 7, 2, kind=Kind.CALL_FETCH))
     assert conn.flushes == 1 and len(conn.sent) == MAX_QUEUED_REPLIES
     assert pickle.loads(conn.sent[-1][4]) == (3, 1)
-    pool._nwaiting = 0  # nothing else to run: this reply goes out at once
+    node.callpool.runq = RunQueue(lambda: None, lambda: None, print, 0, 1.0)
+    # Nothing else to run: this reply goes out at once.
     assert _calls.run_small_call(node, conn, call_frame(os.getpid, kind=Kind.CALL_FETCH))
     assert len(conn.sent) == MAX_QUEUED_REPLIES + 1 and conn.queued == []
