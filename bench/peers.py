@@ -244,6 +244,13 @@ class FastdistTcpPeer(FastdistPeer):
         super().load()
 
 
+class FastdistBasePeer(FastdistPeer):
+    """fastdist as it was at another revision (run.py --base puts it first on
+    PYTHONPATH): before and after in one run."""
+
+    name = "fastdist-base"
+
+
 class MpPeer(Peer):
     name = "mp"
     w1_label = "Pool.apply"
@@ -521,6 +528,7 @@ class RayPeer(Peer):
 PEERS = {
     "fastdist": FastdistPeer,
     "fastdist-tcp": FastdistTcpPeer,
+    "fastdist-base": FastdistBasePeer,
     "mp": MpPeer,
     "cf": CfPeer,
     "loky": LokyPeer,

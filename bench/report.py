@@ -12,6 +12,7 @@ ROOT = os.path.dirname(HERE)
 PEER_NAMES = {
     "fastdist": "fastdist",
     "fastdist-tcp": "fastdist over TCP",
+    "fastdist-base": "fastdist before (--base)",
     "mp": "multiprocessing.Pool",
     "cf": "concurrent.futures",
     "loky": "loky",
@@ -431,6 +432,9 @@ def render_markdown(results):
     if meta.get("openblas_coretype"):
         L.append(f"- OPENBLAS_CORETYPE={meta['openblas_coretype']} (as set in the environment)")
     L.append(f"- Date: {meta['date']}; fastdist commit {meta.get('commit') or 'unknown'}")
+    if meta.get("base"):
+        L.append(f"- fastdist before (`--base`): commit {meta['base']}, built from that revision "
+                 "and run in this same run; its ratios are its time over this commit's")
     lb, la = meta.get("load_before"), meta.get("load_after")
     if lb and la:
         L.append(f"- Load average (1/5/15 min) before: {lb[0]:.2f}/{lb[1]:.2f}/{lb[2]:.2f}, "
@@ -452,14 +456,14 @@ def render_markdown(results):
     L.append("")
     L.append("| system | " + " | ".join(results["workloads"]) + " |")
     L.append("|---|" + "---|" * len(results["workloads"]))
-    for p in ["fastdist", "fastdist-tcp"] + PEERS:
+    for p in ["fastdist", "fastdist-base", "fastdist-tcp"] + PEERS:
         if p not in results["peers"]:
             continue
         cells = []
         for w in results["workloads"]:
             job = job_status(results, p, w)
             if job is None:
-                cells.append("—" if p == "fastdist-tcp" else "not run")
+                cells.append("—" if p in ("fastdist-tcp", "fastdist-base") else "not run")
             elif job["status"] == "ok":
                 errs = [r for r in job.get("rows", []) if r.get("error")]
                 cells.append(f"ok ({job.get('wall_s', 0):.0f} s)" + (f", {len(errs)} row(s) failed" if errs else ""))
@@ -501,7 +505,7 @@ def render_markdown(results):
         L.append("")
         L.append("| system | " + " | ".join(t for _, _, t in cols) + " |")
         L.append("|---|" + "---|" * len(cols))
-        for p in ["fastdist-tcp"] + PEERS:
+        for p in ["fastdist-base", "fastdist-tcp"] + PEERS:
             if p not in results["peers"]:
                 continue
             cells = []
@@ -571,7 +575,7 @@ def render_chart(results, path):
     for w in results["workloads"]:
         refs = fd_rows(results, w)
         bars = []
-        for p in ["fastdist-tcp"] + PEERS + BASELINES:
+        for p in ["fastdist-base", "fastdist-tcp"] + PEERS + BASELINES:
             for r in rows_of(results, w, p):
                 x = ratio(r, refs.get(r["ref"]))
                 if x is not None:

@@ -1,7 +1,11 @@
 """Side-by-side benchmark: fastdist against multiprocessing, concurrent.futures,
 loky, dask.distributed and ray, plus raw-socket and memory baselines.
 
-    bash bench/run.sh [--quick] [--only W1,W3] [--peers fastdist,mp,...]
+    bash bench/run.sh [--quick] [--only W1,W3] [--peers fastdist,mp,...] [--base REV]
+
+`--base REV` adds fastdist as it was at git revision REV ("fastdist-base"),
+built into bench/.build/, to the same run: a before/after comparison whose
+figures share the run's conditions.
 
 Every (system, workload) pair runs in its own fresh process (peers.py) with a
 timeout; whatever that process leaves behind is killed before the next one
@@ -29,7 +33,8 @@ import report  # noqa: E402
 
 PEERS = ["fastdist", "fastdist-tcp", "mp", "cf", "loky", "dask", "ray"]
 # fastdist with FASTDIST_UNIX_SOCKETS=0 runs only where the transport matters.
-ONLY_WORKLOADS = {"fastdist-tcp": {"W1", "W2", "W3"}}
+ONLY_WORKLOADS = {"fastdist-tcp": {"W1", "W2", "W3"},
+                  "fastdist-base": {"W1", "W2", "W3", "W4", "W5"}}
 BASELINES = ["c", "pysock", "memcpy"]
 WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6"]
 # Which workloads each baseline feeds.
@@ -61,6 +66,26 @@ def build_pingpong():
         return None, "gcc not found"
     except subprocess.CalledProcessError as e:
         return None, "gcc failed: " + report.sanitize(e.stderr.strip().splitlines()[-1] if e.stderr else "")
+
+
+def prepare_base(rev):
+    """fastdist at git revision `rev`, built in place under bench/.build/base-SHA/
+    (once per revision); returns (the directory to put on PYTHONPATH, short sha)."""
+    sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--verify", f"{rev}^{{commit}}"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    dest = os.path.join(BUILD, f"base-{sha[:12]}")
+    src = os.path.join(dest, "src")
+    done = os.path.join(dest, ".built")
+    if not os.path.exists(done):
+        subprocess.run(["rm", "-rf", dest], check=True)
+        os.makedirs(dest)
+        archive = subprocess.run(["git", "-C", ROOT, "archive", sha], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+        subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest,
+                       check=True, capture_output=True)
+        open(done, "w").close()
+    return src, sha[:12]
 
 
 def tagged_processes(tag):
@@ -155,6 +180,8 @@ def run_job(peer, workload, args, exe, logdir, extra=(), suffix=""):
     env = dict(os.environ)
     env["FDBENCH_TAG"] = tag
     env["PYTHONPATH"] = HERE + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if peer == "fastdist-base":
+        env["PYTHONPATH"] = args.base_src + os.pathsep + env["PYTHONPATH"]
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep ray on 127.0.0.1
     cmd = [sys.executable, os.path.join(HERE, "peers.py"), peer, workload, "--out", out]
@@ -235,6 +262,8 @@ def main(argv=None):
                     help="before each job, wait up to this many seconds for the CPU to be idle (< 20%% busy)")
     ap.add_argument("--out-dir", help="where RESULTS.md, results.json, ratios.png go "
                     "(default: bench/, or bench/.build/quick/ with --quick)")
+    ap.add_argument("--base", help="also run fastdist as it was at this git revision "
+                    "(peer fastdist-base, W1-W5): before and after in one run")
     args = ap.parse_args(argv)
     if args.out_dir is None:
         # A smoke test must not overwrite the full run's committed results.
@@ -243,6 +272,9 @@ def main(argv=None):
     workloads = parse_list(args.only, WORKLOADS, "workload")
     selected = parse_list(args.peers, PEERS + BASELINES, "peer")
     peers = [p for p in PEERS if p in selected]
+    if args.base:
+        args.base_src, base_sha = prepare_base(args.base)
+        peers.insert(1, "fastdist-base")
     baselines = [b for b in BASELINES if b in selected and BASELINE_FOR[b] & set(workloads)]
 
     logdir = os.path.join(BUILD, "logs")
@@ -272,6 +304,8 @@ def main(argv=None):
         print(f"{doc['status']} ({doc['wall_s']:.1f} s)" + (f": {doc['error']}" if doc.get("error") else ""), flush=True)
 
     meta["load_after"] = os.getloadavg()
+    if args.base:
+        meta["base"] = base_sha
     results = {
         "config": "quick" if args.quick else "full",
         "workloads": workloads,
