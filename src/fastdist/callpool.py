@@ -104,7 +104,7 @@ class CallPool:
                          daemon=True).start()
 
     def _serve(self) -> None:
-        _block_sigint()
+        block_sigint()
         wake = threading.Lock()
         wake.acquire()
         me = Runner(False, wake.release)
@@ -181,7 +181,7 @@ class CallPool:
         wait; `_calls.queue_reply` records a reply before it looks at the armed flag,
         and this clears its event before it looks for the last time, so nothing is
         left without a watcher."""
-        _block_sigint()
+        block_sigint()
         runq = self.runq
         while True:
             self._monitor.wait()
@@ -289,7 +289,10 @@ def _report_uncaught(exc: BaseException) -> None:
         pass
 
 
-def _block_sigint() -> None:
-    """SIGINT is for the main thread: one taken by another would wake nobody there."""
+def block_sigint() -> None:
+    """On a thread other than the main one: leave SIGINT to the main thread. Python
+    runs signal handlers there only, so one the kernel gave another thread would
+    not end the main thread's sleep or wait (a Ctrl-C on the master, `interrupt`
+    on a worker)."""
     if threading.current_thread() is not threading.main_thread():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

@@ -24,7 +24,7 @@ from typing import Any
 
 from fastdist._core._calls import route_frames
 from fastdist._core._msgloop import MessageLoop, set_keepalive_interval
-from fastdist.callpool import CallPool
+from fastdist.callpool import CallPool, block_sigint
 from fastdist.exceptions import ProcessExitedException, ProtocolError
 from fastdist.output import drain_worker_pipes
 from fastdist.protocol import serialize
@@ -110,8 +110,13 @@ class Node:
     # -- lifecycle ------------------------------------------------------------
 
     def start_loop_thread(self) -> None:
-        self.loop_thread = threading.Thread(target=self.loop.run, name="fastdist-io", daemon=True)
+        self.loop_thread = threading.Thread(target=self._run_loop, name="fastdist-io",
+                                            daemon=True)
         self.loop_thread.start()
+
+    def _run_loop(self) -> None:
+        block_sigint()
+        self.loop.run()
 
     def start_listener(self, host: str, port: int = 0,
                        advertised: str | None = None) -> tuple[str, int]:

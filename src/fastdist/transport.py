@@ -15,6 +15,7 @@ import threading
 from typing import Any
 
 from fastdist._core import _wire
+from fastdist.callpool import block_sigint
 from fastdist.protocol import handshake
 
 # The kernel queues this many not-yet-accepted connections per listener.
@@ -190,6 +191,7 @@ class StreamConnection:
         self._nowait.put((kind, flags, aux, whence, ref_id, bytes(body)))
 
     def _write_loop(self) -> None:
+        block_sigint()
         while True:
             item = self._nowait.get()
             if item is None:
@@ -200,6 +202,7 @@ class StreamConnection:
                 return
 
     def _read_loop(self) -> None:
+        block_sigint()
         reader = _wire.FrameReader()
         read = getattr(self._in, "readinto1", None) or self._in.readinto
         exc: BaseException | None = None

@@ -183,16 +183,24 @@ def test_sigkill_mid_call_fails_every_waiter_and_leaks_nothing(cluster):
 
     # Nothing of the dead worker stays open in the master: its socket and both output
     # pipes close, its helper threads end, and no call thread stays blocked on it.
+    state = {}
+
     def settled():
         now = open_fds()
         leaked = {k: v for k, v in now.items() if fds_before.get(k) != v}
         gone = [k for k in fds_before if k not in now]
         names = {t.name for t in threading.enumerate() if not t.name.startswith("fastdist-call")}
         pool_idle = n.callpool.nidle == n.callpool.nthreads
+        state.update(leaked=leaked, socket_closed=sock_fd in gone, closed=len(gone),
+                     new_threads=names - threads_before, idle=n.callpool.nidle,
+                     helpers=n.callpool.nthreads)
         return (not leaked and sock_fd in gone and len(gone) >= 3
                 and names <= threads_before and pool_idle)
 
-    wait_until(settled, 10, "the master to drop every fd and thread of the dead worker")
+    try:
+        wait_until(settled, 10, "the master to drop every fd and thread of the dead worker")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {state}") from None
     assert not os_alive(ospid)
 
 
