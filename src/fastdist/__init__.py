@@ -17,7 +17,6 @@ from fastdist.asyncmap import asyncmap
 from fastdist.channel import AbstractChannel, Channel
 from fastdist.cluster import (
     addprocs,
-    cluster_cookie,
     interrupt,
     myid,
     nprocs,
@@ -48,6 +47,7 @@ from fastdist.managers import (
     launch,
     manage,
 )
+from fastdist.node import cluster_cookie
 from fastdist.pmap import pmap
 from fastdist.refs import RRID, Future, RemoteChannel, channel_from_id, remoteref_id
 from fastdist.remotecall import (

@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 
 from fastdist._core import _calls
 from fastdist._core._runqueue import Runner, RunQueue
+from fastdist.signals import block_sigint
 
 Task = Callable[[], object]
 
@@ -287,12 +288,3 @@ def _report_uncaught(exc: BaseException) -> None:
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     except BaseException:  # noqa: BLE001 - stderr gone: nothing more to do
         pass
-
-
-def block_sigint() -> None:
-    """On a thread other than the main one: leave SIGINT to the main thread. Python
-    runs signal handlers there only, so one the kernel gave another thread would
-    not end the main thread's sleep or wait (a Ctrl-C on the master, `interrupt`
-    on a worker)."""
-    if threading.current_thread() is not threading.main_thread():
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})

@@ -13,54 +13,43 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import select
 import socket
-import string
 import threading
 import time
 import warnings
 from typing import Any
 
 from fastdist import node as _node
+from fastdist.dispatch import register
 from fastdist.exceptions import ClusterError, ProcessExitedException
 from fastdist.managers.base import ClusterManager, WorkerConfig
-from fastdist.node import Node, Peer, worker_timeout
+from fastdist.managers.local import LocalManager
+from fastdist.managers.process import escalate_exit
+from fastdist.managers.ssh import SSHManager
+from fastdist.node import Node, Peer, on_peer_lost, worker_timeout
+from fastdist.output import (
+    install_log_forwarding,
+    install_worker_record_field,
+    relay_worker_output,
+)
 from fastdist.protocol import serialize
+from fastdist.protocol.handshake import connect_blocking
 from fastdist.protocol.messages import Kind
-from fastdist.refs import Waiter
+from fastdist.refstore import Waiter
+from fastdist.remotecall import remotecall_fetch
+from fastdist.tasks import run_async
+from fastdist.transport import connect_socket, stream_handshake, tune_socket
+from fastdist.workerpool import add_to_default_pool
 
 TOPOLOGIES = ("all_to_all", "master_worker", "custom")
 WORKER_LINE_PREFIX = "fastdist_worker:"
-COOKIE_NBYTES = 32
 
-_cookie: str | None = None
-_cookie_lock = threading.Lock()
 _next_pid = 2
 _pid_lock = threading.Lock()
 _addprocs_lock = threading.Lock()
 _joining: dict[int, Waiter] = {}
 _cluster_fixed: dict[str, Any] = {}
-
-
-def cluster_cookie(cookie: str | None = None) -> str:
-    """This cluster's cookie (made on first use); with an argument, set it.
-
-    The cookie never crosses the wire: connections prove they know it (HMAC).
-    """
-    global _cookie
-    with _cookie_lock:
-        if cookie is not None:
-            if not isinstance(cookie, str) or not cookie or any(c.isspace() for c in cookie):
-                raise ValueError("a cookie is a non-empty string without whitespace")
-            _cookie = cookie
-            n = _node.peek()
-            if n is not None:
-                n.cookie = cookie
-        elif _cookie is None:
-            alphabet = string.ascii_letters + string.digits
-            _cookie = "".join(secrets.choice(alphabet) for _ in range(COOKIE_NBYTES))
-        return _cookie
 
 
 def myid() -> int:
@@ -160,8 +149,6 @@ def addprocs(np_or_machines: Any = None, **kwargs: Any) -> list[int]:
         >>> fd.workers()
         [2, 3]
     """
-    from fastdist.managers.local import LocalManager
-
     if isinstance(np_or_machines, ClusterManager):
         manager = np_or_machines
     elif np_or_machines is None:
@@ -169,8 +156,6 @@ def addprocs(np_or_machines: Any = None, **kwargs: Any) -> list[int]:
     elif isinstance(np_or_machines, int):
         manager = LocalManager(np_or_machines, kwargs.pop("restrict", True))
     elif isinstance(np_or_machines, (list, tuple, str)):
-        from fastdist.managers.ssh import SSHManager
-
         machines = [np_or_machines] if isinstance(np_or_machines, str) else np_or_machines
         manager = SSHManager(machines)
     else:
@@ -202,6 +187,7 @@ def _addprocs(manager: ClusterManager, **kwargs: Any) -> list[int]:
     }
     params.update(kwargs)
     _check_params(n, params)
+    params["cookie"] = n.cookie  # what the manager hands each worker on its stdin
     with _addprocs_lock:
         n.topology = params["topology"]
         n.lazy = bool(params["lazy"])
@@ -263,12 +249,8 @@ def _addprocs(manager: ClusterManager, **kwargs: Any) -> list[int]:
                                "none were added") from first
         _announce(n, pids)
         if n.topology == "custom" or not n.lazy:
-            from fastdist.remotecall import remotecall_fetch
-
             for pid in pids:
                 remotecall_fetch(_link_peers, pid)
-        from fastdist.workerpool import add_to_default_pool
-
         add_to_default_pool(pids)
         return pids
 
@@ -289,8 +271,6 @@ def _take_pid() -> int:
 
 
 def _setup_worker(n: Node, manager: ClusterManager, config: WorkerConfig) -> int:
-    from fastdist.output import relay_worker_output
-
     pid = _take_pid()
     if config.io is not None:
         try:
@@ -341,9 +321,6 @@ def _setup_worker(n: Node, manager: ClusterManager, config: WorkerConfig) -> int
 
 def _open(n: Node, pid: int, instream: Any, outstream: Any) -> Any:
     """Authenticate and start serving the connection to a new worker."""
-    from fastdist.protocol.handshake import connect_blocking
-    from fastdist.transport import stream_handshake, tune_socket
-
     cookie = n.cookie.encode()
     if instream is outstream and isinstance(instream, socket.socket):
         sock = instream
@@ -463,16 +440,18 @@ def _close_output(config: WorkerConfig) -> None:
 def _kill_unjoined(config: WorkerConfig) -> None:
     proc = config.process
     if proc is not None and proc.poll() is None:
-        from fastdist.managers.local import escalate_exit
-
         threading.Thread(target=escalate_exit, args=(proc, 0.0), daemon=True).start()
 
 
 # -- joining, on the worker ---------------------------------------------------------------
 
 
+def handle_identify(n: Node, conn: Any, frame: Any) -> None:
+    """An IDENTIFY frame arrived (on the thread that reads `conn`)."""
+    on_identify(n, conn, serialize.loads(frame.body, what="identity"))
+
+
 def on_identify(n: Node, conn: Any, d: dict[str, Any]) -> None:
-    """An IDENTIFY frame arrived (I/O thread)."""
     if n.role == "master":
         w = _joining.get(conn.peer) if conn.peer is not None else None
         if w is not None:
@@ -489,8 +468,6 @@ def on_identify(n: Node, conn: Any, d: dict[str, Any]) -> None:
 
 
 def _join(n: Node, conn: Any, d: dict[str, Any]) -> None:
-    from fastdist.output import install_log_forwarding
-
     n.myid = int(d["your_pid"])
     n.topology = d["topology"]
     n.lazy = bool(d["lazy"])
@@ -536,8 +513,6 @@ def _link_peers() -> None:
 
 def _connect_now(n: Node, p: Peer) -> None:
     """Open a link to `p` at join time (the newer worker always opens it)."""
-    from fastdist.transport import connect_socket
-
     with p.connect_lock:
         if p.conn is not None:
             return
@@ -564,6 +539,10 @@ def conn_peer_host(conn: Any) -> str:
     return str(name[0]) if isinstance(name, tuple) else ""
 
 
+def handle_peers(n: Node, conn: Any, frame: Any) -> None:
+    on_peers(n, serialize.loads(frame.body, what="peer list"))
+
+
 def on_peers(n: Node, d: dict[str, Any]) -> None:
     for facts in d.get("add", ()):
         pid = facts["pid"]
@@ -575,28 +554,27 @@ def on_peers(n: Node, d: dict[str, Any]) -> None:
         n.removed.add(pid)
 
 
-def on_unjoined_close(pid: int) -> None:
-    """The connection to a worker that has not finished joining closed: it died, and
-    its addprocs must say so now rather than wait out FASTDIST_WORKER_TIMEOUT."""
-    w = _joining.get(pid)
-    if w is not None:
-        w.fail(ProcessExitedException(pid))
-
-
 # -- removing workers -----------------------------------------------------------------------
 
 
-def on_worker_lost(n: Node, p: Peer, exc: BaseException | None) -> None:
-    """On the master, after a worker's connection is gone (any thread)."""
-    w = _joining.get(p.pid)
+@on_peer_lost
+def _worker_lost(n: Node, pid: int, p: Peer | None, exc: BaseException | None) -> None:
+    """On the master, after a worker's connection is gone (any thread): its addprocs
+    is told at once if it was still joining (rather than waiting out
+    FASTDIST_WORKER_TIMEOUT), the other workers forget it, its manager is told."""
+    if n.role != "master":
+        return
+    w = _joining.get(pid)
     if w is not None:
-        w.fail(ProcessExitedException(p.pid))
+        w.fail(ProcessExitedException(pid))
+    if p is None:
+        return
 
     def after() -> None:
         body, _ = serialize.dumps({"remove": [p.pid]}, what="peer list")
-        for pid in n.worker_pids():
+        for other in n.worker_pids():
             try:
-                n.send(pid, Kind.PEERS, 0, 0, 1, 0, body)
+                n.send(other, Kind.PEERS, 0, 0, 1, 0, body)
             except Exception:  # noqa: BLE001
                 pass
         if p.manager is not None:
@@ -606,22 +584,9 @@ def on_worker_lost(n: Node, p: Peer, exc: BaseException | None) -> None:
                 pass
         proc = getattr(p.config, "process", None)
         if proc is not None:
-            from fastdist.managers.local import escalate_exit
-
             escalate_exit(proc)
 
     n.callpool.submit(after)
-
-
-def ask_worker_to_exit(pid: int) -> None:
-    n = _node.current()
-    p = n.peers.get(pid)
-    if p is None or p.conn is None:
-        return
-    try:
-        p.conn.send_frame(Kind.EXIT, 0, 0, n.myid, 0)
-    except ConnectionError:
-        pass
 
 
 def _remove_now(n: Node, pid: int) -> None:
@@ -629,7 +594,7 @@ def _remove_now(n: Node, pid: int) -> None:
     if p is None:
         return
     try:
-        (p.manager.kill if p.manager is not None else (lambda *_: ask_worker_to_exit(pid)))(
+        (p.manager.kill if p.manager is not None else (lambda *_: n.ask_to_exit(pid)))(
             pid, p.config)
     except Exception:  # noqa: BLE001
         pass
@@ -652,8 +617,6 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> Any:
         RuntimeError: called on a worker.
         TimeoutError: `waitfor` seconds passed before every worker was gone.
     """
-    from fastdist.tasks import run_async
-
     n = _node.current()
     if n.myid != 1:
         raise RuntimeError("Only process 1 can add or remove workers")
@@ -670,7 +633,7 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> Any:
             if p is not None and p.manager is not None:
                 p.manager.kill(pid, p.config)
             elif p is not None:
-                ask_worker_to_exit(pid)
+                n.ask_to_exit(pid)
         for pid in flat:
             p = n.peers.get(pid)
             if p is not None:
@@ -729,6 +692,8 @@ def worker_id_from_socket(s: Any) -> int:
 
 
 def _install_worker_log_field() -> None:
-    from fastdist.output import install_worker_record_field
+    install_worker_record_field(myid)
 
-    install_worker_record_field()
+
+register(Kind.IDENTIFY, handle_identify)
+register(Kind.PEERS, handle_peers)

@@ -21,6 +21,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from fastdist import node as _node
 from fastdist.protocol.messages import FLAG_SERIAL
+from fastdist.refs import when_ready
+from fastdist.remotecall import call_future
 from fastdist.workerpool import AbstractWorkerPool, CachingPool, default_worker_pool
 
 __all__ = ["Executor"]
@@ -223,8 +225,6 @@ class Executor(concurrent.futures.Executor):
             self._done()
 
     def _start(self, item: _WorkItem, pool: AbstractWorkerPool, w: int) -> None:
-        from fastdist.remotecall import call_future, when_ready
-
         n = _node.current()
         fn: Callable[..., Any] = item.fn
         try:

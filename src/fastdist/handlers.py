@@ -1,75 +1,40 @@
-"""Message kind -> handler: what a process does with each frame it receives.
+"""What a process does with the frames of the runtime's own kinds: calls and their
+replies, results, fetches and puts of references, reference counts, liveness,
+interrupts, exit, shared-memory set-up (each registered with dispatch.py).
 
 Handlers run on whichever thread reads the connection — the I/O thread, or a
 thread waiting for its own reply — and never run user code there: they only
-route. Calls, and anything that unpickles user data (fetch replies, log
-records), go to the call threads (callpool.py). Frames from a connection that
-has not named itself are refused.
+route. Calls, and anything that unpickles user data (fetch replies), go to the
+call threads (callpool.py).
 """
 
 from __future__ import annotations
 
-import struct
 import sys
 import traceback
-from collections.abc import Callable
 from typing import Any
 
 from fastdist._core._calls import (
+    configure_replies,
     handle_call,
     handle_result,
     queue_reply,
 )
+from fastdist.dispatch import register
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
+from fastdist.node import exit_worker
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import (
     FLAG_ERROR,
     FLAG_RELEASED,
     FLAG_RESTORE,
-    KNOWN_KINDS,
+    REF_HEADER,
     REF_RECORD,
     RESULT,
     Kind,
 )
 from fastdist.protocol.values import encode_error, encode_result
-from fastdist.refs import RRID, RemoteValue
-
-# FETCH and PUT_FUTURE bodies start with the reference they are about.
-REF_HEADER = struct.Struct("<IQ")
-
-Handler = Callable[[Any, Any, Any], None]
-
-
-def dispatch(node: Any, conn: Any, frame: Any) -> None:
-    if conn.peer is None and frame.kind != Kind.IDENTIFY:
-        conn.close(ProtocolError("a connection must identify itself before anything else"))
-        return
-    handler = HANDLERS.get(frame.kind)
-    if handler is None:
-        _unknown_kind(node, conn, frame)
-        return
-    try:
-        handler(node, conn, frame)
-    except Exception as exc:  # noqa: BLE001 - one bad frame fails that frame only
-        _reply_error(node, conn, frame, exc)
-
-
-def _reply_error(node: Any, conn: Any, frame: Any, exc: BaseException) -> None:
-    """Fail the waiter a broken frame was addressed to, if it named one."""
-    if frame.id and frame.kind in (Kind.CALL, Kind.CALL_FETCH, Kind.FETCH, Kind.PUT_FUTURE):
-        flags, body, _ = encode_error(exc)
-        try:
-            conn.send_nowait(Kind.RESULT, flags, 0, frame.whence, frame.id, body)
-        except ConnectionError:
-            pass
-    else:
-        print(f"fastdist: dropped a bad frame (kind {frame.kind}) from process {conn.peer}: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr)
-
-
-def _unknown_kind(node: Any, conn: Any, frame: Any) -> None:
-    _reply_error(node, conn, frame, ProtocolError(f"unknown message kind {frame.kind}"))
-
+from fastdist.refstore import RRID, RemoteValue
 
 # -- calls ----------------------------------------------------------------------------
 
@@ -166,9 +131,12 @@ def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
 # Replies up to this size (and without out-of-band buffers) may wait in a lane's
 # queue; a larger one goes out at once.
 SMALL_REPLY_NBYTES = 16 * 1024
-# Replies a worker's lane queues before writing them together (see queue_reply):
+# Replies queued on a connection before they are written together (see queue_reply):
 # one write per this many pipelined calls, not per call.
 MAX_QUEUED_REPLIES = 32
+
+configure_replies(send_reply, reply_to_call, run_general_call, SMALL_REPLY_NBYTES,
+                  MAX_QUEUED_REPLIES)
 
 
 def handle_fetch(node: Any, conn: Any, frame: Any) -> None:
@@ -246,18 +214,6 @@ def handle_pong(node: Any, conn: Any, frame: Any) -> None:
     """As PING (older peers answered a PING with a PONG)."""
 
 
-def handle_identify(node: Any, conn: Any, frame: Any) -> None:
-    from fastdist.cluster import on_identify
-
-    on_identify(node, conn, serialize.loads(frame.body, what="identity"))
-
-
-def handle_peers(node: Any, conn: Any, frame: Any) -> None:
-    from fastdist.cluster import on_peers
-
-    on_peers(node, serialize.loads(frame.body, what="peer list"))
-
-
 def handle_connect_back(node: Any, conn: Any, frame: Any) -> None:
     target = frame.aux
     if node.role == "master":
@@ -279,27 +235,12 @@ def handle_interrupt(node: Any, conn: Any, frame: Any) -> None:
     node.callpool.interrupt()
 
 
-def handle_log(node: Any, conn: Any, frame: Any) -> None:
-    from fastdist.output import queue_log_record
-
-    queue_log_record(node, conn.peer, frame.body)
-
-
 def handle_exit(node: Any, conn: Any, frame: Any) -> None:
-    from fastdist.node import _exit_worker
-
     if node.role == "worker" and conn.peer == 1:
-        _exit_worker()
+        exit_worker()
 
 
-def handle_forget_funcs(node: Any, conn: Any, frame: Any) -> None:
-    from fastdist.workerpool import forget_cached_functions
-
-    forget_cached_functions(node, conn.peer, frame.body)
-
-
-HANDLERS: dict[int, Handler] = {
-    Kind.IDENTIFY: handle_identify,
+for _kind, _handler in {
     Kind.CALL: handle_call,
     Kind.CALL_FETCH: handle_call,
     Kind.REMOTE_DO: handle_call,
@@ -311,15 +252,11 @@ HANDLERS: dict[int, Handler] = {
     Kind.REFS: handle_refs,
     Kind.PING: handle_ping,
     Kind.PONG: handle_pong,
-    Kind.PEERS: handle_peers,
     Kind.CONNECT_BACK: handle_connect_back,
     Kind.INTERRUPT: handle_interrupt,
-    Kind.LOG: handle_log,
     Kind.EXIT: handle_exit,
-    Kind.FORGET_FUNCS: handle_forget_funcs,
     Kind.SHM_OFFER: handle_shm_offer,
     Kind.SHM_ACCEPT: handle_shm_accept,
     Kind.SHM_FORGET: handle_shm_forget,
-}
-
-assert set(HANDLERS) == KNOWN_KINDS, "every message kind has exactly one handler"
+}.items():
+    register(_kind, _handler)

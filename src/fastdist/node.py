@@ -14,23 +14,44 @@ import functools
 import itertools
 import os
 import resource
+import secrets
 import socket
+import string
 import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastdist._core._calls import route_frames
 from fastdist._core._msgloop import MessageLoop, set_keepalive_interval
-from fastdist.callpool import CallPool, block_sigint
+from fastdist.callpool import CallPool
+from fastdist.dispatch import dispatch, reply_error
 from fastdist.exceptions import ProcessExitedException, ProtocolError
 from fastdist.output import drain_worker_pipes
 from fastdist.protocol import serialize
-from fastdist.protocol.messages import FLAG_ERROR, FLAG_RESTORE, REF_RECORD, RESULT, Kind
-from fastdist.refs import RefStore, Waiter
+from fastdist.protocol.handshake import AcceptorHandshake
+from fastdist.protocol.messages import (
+    FLAG_ERROR,
+    FLAG_RESTORE,
+    REF_HEADER,
+    REF_RECORD,
+    RESULT,
+    Kind,
+)
+from fastdist.protocol.values import encode_error, set_local_pid
+from fastdist.refstore import RRID, RefStore, Waiter
 from fastdist.sharedmem import SharedMemory
+from fastdist.signals import block_sigint
+from fastdist.transport import (
+    StreamConnection,
+    accept_ready,
+    connect_socket,
+    listen,
+    listen_unix,
+)
 
 # Unauthenticated connections a process keeps at once; past this the oldest goes.
 MAX_PENDING_HANDSHAKES = 256
@@ -93,7 +114,6 @@ class Node:
         self.unix_listener: socket.socket | None = None
         self.callpool = CallPool()
         self.shm = SharedMemory()
-        self.worker_removed_callbacks: list[Any] = []
         self._ids = itertools.count(1)
         self._ref_queue: collections.deque[tuple[int, int, int, int, int]] = collections.deque()
         self._ref_backlog: dict[int, list[bytes]] = {}
@@ -122,8 +142,6 @@ class Node:
                        advertised: str | None = None) -> tuple[str, int]:
         """Listen on TCP host:port, and on the matching abstract Unix socket for peers
         on this host (named after the address this worker advertises)."""
-        from fastdist.transport import listen, listen_unix
-
         self.listener = listen(host, port)
         self.host, self.port = self.listener.getsockname()[:2]
         if advertised is not None:
@@ -160,8 +178,6 @@ class Node:
         return self._establish(p)
 
     def _establish(self, p: Peer) -> Any:
-        from fastdist.transport import connect_socket
-
         if self.topology == "master_worker" and self.myid != 1 and p.pid != 1:
             raise RuntimeError(
                 f"worker {self.myid} cannot call worker {p.pid}: the cluster's topology is "
@@ -201,6 +217,16 @@ class Node:
             set_keepalive_interval(heartbeat_timeout() / 4)
             start_keepalive()
         p.connected.set(True)
+
+    def ask_to_exit(self, pid: int) -> None:
+        """Ask worker `pid` to finish and exit (EXIT); nothing if it is gone already."""
+        p = self.peers.get(pid)
+        if p is None or p.conn is None:
+            return
+        try:
+            p.conn.send_frame(Kind.EXIT, 0, 0, self.myid, 0)
+        except ConnectionError:
+            pass
 
     def send(self, pid: int, kind: int, flags: int, aux: int, whence: int, ref_id: int,
              body: Any = b"", buffers: Any = ()) -> None:
@@ -244,8 +270,6 @@ class Node:
             raise ProcessExitedException(pid) from exc
 
     def add_stream_connection(self, instream: Any, outstream: Any, pid: int | None) -> Any:
-        from fastdist.transport import StreamConnection
-
         conn = StreamConnection(self, instream, outstream, pid)
         self._stream_conns.append(conn)
         conn.start()
@@ -254,8 +278,6 @@ class Node:
     # -- handler protocol, called by the loop (or a stream reader) ------------
 
     def on_frames(self, conn: Any, frames: list[Any]) -> None:
-        from fastdist.handlers import _reply_error, dispatch
-
         for frame in frames:
             if frame.kind == RESULT:
                 # What calls printed went on a pipe, their replies on this socket, the
@@ -267,7 +289,7 @@ class Node:
         # main thread) can land on a thread reading a connection for everyone: the
         # frames after it belong to other callers and are dispatched before it
         # propagates.
-        route_frames(self, conn, frames, dispatch, self._map_shared, _reply_error)
+        route_frames(self, conn, frames, dispatch, self._map_shared, reply_error)
 
     def _map_shared(self, conn: Any, frame: Any) -> bool:
         """Give a frame whose buffers are in shared memory those buffers. If they
@@ -278,14 +300,11 @@ class Node:
             self.shm.incoming(conn.peer, frame)
             return True
         except Exception as exc:  # noqa: BLE001
-            from fastdist.handlers import _reply_error
-            from fastdist.protocol.values import encode_error
-
             if frame.kind == Kind.RESULT:
                 frame.flags, frame.body, _ = encode_error(exc, self.myid)
                 frame.buffers = []
                 return True
-            _reply_error(self, conn, frame, exc)
+            reply_error(self, conn, frame, exc)
             return False
 
     def on_authenticated(self, conn: Any) -> None:
@@ -299,18 +318,14 @@ class Node:
         if p is not None and p.conn is conn:
             self.peer_lost(pid, exc)
         elif p is None and self.role == "master":
-            from fastdist.cluster import on_unjoined_close
-
-            on_unjoined_close(pid)
+            self._run_peer_lost_hooks(pid, None, exc)  # it died before it joined
 
     def peer_lost(self, pid: int, exc: BaseException | None = None) -> None:
         """A process is gone: fail what waits on it and forget it."""
-        from fastdist.refs import fail_pushed_futures
-
         p = self.peers.pop(pid, None)
         self.removed.add(pid)
         if self.role == "worker" and pid == 1:
-            _exit_worker()
+            exit_worker()
         if p is not None:
             p.connected.fail(ProcessExitedException(pid))
             p.gone.set(True)
@@ -322,24 +337,20 @@ class Node:
             # dispatched now and this failure cannot both reach it.
             if w.peer == pid and self.waiters.pop(wid, None) is not None:
                 w.fail(err)
-        fail_pushed_futures(self, pid)
         self.shm.forget(pid)
         self.store.drop_client(pid)
         self._ref_backlog.pop(pid, None)
-        for callback in list(self.worker_removed_callbacks):
-            try:
-                callback(pid)
-            except Exception:  # noqa: BLE001
-                pass
-        if self.role == "master" and p is not None:
-            from fastdist.cluster import on_worker_lost
+        self._run_peer_lost_hooks(pid, p, exc)
 
-            on_worker_lost(self, p, exc)
+    def _run_peer_lost_hooks(self, pid: int, p: Peer | None,
+                             exc: BaseException | None) -> None:
+        for hook in list(_peer_lost_hooks):
+            try:
+                hook(self, pid, p, exc)
+            except Exception:  # noqa: BLE001 - one layer's clean-up must not stop the others'
+                pass
 
     def _accept(self, listener: socket.socket) -> None:
-        from fastdist.protocol.handshake import AcceptorHandshake
-        from fastdist.transport import accept_ready
-
         for sock in accept_ready(listener):
             self._shed_pending_handshakes()
             self.loop.add_connection(sock.detach(), self, AcceptorHandshake(self.cookie.encode()))
@@ -368,8 +379,6 @@ class Node:
         self.callpool.submit(functools.partial(self._restore_value, owner, whence, ref_id, raw))
 
     def _restore_value(self, owner: int, whence: int, ref_id: int, raw: Any) -> None:
-        from fastdist.handlers import REF_HEADER
-
         flags, body, buffers = raw
         with self._ref_send_lock:
             self._flush_ref_changes_locked()
@@ -394,8 +403,6 @@ class Node:
         while q:
             owner, whence, ref_id, client, delta = q.popleft()
             if owner == self.myid:
-                from fastdist.refs import RRID
-
                 self.store.change(RRID(whence, ref_id), client, delta)
             elif owner not in self.removed:
                 self._ref_backlog.setdefault(owner, []).append(
@@ -508,7 +515,7 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def _exit_worker() -> None:
+def exit_worker() -> None:
     """The master is gone: a worker never outlives it."""
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -516,6 +523,49 @@ def _exit_worker() -> None:
         except Exception:  # noqa: BLE001
             pass
     os._exit(0)
+
+
+# -- what other layers do when a peer is gone ---------------------------------------
+
+# (node, pid, its Peer — None for a worker whose connection closed before it joined —
+# and why): registered at import by the layers above, each for what it keeps of
+# peers (refs: Futures awaiting a push; pools: their members; cluster: membership).
+PeerLostHook = Callable[["Node", int, "Peer | None", "BaseException | None"], None]
+_peer_lost_hooks: list[PeerLostHook] = []
+
+
+def on_peer_lost(hook: PeerLostHook) -> PeerLostHook:
+    """Have `hook(node, pid, peer, exc)` run whenever a peer is lost (any thread)."""
+    _peer_lost_hooks.append(hook)
+    return hook
+
+
+# -- the cluster's cookie ------------------------------------------------------------
+
+# Characters of a cookie made here (letters and digits: it travels on stdin lines).
+COOKIE_NBYTES = 32
+_cookie: str | None = None
+_cookie_lock = threading.Lock()
+
+
+def cluster_cookie(cookie: str | None = None) -> str:
+    """This cluster's cookie (made on first use); with an argument, set it.
+
+    The cookie never crosses the wire: connections prove they know it (HMAC).
+    """
+    global _cookie
+    with _cookie_lock:
+        if cookie is not None:
+            if not isinstance(cookie, str) or not cookie or any(c.isspace() for c in cookie):
+                raise ValueError("a cookie is a non-empty string without whitespace")
+            _cookie = cookie
+            n = _current
+            if n is not None:
+                n.cookie = cookie
+        elif _cookie is None:
+            alphabet = string.ascii_letters + string.digits
+            _cookie = "".join(secrets.choice(alphabet) for _ in range(COOKIE_NBYTES))
+        return _cookie
 
 
 # -- the process's node -----------------------------------------------------------
@@ -528,6 +578,14 @@ def peek() -> Node | None:
     return _current
 
 
+def _myid() -> int:
+    n = _current
+    return n.myid if n is not None else 1
+
+
+set_local_pid(_myid)
+
+
 def current() -> Node:
     """This process's Node; a process that has none yet becomes the master, pid 1."""
     global _current
@@ -536,8 +594,6 @@ def current() -> Node:
         return n
     with _current_lock:
         if _current is None:
-            from fastdist.cluster import cluster_cookie
-
             node = Node(1, "master", cluster_cookie())
             node.start_loop_thread()
             _current = node

@@ -22,8 +22,10 @@ import select
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any
 
+from fastdist.dispatch import register
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 
@@ -268,6 +270,10 @@ _log_queues: dict[int, _LogQueue] = {}
 _log_queues_lock = threading.Lock()
 
 
+def handle_log(node: Any, conn: Any, frame: Any) -> None:
+    queue_log_record(node, conn.peer, frame.body)
+
+
 def queue_log_record(node: Any, pid: int, body: Any) -> None:
     """A LOG frame from worker `pid` arrived: queue it, and handle it on a call thread.
 
@@ -299,8 +305,9 @@ def handle_log_record(pid: int, body: Any) -> None:
 _factory_installed = False
 
 
-def install_worker_record_field() -> None:
-    """Give every record a `worker` attribute (the local pid) so `%(worker)s` always works."""
+def install_worker_record_field(myid: Callable[[], int]) -> None:
+    """Give every record a `worker` attribute (`myid()`, this process's pid) so
+    `%(worker)s` always works."""
     global _factory_installed
     if _factory_installed:
         return
@@ -310,9 +317,10 @@ def install_worker_record_field() -> None:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
         if not hasattr(record, "worker"):
-            from fastdist.cluster import myid
-
             record.worker = myid()
         return record
 
     logging.setLogRecordFactory(factory)
+
+
+register(Kind.LOG, handle_log)

@@ -49,7 +49,7 @@ from fastdist.protocol import serialize
 from fastdist.protocol.messages import CALL_FETCH, FLAG_SERIAL
 from fastdist.protocol.values import decode_error, decode_result, encode_error
 from fastdist.refs import _EMPTY
-from fastdist.remotecall import DEFER_MAX_NBYTES, encode_general_call
+from fastdist.requests import DEFER_MAX_NBYTES, encode_general_call
 from fastdist.workerpool import (
     AbstractWorkerPool,
     CachedFunction,

@@ -1,4 +1,5 @@
-"""Remote references: Future, RemoteChannel, RRID, and the owner's store of their values.
+"""Remote references: Future and RemoteChannel (the owner's store of their values is
+refstore.py's).
 
 Port of Distributed.jl `remotecall.jl` (the reference half). A reference names a
 value by (whence, id) and lives on its owner `where`. Distributed reference
@@ -14,189 +15,33 @@ value is freed when every client's count is zero.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 from fastdist import node as _node
 from fastdist._core import _calls
-from fastdist.channel import WAIT_SLICE_SECONDS, AbstractChannel, Channel
+from fastdist.channel import AbstractChannel, Channel
 from fastdist.exceptions import (
     ChannelClosedError,
     FutureAlreadySetError,
     ProcessExitedException,
+    RemoteException,
 )
+from fastdist.handlers import send_value
 from fastdist.output import _log_queues, handle_worker_logs
+from fastdist.protocol import serialize
+from fastdist.protocol.messages import Kind
 from fastdist.protocol.values import decode_result
+from fastdist.refstore import RRID, Waiter
+from fastdist.requests import call_and_wait, call_fetch, ref_header, send_fetch, wait_reading
 
-_allocate_lock = threading.Lock
 # One lock for the few assignments every Future guards (deliver, cache, share): the
 # sections are a handful of bytecodes, and a lock per Future would be one more
 # allocation and one more object for the garbage collector per remotecall.
 _futures_lock = threading.Lock()
-# Guards Waiter callback lists only; the set/wait fast path never takes it.
-_callbacks_lock = threading.Lock()
-
-
-@dataclass(frozen=True, slots=True)
-class RRID:
-    """A remote reference's identity: the pid that made it and a counter on that pid."""
-
-    whence: int
-    id: int
-
-
-class Waiter:
-    """A one-shot event carrying a value or an error; many threads may wait on it."""
-
-    __slots__ = ("_lock", "_set", "value", "error", "peer", "_callbacks", "__weakref__")
-
-    def __init__(self, peer: int = 0) -> None:
-        self._lock = _allocate_lock()
-        self._lock.acquire()
-        self._set = False
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.peer = peer  # the process whose death fails this waiter
-        self._callbacks: list[Callable[[Waiter], object]] | None = None
-
-    def set(self, value: Any) -> None:
-        if not self._set:
-            self._set = True
-            self.value = value
-            self._lock.release()
-            if self._callbacks is not None:
-                self._run_callbacks()
-
-    def fail(self, error: BaseException) -> None:
-        if not self._set:
-            self._set = True
-            self.error = error
-            self._lock.release()
-            if self._callbacks is not None:
-                self._run_callbacks()
-
-    def add_done_callback(self, fn: Callable[[Waiter], object]) -> None:
-        """Call `fn(self)` once set or failed: at once if it is already, else on the
-        setting thread (often the I/O thread: `fn` must be quick and never block).
-
-        Lets `await` and the Executor follow a result without a thread per wait.
-        """
-        with _callbacks_lock:
-            pending = not self._set
-            if pending:
-                if self._callbacks is None:
-                    self._callbacks = []
-                self._callbacks.append(fn)
-        if not pending:
-            fn(self)
-        elif self._set:
-            self._run_callbacks()  # set() ran between our check and our append
-
-    def _run_callbacks(self) -> None:
-        with _callbacks_lock:
-            callbacks, self._callbacks = self._callbacks, None
-        for fn in callbacks or ():
-            try:
-                fn(self)
-            except Exception:  # noqa: BLE001 - a callback must not break the setter
-                pass
-
-    def done(self) -> bool:
-        return self._set
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until set; False if `timeout` (seconds) ran out first."""
-        if self._set:
-            return True
-        # Each woken waiter releases the lock again, waking the next: a broadcast.
-        # Waits go in slices, so that an interrupt of this thread is raised in time
-        # (see channel.WAIT_SLICE_SECONDS).
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
-        while True:
-            left = WAIT_SLICE_SECONDS if deadline is None else min(
-                WAIT_SLICE_SECONDS, deadline - time.monotonic())
-            if self._lock.acquire(timeout=max(left, 0.0)):
-                self._lock.release()
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return self._set
-
-
-class RemoteValue:
-    """The owner's record of one reference: client counts and the value or channel."""
-
-    __slots__ = ("counts", "ready", "obj", "raw", "is_error", "waiter", "fetchers", "channel")
-
-    def __init__(self, whence: int) -> None:
-        self.counts: dict[int, int] = {whence: 1}
-        self.ready = False
-        self.obj: Any = None  # the value, when it was made or unpickled here
-        self.raw: Any = None  # (flags, body, buffers) when it arrived from elsewhere
-        self.is_error = False
-        self.waiter = Waiter()
-        self.fetchers: list[tuple[int, int]] = []  # (pid, waiter id) waiting remotely
-        self.channel: AbstractChannel | None = None
-
-
-class RefStore:
-    """The values this process owns, by RRID (Julia's `PGRP.refs`)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.values: dict[RRID, RemoteValue] = {}
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def lookup(self, rrid: RRID) -> RemoteValue:
-        """The record for `rrid`, created (with its creator holding one) if missing."""
-        with self.lock:
-            rv = self.values.get(rrid)
-            if rv is None:
-                rv = self.values[rrid] = RemoteValue(rrid.whence)
-            return rv
-
-    def get(self, rrid: RRID) -> RemoteValue | None:
-        return self.values.get(rrid)
-
-    def change(self, rrid: RRID, client: int, delta: int) -> None:
-        with self.lock:
-            rv = self.values.get(rrid)
-            if rv is None:
-                rv = self.values[rrid] = RemoteValue(rrid.whence)
-            n = rv.counts.get(client, 0) + delta
-            if n:
-                rv.counts[client] = n
-            else:
-                rv.counts.pop(client, None)
-                if not rv.counts:
-                    del self.values[rrid]
-
-    def drop_client(self, pid: int) -> None:
-        """A process died: its holds are gone."""
-        with self.lock:
-            for rrid in [r for r, rv in self.values.items() if pid in rv.counts]:
-                rv = self.values[rrid]
-                del rv.counts[pid]
-                if not rv.counts:
-                    del self.values[rrid]
-
-    def set_value(self, rv: RemoteValue, obj: Any = None, raw: Any = None,
-                  is_error: bool = False) -> list[tuple[int, int]]:
-        """Store a Future's value; return the remote fetchers to answer.
-
-        Raises:
-            FutureAlreadySetError: the Future already holds a value.
-        """
-        with self.lock:
-            if rv.ready:
-                raise FutureAlreadySetError("Future can be set only once")
-            rv.obj, rv.raw, rv.is_error, rv.ready = obj, raw, is_error, True
-            fetchers, rv.fetchers = rv.fetchers, []
-        rv.waiter.set(True)
-        return fetchers
 
 
 _EMPTY = object()
@@ -244,9 +89,7 @@ class _RefBase(_calls.RefCore):
 
     def _note_sent(self) -> None:
         """Register the destination of the stream being pickled as a client."""
-        from fastdist.protocol.serialize import current_destination
-
-        dest = current_destination()
+        dest = serialize.current_destination()
         if dest is not None:
             _node.current().queue_ref_change(self.where, self.whence, self.id, dest, +1,
                                              urgent=True)
@@ -383,8 +226,6 @@ class Future(_calls.FutureCore, _RefBase):
         value = self._value
         if value is _EMPTY:
             if not self._materialize():
-                from fastdist.remotecall import fetch_future
-
                 return fetch_future(self, timeout)
             value = self._value
         if self._is_error:
@@ -397,8 +238,6 @@ class Future(_calls.FutureCore, _RefBase):
             return True
         if self._push is not None:
             return self._push is not _PUSHED and self._push_waiter().done()
-        from fastdist.remotecall import future_isready
-
         return future_isready(self)
 
     def wait(self, timeout: float | None = None) -> Future:
@@ -408,8 +247,6 @@ class Future(_calls.FutureCore, _RefBase):
 
     def put(self, value: Any) -> Future:
         """Set the value (once). Raises FutureAlreadySetError on a second put."""
-        from fastdist.remotecall import put_future
-
         put_future(self, value)
         return self
 
@@ -417,8 +254,6 @@ class Future(_calls.FutureCore, _RefBase):
         return self.isready()
 
     def __await__(self) -> Any:
-        from fastdist.remotecall import await_future
-
         return await_future(self).__await__()
 
     def __reduce__(self) -> Any:
@@ -479,18 +314,14 @@ class RemoteChannel(_RefBase, AbstractChannel):
         if where == n.myid:
             _create_channel(self.rrid, factory)
         else:
-            from fastdist.remotecall import remotecall_fetch
-
-            remotecall_fetch(_create_channel, where, self.rrid, factory)
+            call_fetch(_create_channel, where, (self.rrid, factory), {})
 
     def _op(self, op: str, *args: Any) -> Any:
         n = _node.current()
         if self.where == n.myid:
             result = _channel_op(self.rrid, op, *args)
         else:
-            from fastdist.remotecall import remotecall_fetch
-
-            result = remotecall_fetch(_channel_op, self.where, self.rrid, op, *args)
+            result = call_fetch(_channel_op, self.where, (self.rrid, op, *args), {})
         if type(result) is _ChannelSignal:
             raise result.error()
         return result
@@ -600,7 +431,141 @@ def remoteref_id(r: _RefBase) -> RRID:
     return r.rrid
 
 
-def fail_pushed_futures(n: Any, pid: int) -> None:
+# -- a Future's value: fetched, waited for, put ----------------------------------------
+
+
+def fetch_future(fut: Future, timeout: float | None) -> Any:
+    n = _node.current()
+    if fut._push is not None:
+        push = fut._push_waiter()
+        if not wait_reading(n, fut.where, push, timeout):
+            raise TimeoutError(f"the value of {fut!r} did not arrive within {timeout} s")
+        if push.error is not None and not fut._materialize():
+            raise push.error
+        fut._materialize()
+        return fut._return()
+    if fut.where == n.myid:
+        rv = n.store.lookup(fut.rrid)
+        if not rv.waiter.wait(timeout):
+            raise TimeoutError(f"the value of {fut!r} was not set within {timeout} s")
+        if rv.raw is not None:
+            value, is_error = decode_result(*rv.raw)
+        else:
+            value, is_error = rv.obj, rv.is_error
+        fut._cache(value, is_error)
+        return fut._return()
+    value, is_error = _fetch_remote(n, fut, timeout)
+    fut._cache(value, is_error)
+    return fut._return()
+
+
+def _fetch_remote(n: Any, fut: Future, timeout: float | None) -> tuple[Any, bool]:
+    wid, w = send_fetch(n, fut)
+    if not wait_reading(n, fut.where, w, timeout):
+        n.waiters.pop(wid, None)
+        raise TimeoutError(f"the value of {fut!r} did not arrive within {timeout} s")
+    if w.error is not None:
+        raise w.error
+    return decode_result(*w.value)
+
+
+def future_isready(fut: Future) -> bool:
+    n = _node.current()
+    if fut.where == n.myid:
+        rv = n.store.get(fut.rrid)
+        return rv is not None and rv.ready
+    return bool(call_fetch(_isready_ref, fut.where, (fut.whence, fut.id), {}))
+
+
+def _isready_ref(whence: int, ref_id: int) -> bool:
+    rv = _node.current().store.get(RRID(whence, ref_id))
+    return rv is not None and rv.ready
+
+
+def put_future(fut: Future, value: Any) -> None:
+    n = _node.current()
+    if fut._value is not _EMPTY or fut._raw is not None:
+        raise FutureAlreadySetError("Future can be set only once")
+    if fut.where == n.myid:
+        rv = n.store.lookup(fut.rrid)
+        for p, wid in n.store.set_value(rv, obj=value):
+            send_value(n, p, wid, rv)
+    else:
+        body, buffers = serialize.dumps(value, dest=fut.where, what="value put into the Future")
+        try:
+            call_and_wait(n, fut.where, Kind.PUT_FUTURE, 0, ref_header(fut) + body, buffers)
+        except RemoteException as exc:
+            if isinstance(exc.captured.ex, FutureAlreadySetError):
+                raise FutureAlreadySetError("Future can be set only once") from exc
+            raise
+        n.pushes.pop(fut.id, None)  # a remotecall's own result can no longer set it
+    fut._cache(value, False)
+
+
+def when_ready(fut: Future, callback: Callable[[], object]) -> bool:
+    """Run `callback()` once `fut.fetch()` would not wait (value or failure is here).
+
+    It runs at once, or on the thread that delivers the value (often the I/O
+    thread: it must be quick). Returns False, arranging nothing, for a Future
+    owned by another process whose value is not pushed here.
+    """
+    if fut._value is not _EMPTY or fut._raw is not None:
+        callback()
+        return True
+    if fut._push is not None:
+        fut._push_waiter().add_done_callback(lambda _w: callback())
+        return True
+    n = _node.current()
+    if fut.where == n.myid:
+        n.store.lookup(fut.rrid).waiter.add_done_callback(lambda _w: callback())
+        return True
+    return False
+
+
+async def await_future(fut: Future) -> Any:
+    """Wait for a Future inside an event loop: the loop never blocks, no thread waits.
+
+    The value's arrival wakes the loop through `call_soon_threadsafe`; the value
+    is unpickled on the loop's thread.
+    """
+    if fut._value is not _EMPTY or fut._materialize():
+        return fut._return()
+    import asyncio  # here, not at import: workers start faster without it
+
+    loop = asyncio.get_running_loop()
+    arrived = loop.create_future()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(_resolve, arrived)
+        except RuntimeError:  # the loop was closed while we waited
+            pass
+
+    if when_ready(fut, wake):
+        await arrived
+        handle_worker_logs(fut.where)
+        return fut.fetch()
+    n = _node.current()
+    wid, w = send_fetch(n, fut)
+    w.add_done_callback(lambda _w: wake())
+    try:
+        await arrived
+    finally:
+        n.waiters.pop(wid, None)
+    if w.error is not None:
+        raise w.error
+    fut._cache(*decode_result(*w.value))
+    return fut._return()
+
+
+def _resolve(arrived: asyncio.Future[None]) -> None:
+    if not arrived.done():
+        arrived.set_result(None)
+
+
+@_node.on_peer_lost
+def fail_pushed_futures(n: Any, pid: int, p: Any = None, exc: BaseException | None = None
+                        ) -> None:
     """A worker died: Futures waiting for its pushed results get ProcessExitedException."""
     for ref_id, fut in list(n.pushes.items()):
         if fut.where == pid and n.pushes.pop(ref_id, None) is not None:

@@ -25,7 +25,8 @@ from fastdist.exceptions import CapturedException, CompositeException, RemoteExc
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
 from fastdist.protocol.values import decode_result
-from fastdist.refs import Future, Waiter
+from fastdist.refs import Future
+from fastdist.refstore import Waiter
 from fastdist.workerpool import CachingPool
 
 __all__ = ["clear", "distributed", "everywhere", "fetch_any", "fetchfrom", "spawnat"]

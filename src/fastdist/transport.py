@@ -15,8 +15,8 @@ import threading
 from typing import Any
 
 from fastdist._core import _wire
-from fastdist.callpool import block_sigint
 from fastdist.protocol import handshake
+from fastdist.signals import block_sigint
 
 # The kernel queues this many not-yet-accepted connections per listener.
 LISTEN_BACKLOG = 1024

@@ -21,9 +21,13 @@ from typing import Any
 
 from fastdist import node as _node
 from fastdist.channel import wait_for
+from fastdist.dispatch import register
 from fastdist.exceptions import ProcessExitedException
+from fastdist.node import on_peer_lost
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_SERIAL, Kind
+from fastdist.refs import when_ready
+from fastdist.remotecall import call_future, on_target, remotecall_fetch
 
 __all__ = [
     "AbstractWorkerPool",
@@ -35,9 +39,6 @@ __all__ = [
 
 _pool_ids = itertools.count(1)
 _pools: weakref.WeakValueDictionary[int, WorkerPool] = weakref.WeakValueDictionary()
-_callbacks_installed: set[int] = set()
-
-
 class AbstractWorkerPool(abc.ABC):
     """What every pool does: hand out free workers and take them back.
 
@@ -101,7 +102,6 @@ class WorkerPool(AbstractWorkerPool):
         self._id = next(_pool_ids)
         self._is_default = False
         _pools[self._id] = self
-        _watch_removals(n)
         for p in pids:
             self.push(int(p))
 
@@ -197,8 +197,6 @@ class WorkerPool(AbstractWorkerPool):
         return self._owner != _node.current().myid
 
     def _call(self, op: str, *args: Any) -> Any:
-        from fastdist.remotecall import remotecall_fetch
-
         status, value = remotecall_fetch(_pool_op, self._owner, self._id, op, *args)
         if status == "timeout":
             raise TimeoutError(value)
@@ -239,17 +237,12 @@ def _pool_op(pool_id: int, op: str, *args: Any) -> tuple[str, Any]:
         return "error", str(exc)
 
 
-def _watch_removals(n: Any) -> None:
-    if id(n) in _callbacks_installed:
-        return
-    _callbacks_installed.add(id(n))
-
-    def removed(pid: int) -> None:
-        for pool in list(_pools.values()):
-            if pool._owner == n.myid:
-                pool._remove_worker(pid)
-
-    n.worker_removed_callbacks.append(removed)
+@on_peer_lost
+def _worker_lost(n: Any, pid: int, p: Any, exc: BaseException | None) -> None:
+    """A worker that died or was removed leaves every pool of this process."""
+    for pool in list(_pools.values()):
+        if pool._owner == n.myid:
+            pool._remove_worker(pid)
 
 
 _default_pool: WorkerPool | None = None
@@ -274,8 +267,6 @@ def default_worker_pool() -> WorkerPool:
     if n.myid != 1:
         pool = _default_pool
         if pool is None or pool._owner != 1:
-            from fastdist.remotecall import remotecall_fetch
-
             pool = _default_pool = remotecall_fetch(default_worker_pool, 1)
         return pool
     with _default_lock:
@@ -309,8 +300,6 @@ def remote(f: Callable[..., Any], pool: AbstractWorkerPool | None = None) -> Cal
     """
     if isinstance(f, AbstractWorkerPool) and not isinstance(pool, AbstractWorkerPool):
         f, pool = pool, f
-    from fastdist.remotecall import remotecall_fetch
-
     def call(*args: Any, **kwargs: Any) -> Any:
         return remotecall_fetch(f, pool if pool is not None else default_worker_pool(),
                                 *args, **kwargs)
@@ -321,6 +310,15 @@ def remote(f: Callable[..., Any], pool: AbstractWorkerPool | None = None) -> Cal
 
 
 # -- calls on a pool ----------------------------------------------------------------------
+
+
+@on_target.register
+def _on_pool(pool: AbstractWorkerPool, form: Callable[..., Any], f: Any, args: Any,
+             kwargs: Any) -> Any:
+    """remotecall and its kin on a pool (see remotecall.on_target)."""
+    if form is call_future:
+        return pool_remotecall(pool, f, args, kwargs)
+    return pool_call(pool, form, f, args, kwargs)
 
 
 def pool_call(pool: AbstractWorkerPool, fn: Any, f: Any, args: Any, kwargs: Any) -> Any:
@@ -338,8 +336,6 @@ def pool_call(pool: AbstractWorkerPool, fn: Any, f: Any, args: Any, kwargs: Any)
 
 def pool_remotecall(pool: AbstractWorkerPool, f: Any, args: Any, kwargs: Any) -> Any:
     """`remotecall` on a pool: the worker goes back to the pool when the call is done."""
-    from fastdist.remotecall import call_future, when_ready
-
     w = pool.take()
     try:
         if isinstance(pool, CachingPool) and w != _node.current().myid:
@@ -447,6 +443,10 @@ def resolve_cached_function(node: Any, token: Any) -> Any:
     if not isinstance(token, CachedFunction):
         return token
     return cached_entry(token).func
+
+
+def handle_forget_funcs(node: Any, conn: Any, frame: Any) -> None:
+    forget_cached_functions(node, conn.peer, frame.body)
 
 
 def forget_cached_functions(node: Any, owner: int, body: bytes) -> None:
@@ -560,3 +560,6 @@ class CachingPool(WorkerPool):
     def __reduce__(self) -> Any:
         raise TypeError("a CachingPool stays on the process that made it and cannot be "
                         "serialised; pass a WorkerPool instead")
+
+
+register(Kind.FORGET_FUNCS, handle_forget_funcs)

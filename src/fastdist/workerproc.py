@@ -17,7 +17,7 @@ import time
 from typing import Any, cast
 
 from fastdist import node as _node
-from fastdist.node import Node, worker_timeout
+from fastdist.node import Node, cluster_cookie, worker_timeout
 
 
 def init_worker(cookie: str, manager: Any = None) -> Node:
@@ -25,8 +25,6 @@ def init_worker(cookie: str, manager: Any = None) -> Node:
 
     Custom transports call this, then `process_messages` for each connection.
     """
-    from fastdist.cluster import cluster_cookie
-
     cluster_cookie(cookie)
     n = Node(0, "worker", cookie)
     n.manager = manager  # type: ignore[attr-defined]

@@ -226,14 +226,17 @@ cdef object _cached_function(bytes body, Py_ssize_t k):
     return f
 
 
-cdef _import_handlers():
+def configure_replies(send_reply, reply_to_call, run_general_call,
+                      Py_ssize_t small_reply_nbytes, Py_ssize_t max_queued_replies):
+    """What the worker side needs of handlers.py (called once, at its import): how a
+    reply is sent, how any value or failure is made into one, the general path for
+    a call this module declines, and the bounds of reply queueing."""
     global _send_reply, _reply_to_call, _small_reply_nbytes, _max_queued_replies
     global _run_call_general
-    from fastdist import handlers
-    _send_reply, _reply_to_call = handlers.send_reply, handlers.reply_to_call
-    _run_call_general = handlers.run_general_call
-    _small_reply_nbytes = handlers.SMALL_REPLY_NBYTES
-    _max_queued_replies = handlers.MAX_QUEUED_REPLIES
+    _send_reply, _reply_to_call = send_reply, reply_to_call
+    _run_call_general = run_general_call
+    _small_reply_nbytes = small_reply_nbytes
+    _max_queued_replies = max_queued_replies
 
 
 def run_small_call(object node, object conn, Frame frame):
@@ -262,8 +265,6 @@ def run_small_call(object node, object conn, Frame frame):
     args, kwargs = <tuple>decoded
     if type(args) is not tuple or type(kwargs) is not dict:
         return False
-    if _send_reply is None:
-        _import_handlers()
     try:
         value = node.callpool.run_user(f, *args, **kwargs)
     except BaseException as exc:  # KeyboardInterrupt from interrupt() too
@@ -295,8 +296,6 @@ def queue_reply(object pool, object conn, Frame frame, int flags, object body):
     MAX_QUEUED_REPLIES replies, or when CallPool's monitor finds them waiting
     behind a call that takes long. True if queued; False: send the reply now
     (handlers.send_reply)."""
-    if _send_reply is None:
-        _import_handlers()
     return type(body) is bytes and _queue_reply(pool, conn, frame, flags, body)
 
 
@@ -583,8 +582,6 @@ cdef tuple _call_task(object node, object conn, Frame frame):
 def run_call(object node, object conn, Frame frame):
     """Run a call frame and deliver what it produced: the small-call path, or
     handlers.run_general_call for any other call."""
-    if _run_call_general is None:
-        _import_handlers()
     if not run_small_call(node, conn, frame):
         _run_call_general(node, conn, frame)
 

@@ -10,10 +10,13 @@ by default; anything with `read`/`write` for custom transports).
 from __future__ import annotations
 
 import abc
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
+
+from fastdist import node as _node
+from fastdist.node import worker_timeout
+from fastdist.transport import open_stream
 
 
 @dataclass
@@ -61,47 +64,15 @@ class ClusterManager(abc.ABC):
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         """Stop worker `pid`; by default, ask it to exit."""
-        from fastdist.cluster import ask_worker_to_exit
-
-        ask_worker_to_exit(pid)
+        _node.current().ask_to_exit(pid)
 
     def connect(self, pid: int, config: WorkerConfig) -> tuple[Any, Any]:
         """The (instream, outstream) to talk to worker `pid` over; by default one socket
         to `config.bind_addr` (or `config.host`) and `config.port`, used for both —
         the worker's Unix socket when it runs on this host, TCP otherwise."""
-        from fastdist.node import worker_timeout
-        from fastdist.transport import open_stream
-
         host = config.bind_addr or config.host
         sock = open_stream(str(host), int(config.port), worker_timeout())
         return sock, sock
-
-
-def print_err(line: str) -> None:
-    """Write a launcher's line (what a worker said before it joined) to this process's
-    stderr; a closed or missing stderr drops it."""
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-
-
-def send_cookie(proc: Any) -> None:
-    """Give a launched worker (or its launcher: ssh, srun) the cluster cookie on its
-    stdin — never on a command line, where other users could read it — then close it.
-
-    A launcher that died at once is not an error here: the framework reports it
-    when no address line comes.
-    """
-    from fastdist.cluster import cluster_cookie
-
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write((cluster_cookie() + "\n").encode())
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
 
 
 def launch(manager: ClusterManager, params: dict[str, Any], launched: list[WorkerConfig],

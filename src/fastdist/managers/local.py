@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -20,40 +19,13 @@ import threading
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from fastdist.managers.base import ClusterManager, WorkerConfig, send_cookie
+from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.process import escalate_exit, send_cookie, worker_command, worker_environment
 
 if TYPE_CHECKING:
     # Imported when first used: `python -m fastdist.forkserver` imports this module
     # (through the package) before it runs, and must not find itself imported already.
     from fastdist.forkserver import ForkedProcess, ForkServer
-
-# How long a worker asked to exit gets before SIGTERM, and SIGTERM before SIGKILL.
-EXIT_GRACE_SECONDS = 3.0
-TERM_GRACE_SECONDS = 2.0
-
-BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def worker_environment(env: dict[str, str] | None, enable_threaded_blas: bool) -> dict[str, str]:
-    """The master's environment and import path, one BLAS thread each unless asked, plus `env`."""
-    environ = dict(os.environ)
-    path = [p if p else os.getcwd() for p in sys.path]
-    environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-    if not enable_threaded_blas:
-        for var in BLAS_THREAD_VARS:
-            environ[var] = "1"
-    if env:
-        environ.update({str(k): str(v) for k, v in env.items()})
-    return environ
-
-
-def worker_command(exename: str, exeflags: Any, bind: str, separate_stderr: bool) -> list[str]:
-    flags = [exeflags] if isinstance(exeflags, str) else list(exeflags or ())
-    cmd = [str(exename), *flags, "-m", "fastdist.worker", "--bind-to", bind]
-    if separate_stderr:
-        cmd.append("--separate-stderr")
-    return cmd
-
 
 class LocalManager(ClusterManager):
     """Launch `np` workers on this machine (bound to 127.0.0.1 when `restrict`)."""
@@ -69,7 +41,6 @@ class LocalManager(ClusterManager):
 
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
                launch_ntfy: threading.Condition) -> None:
-        from fastdist.cluster import cluster_cookie
         from fastdist.forkserver import ForkServerError
 
         bind = "127.0.0.1" if self.restrict else "0.0.0.0"
@@ -82,7 +53,7 @@ class LocalManager(ClusterManager):
             flags = ["-S", *([flags] if isinstance(flags, str) else list(flags or ()))]
         cmd = worker_command(params.get("exename") or sys.executable, flags,
                              bind, separate_stderr=True)
-        cookie = (cluster_cookie() + "\n").encode()
+        cookie = (params["cookie"] + "\n").encode()
         forked: Generator[ForkedProcess, None, None] | None = None
         if not params.get("exename") and not params.get("exeflags"):
             server = _fork_server(environ)
@@ -101,7 +72,7 @@ class LocalManager(ClusterManager):
                               "workers as fresh processes.", file=sys.stderr, flush=True)
                         forked = None
                 if proc is None:
-                    proc = _popen_worker(cmd, params.get("dir"), environ)
+                    proc = _popen_worker(cmd, params.get("dir"), environ, params["cookie"])
                 config = WorkerConfig(io=proc.stdout, process=proc, ospid=proc.pid,
                                       environ=params.get("env"), enable_threaded_blas=threaded,
                                       exename=params.get("exename"),
@@ -151,26 +122,9 @@ def _worker_dir(dir: Any) -> str | None:
     return cwd
 
 
-def _popen_worker(cmd: list[str], dir: Any,
-                  environ: dict[str, str]) -> subprocess.Popen[bytes]:
+def _popen_worker(cmd: list[str], dir: Any, environ: dict[str, str],
+                  cookie: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=dir, env=environ)
-    send_cookie(proc)
+    send_cookie(proc, cookie)
     return proc
-
-
-def escalate_exit(proc: subprocess.Popen[bytes] | ForkedProcess,
-                  exit_grace: float = EXIT_GRACE_SECONDS,
-                  term_grace: float = TERM_GRACE_SECONDS) -> None:
-    """Wait for a child to exit, escalating to SIGTERM and SIGKILL; reap it."""
-    for sig, grace in ((None, exit_grace), (signal.SIGTERM, term_grace), (signal.SIGKILL, None)):
-        if sig is not None:
-            try:
-                proc.send_signal(sig)
-            except (ProcessLookupError, OSError):
-                pass
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue

@@ -19,8 +19,15 @@ import time
 from typing import Any
 
 from fastdist.exceptions import ClusterError
-from fastdist.managers.base import ClusterManager, WorkerConfig, print_err, send_cookie
-from fastdist.managers.local import escalate_exit, worker_command, worker_environment
+from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.process import (
+    escalate_exit,
+    print_err,
+    send_cookie,
+    worker_command,
+    worker_environment,
+)
+from fastdist.node import worker_timeout
 
 # How many of srun's own lines (and each task's early stderr) a launch error quotes.
 ERROR_TAIL_LINES = 12
@@ -111,8 +118,6 @@ class SlurmManager(ClusterManager):
             ClusterError: srun is missing, exited, or its tasks did not report within
                 FASTDIST_WORKER_TIMEOUT; the message quotes what srun said.
         """
-        from fastdist.node import worker_timeout
-
         if self.np == 0:
             return
         environ = worker_environment(params.get("env"),
@@ -125,7 +130,7 @@ class SlurmManager(ClusterManager):
         except FileNotFoundError:
             raise ClusterError("cannot launch Slurm workers: srun is not on PATH") from None
         self.srun = proc
-        send_cookie(proc)  # srun hands its stdin to every task
+        send_cookie(proc, params["cookie"])  # srun hands its stdin to every task
         writers: list[int] = []
         configs: list[WorkerConfig] = []
         for task in range(self.np):

@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastdist.exceptions import ClusterError
-from fastdist.managers.base import ClusterManager, WorkerConfig, print_err, send_cookie
-from fastdist.managers.local import BLAS_THREAD_VARS, escalate_exit
+from fastdist import node as _node
+from fastdist.exceptions import ClusterError, ProcessExitedException
+from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.process import BLAS_THREAD_VARS, escalate_exit, print_err, send_cookie
 
 # Julia's default: sshd's MaxStartups lets 10 unauthenticated connections in at once.
 DEFAULT_MAX_PARALLEL = 10
@@ -143,9 +144,7 @@ def _flags(value: Any) -> list[str]:
 
 
 def _worker_timeout() -> float:
-    from fastdist.node import worker_timeout
-
-    return worker_timeout()
+    return _node.worker_timeout()
 
 
 class _ControlMaster:
@@ -499,7 +498,7 @@ class SSHManager(ClusterManager):
         finally:
             os.close(err_w)
         stderr = _StderrRelay(err_r)
-        send_cookie(proc)  # down ssh's stdin to the remote worker
+        send_cookie(proc, params["cookie"])  # down ssh's stdin to the remote worker
         config = WorkerConfig(
             io=proc.stdout, process=proc, ospid=None, host=machine.host,
             bind_addr=self._bind_addr_for(machine), tunnel=bool(params.get("tunnel")),
@@ -646,9 +645,6 @@ class SSHManager(ClusterManager):
         """Wait for one ssh session to end. A worker whose session ends leaves the cluster
         (and so exits: a worker never outlives its connection to the master); the
         session's hold on the host's shared connection is released."""
-        from fastdist import node as _node
-        from fastdist.exceptions import ProcessExitedException
-
         code = proc.wait()
         path = _control_path(config)
         if path is not None:
@@ -722,9 +718,8 @@ def _control_path_in(flags: Any) -> str | None:
 
 
 def _fastdist_source_dir() -> str | None:
-    import fastdist
-
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(fastdist.__file__)))
+    # (this file is fastdist/managers/ssh.py: the package's parent is two folders up)
+    parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if os.path.basename(parent) in ("site-packages", "dist-packages"):
         return None
     return parent

@@ -59,4 +59,6 @@ FLAG_SERIAL = 0x08
 
 # REFS body: one record per change, (whence u32, client pid u32, id u64, delta i64).
 REF_RECORD = struct.Struct("<IIqq")
+# FETCH and PUT_FUTURE bodies start with the reference they are about (whence, id).
+REF_HEADER = struct.Struct("<IQ")
 FUNC_ID = struct.Struct("<Q")

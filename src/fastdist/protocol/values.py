@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -18,6 +19,21 @@ import cloudpickle
 from fastdist.exceptions import CapturedException, RemoteException, RemoteExceptionStandIn
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_ERROR
+
+
+def _no_pid_yet() -> int:
+    return 1
+
+
+# This process's pid, for the errors made here (node.py registers where it is: the
+# protocol knows no processes).
+_local_pid: Callable[[], int] = _no_pid_yet
+
+
+def set_local_pid(get: Callable[[], int]) -> None:
+    """Have errors made in this process name `get()` as where they happened."""
+    global _local_pid
+    _local_pid = get
 
 
 def encode_result(value: Any, dest: int | None) -> tuple[int, bytes, list[memoryview]]:
@@ -41,10 +57,7 @@ def encode_error(exc: BaseException, pid: int | None = None) -> tuple[int, bytes
         captured = exc.captured
         origin, ex, text = exc.pid, captured.ex, captured.traceback
     else:
-        from fastdist import node as _node
-
-        n = _node.peek()
-        origin = pid if pid is not None else (n.myid if n is not None else 1)
+        origin = pid if pid is not None else _local_pid()
         ex = exc
         try:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -96,8 +109,4 @@ def decode_result(flags: int, body: Any, buffers: Any) -> tuple[Any, bool]:
     try:
         return serialize.loads(body, buffers, what="result"), False
     except serialize.SerializationError as exc:
-        from fastdist import node as _node
-
-        n = _node.peek()
-        return RemoteException(n.myid if n is not None else 1,
-                               CapturedException.capture(exc)), True
+        return RemoteException(_local_pid(), CapturedException.capture(exc)), True

@@ -16,7 +16,8 @@ from fastdist.handlers import reply_to_call
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_ERROR, FLAG_RELEASED, FLAG_SERIAL, Kind
 from fastdist.protocol.values import decode_result
-from fastdist.refs import Future, Waiter
+from fastdist.refs import Future
+from fastdist.refstore import Waiter
 
 pytestmark = pytest.mark.timeout(30)
 
