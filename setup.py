@@ -1,4 +1,5 @@
-"""Build the Cython core: fastdist._core._wire, _msgloop, _shm, _runqueue and _calls."""
+"""Build the compiled modules: the core (fastdist._core: _wire, _keepalive, _msgloop,
+_shm) and the fast path (fastdist._fastpath: _runqueue, _calls)."""
 
 import os
 
@@ -20,12 +21,14 @@ extra = ["-O0", "-g"] if DEBUG else ["-O2"]
 
 extensions = [
     Extension(
-        f"fastdist._core.{name}",
-        [f"src/fastdist/_core/{name}.pyx"],
+        f"fastdist.{package}.{name}",
+        [f"src/fastdist/{package}/{name}.pyx"],
         define_macros=macros,
         extra_compile_args=extra,
     )
-    for name in ("_wire", "_msgloop", "_shm", "_runqueue", "_calls")
+    for package, names in (("_core", ("_wire", "_keepalive", "_msgloop", "_shm")),
+                           ("_fastpath", ("_runqueue", "_calls")))
+    for name in names
 ]
 
 setup(

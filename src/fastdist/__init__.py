@@ -12,7 +12,7 @@ Example:
     [0, 1, 4, 9, 16]
 """
 
-from fastdist import _core  # noqa: F401 - fails with a build hint when the core is missing
+from fastdist import _core, _fastpath  # noqa: F401 - each fails with a build hint when not built
 from fastdist.asyncmap import asyncmap
 from fastdist.channel import AbstractChannel, Channel
 from fastdist.cluster import (

@@ -34,8 +34,8 @@ from collections.abc import Callable, Hashable
 from types import FrameType
 from typing import Any, NoReturn
 
-from fastdist._core import _calls
-from fastdist._core._runqueue import Runner, RunQueue
+from fastdist._fastpath import _calls
+from fastdist._fastpath._runqueue import Runner, RunQueue
 from fastdist.signals import block_sigint
 
 Task = Callable[[], object]
@@ -57,7 +57,7 @@ TAKE_READER_SECONDS = 0.002
 class CallPool:
     def __init__(self, name: str = "fastdist-call") -> None:
         self._name = name
-        # Which runner runs which task, and who is woken for it (_core/_runqueue.pyx).
+        # Which runner runs which task, and who is woken for it (_fastpath/_runqueue.pyx).
         self.runq = RunQueue(self._arm_monitor, self._start_helper, _report_uncaught,
                              MIN_THREADS, STALL_SECONDS)
         self.submit: Callable[[Task], None] = self.runq.submit
@@ -205,7 +205,7 @@ class CallPool:
     # -- user code and interrupts -----------------------------------------------------
 
     # Call user code, marking this thread as interruptible while it runs: in C
-    # (_core/_calls.pyx), for every call a worker runs.
+    # (_fastpath/_calls.pyx), for every call a worker runs.
     run_user = _calls.run_user
 
     def interrupt(self) -> int:
@@ -274,12 +274,12 @@ class CallPool:
     @property
     def nthreads(self) -> int:
         """Helper threads (the primary not counted)."""
-        return self.runq.nthreads  # type: ignore[no-any-return]
+        return self.runq.nthreads
 
     @property
     def nidle(self) -> int:
         """Helper threads waiting for work."""
-        return self.runq.nidle  # type: ignore[no-any-return]
+        return self.runq.nidle
 
 
 def _report_uncaught(exc: BaseException) -> None:

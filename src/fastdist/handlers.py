@@ -14,7 +14,7 @@ import sys
 import traceback
 from typing import Any
 
-from fastdist._core._calls import (
+from fastdist._fastpath._calls import (
     configure_replies,
     handle_call,
     handle_result,
@@ -244,7 +244,7 @@ for _kind, _handler in {
     Kind.CALL: handle_call,
     Kind.CALL_FETCH: handle_call,
     Kind.REMOTE_DO: handle_call,
-    # (In C, _core/_calls.pyx. The worker's output printed before a reply was
+    # (In C, _fastpath/_calls.pyx. The worker's output printed before a reply was
     # drained by Node.on_frames.)
     Kind.RESULT: handle_result,
     Kind.FETCH: handle_fetch,

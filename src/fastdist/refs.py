@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import asyncio
 
 from fastdist import node as _node
-from fastdist._core import _calls
+from fastdist._fastpath import _calls
 from fastdist.channel import AbstractChannel, Channel
 from fastdist.exceptions import (
     ChannelClosedError,
@@ -207,7 +207,7 @@ class Future(_calls.FutureCore, _RefBase):
         return self._value
 
     # Unpickle a delivered raw value into the cache (on the caller's thread); False if
-    # none was delivered (in C: _core/_calls.pyx).
+    # none was delivered (in C: _fastpath/_calls.pyx).
     _materialize = _calls.materialize
 
     def _return(self) -> Any:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastdist import node as _node
-from fastdist._core._calls import (
+from fastdist._fastpath._calls import (
     configure_remotecall,
     fetch_value,
     remotecall_plain,

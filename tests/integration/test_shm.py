@@ -168,9 +168,8 @@ def test_segments_left_idle_are_given_back_on_both_sides(two_workers):
 
 def _send_unmappable_segments(on: bool) -> None:
     """On a worker: make its large frames name a segment nobody can open."""
-    from fastdist._core._shm import DESCRIPTOR
-
     from fastdist import node
+    from fastdist._core._shm import DESCRIPTOR
     from fastdist.sharedmem import FLAG_SHM, SharedMemory
 
     shm = node.current().shm

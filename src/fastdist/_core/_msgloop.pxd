@@ -3,31 +3,11 @@
 from cpython.pythread cimport PyThread_type_lock
 from libc.stdint cimport uint64_t
 
+from fastdist._core._keepalive cimport Keepalive
 from fastdist._core._wire cimport FrameReader
 
 
-cdef extern from "<poll.h>" nogil:
-    cdef struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd* fds, unsigned long nfds, int timeout)
-    enum:
-        POLLIN
-        POLLOUT
-
-
-# What the keepalive thread needs of a connection, readable without the GIL: it
-# lives inside the SocketConnection, which deregisters it before closing its fd.
-cdef struct Keepalive:
-    int fd                          # the socket (mirrors SocketConnection.fd while registered)
-    PyThread_type_lock send_lock    # the connection's send_lock: a ping never splits a frame
-    long long last_write_ns         # when bytes last went out (monotonic ns), by anyone
-    bint half_written               # outq held a partly written frame when send_lock was let go
-    int ping_left                   # bytes of a ping the kernel has not taken yet (see _finish_ping)
-    uint64_t ping_bytes             # bytes of pings written, counted into bytes_sent
-    bint registered                 # in the keepalive thread's table
-
+from fastdist._core._syscalls cimport pollfd
 
 cdef class MessageLoop:
     cdef int epfd                   # the epoll instance every registered fd lives in

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import cloudpickle
 
-from fastdist._core import _calls
+from fastdist._fastpath import _calls
 
 # Below this a buffer travels inside the pickle stream: one more iovec and a
 # separate receive allocation cost more than copying a few KiB.

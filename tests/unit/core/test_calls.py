@@ -7,9 +7,10 @@ import os
 import pickle
 
 import pytest
-from fastdist._core._runqueue import RunQueue
 
-from fastdist._core import _calls, _wire
+from fastdist._core import _wire
+from fastdist._fastpath import _calls
+from fastdist._fastpath._runqueue import RunQueue
 from fastdist.callpool import CallPool
 from fastdist.exceptions import RemoteException
 from fastdist.handlers import reply_to_call

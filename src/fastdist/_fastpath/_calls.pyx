@@ -46,7 +46,7 @@ cdef extern from "<signal.h>" nogil:
     enum:
         SIGINT
 
-from fastdist._core._runqueue cimport RunQueue
+from fastdist._fastpath._runqueue cimport RunQueue
 from fastdist._core._wire cimport Frame
 
 # Message kinds and flags this path deals with (protocol/messages.py).

@@ -1,0 +1,3 @@
+"""Types of the compiled module `_keepalive.pyx` (see its docstrings)."""
+
+def set_keepalive_interval(seconds: float) -> None: ...
