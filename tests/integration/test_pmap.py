@@ -17,10 +17,12 @@ from _module_workers import os_pid, shared_workers, wait_gone
 from support import bytes_sent
 
 import fastdist as fd
+from fastdist.pmap import calls as pmap_calls
+from fastdist.pmap import engine as pmap_engine
+from fastdist.pmap import scheduling as pmap_scheduling
+from fastdist.pmap import worker as pmap_worker
 from fastdist.protocol.serialize import SerializationError
 from fastdist.workerpool import cached_function_count
-
-pmap_module = sys.modules["fastdist.pmap"]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,13 +200,13 @@ def test_all_combinations_of_keywords(ws):
 def test_an_error_stops_pmap_and_raises_the_remote_exception(ws, monkeypatch):
     read = []
     read_at_failure = []
-    fail = pmap_module._Engine._fail
+    fail = pmap_engine.Engine._fail
 
     def noting_fail(self, exc):
         read_at_failure.append(len(read))
         return fail(self, exc)
 
-    monkeypatch.setattr(pmap_module._Engine, "_fail", noting_fail)
+    monkeypatch.setattr(pmap_engine.Engine, "_fail", noting_fail)
 
     def source():
         for i in range(100_000):
@@ -441,9 +443,9 @@ def test_a_retry_waiting_for_a_busy_worker_does_not_spin(ws):
 
 
 def test_auto_batch_size(ws):
-    auto = pmap_module.auto_batch_size
+    auto = pmap_scheduling.auto_batch_size
     assert auto(10_000, 2) == 1250 and auto(100, 4) == 6 and auto(5, 4) == 1 and auto(0, 2) == 1
-    assert auto(10**9, 2) == pmap_module.AUTO_MAX_FIRST_BATCH
+    assert auto(10**9, 2) == pmap_scheduling.AUTO_MAX_FIRST_BATCH
     assert fd.pmap(lambda x: x, range(1000), batch_size="auto") == list(range(1000))
     assert fd.pmap(lambda x: x, (i for i in range(1000)), batch_size="auto") == list(range(1000))
 
@@ -496,10 +498,10 @@ def _sleepy_fails_at_1(x):
 
 
 def test_a_batch_with_a_budget_returns_the_part_it_ran():
-    run = pmap_module._run_elements
+    run = pmap_worker.run_elements
     took, out, failed = run(_sleepy_fails_at_1, list(range(40)), False, None, 0.2)
     assert 2 <= len(out) <= 10 and took >= 0.02 * len(out)
-    assert failed == [1] and isinstance(out[1], pmap_module._ElementFailure)
+    assert failed == [1] and isinstance(out[1], pmap_worker.ElementFailure)
     assert [v for i, v in enumerate(out) if i != 1] == [x for x in range(len(out)) if x != 1]
     took, out, failed = run(lambda x, y: x + y, [(1, 2)] * 1000, True, None, 10.0)
     assert out == [3] * 1000 and failed == [], "a cheap batch runs whole"
@@ -510,13 +512,13 @@ def test_big_elements_go_one_per_batch_from_the_first(ws, monkeypatch):
     # 'auto' batch should carry (AUTO_BATCH_NBYTES): one per call from the start,
     # and still at the end, however small the results that came back.
     sizes = []
-    send = pmap_module._Engine._send
+    send = pmap_engine.Engine._send
 
     def recording(self, w, unit):
         sizes.append(len(unit.args))
         return send(self, w, unit)
 
-    monkeypatch.setattr(pmap_module._Engine, "_send", recording)
+    monkeypatch.setattr(pmap_engine.Engine, "_send", recording)
     blob = b"x" * 3_000_000
     assert fd.pmap(len, [blob] * 40, batch_size="auto") == [3_000_000] * 40
     assert sizes == [1] * 40, sizes
@@ -600,14 +602,14 @@ def test_the_function_travels_once_per_worker(ws):
 
 
 def test_the_calling_thread_reads_the_replies_itself(ws, monkeypatch):
-    real = pmap_module.poll_direct_many
+    real = pmap_calls.poll_direct_many
     polled = []
 
     def counting(conns, timeout):
         polled.append(len(conns))
         return real(conns, timeout)
 
-    monkeypatch.setattr(pmap_module, "poll_direct_many", counting)
+    monkeypatch.setattr(pmap_calls, "poll_direct_many", counting)
     assert [x for x, _ in fd.pmap(_slow_where, range(40))] == list(range(40))
     assert polled and max(polled) == len(ws), "it waited on every busy worker's socket"
 

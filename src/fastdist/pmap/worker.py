@@ -1,0 +1,146 @@
+"""What runs on the worker: one element or a batch of them, timed, a failure kept in
+its place (pmap's calls name these functions; engine.py sends them).
+
+A batch may carry a budget: it then ends early once the time so far says the next
+element would not fit, and returns the results of a prefix (`run_elements`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from fastdist.exceptions import CapturedException, RemoteException
+from fastdist.protocol import serialize
+from fastdist.protocol.values import decode_error, encode_error
+from fastdist.workerpool import CachedFunction, cached_entry
+
+
+class ElementFailure:
+    """An element of a batch that raised: the failure as it travels (encoded once,
+    on the worker) or as raised here, for a batch run on this process."""
+
+    __slots__ = ("body", "exc")
+
+    def __init__(self, body: bytes | None, exc: BaseException | None = None) -> None:
+        self.body = body
+        self.exc = exc
+
+    def __reduce__(self) -> Any:
+        body = self.body
+        if body is None:
+            body = encode_error(self.exc)[1]  # type: ignore[arg-type]
+        return (ElementFailure, (body,))
+
+    def exception(self) -> BaseException:
+        if self.exc is None:
+            self.exc = decode_error(self.body)
+        return self.exc
+
+
+def _run_one(token: Any, item: Any, star: bool) -> tuple[float, Any]:
+    """On a worker: one element (a tuple of arguments when `star`). Returns how long
+    it took too (it sets how many calls to keep in flight)."""
+    return _timed(cached_entry(token).func, item, star)
+
+
+def _run_one_keyed(owner: int, key: int, item: Any, star: bool) -> tuple[float, Any]:
+    """`_run_one` for a function already on this worker, named by its cache key (a
+    call of plain data: see calls.MapCalls.send)."""
+    return _run_one(CachedFunction(owner, key, None), item, star)
+
+
+def _run_one_named(fname: bytes, item: Any, star: bool) -> tuple[float, Any]:
+    """`_run_one` for a function that travels by name, `fname` its pickle (see
+    `MapCalls.fname`)."""
+    return _timed(serialize.loads_function(fname), item, star)
+
+
+def _timed(f: Callable[..., Any], item: Any, star: bool) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = f(*item) if star else f(item)
+    return time.perf_counter() - start, value
+
+
+def _run_batch(token: Any, batch: Sequence[Any], star: bool, budget: float | None = None
+               ) -> tuple[float, list[Any], list[int]]:
+    """On a worker: a batch, element by element; a failure is kept in its place.
+
+    Returns how long it took (it sizes `batch_size="auto"` batches), the results,
+    and where the failures are, so that the caller need not look at every result.
+    With a `budget` (seconds), the batch may end early: see `run_elements`."""
+    return run_elements(cached_entry(token).func, batch, star, None, budget)
+
+
+def _run_batch_keyed(owner: int, key: int, batch: Sequence[Any], star: bool,
+                     budget: float | None = None) -> tuple[float, list[Any], list[int]]:
+    """`_run_batch` for a function already on this worker, named by its cache key."""
+    return _run_batch(CachedFunction(owner, key, None), batch, star, budget)
+
+
+def _run_batch_named(fname: bytes, batch: Sequence[Any], star: bool,
+                     budget: float | None = None) -> tuple[float, list[Any], list[int]]:
+    """`_run_batch` for a function that travels by name, `fname` its pickle."""
+    return run_elements(serialize.loads_function(fname), batch, star, None, budget)
+
+
+def run_elements(f: Callable[..., Any], batch: Sequence[Any], star: bool,
+                  here: Any, budget: float | None = None
+                  ) -> tuple[float, list[Any], list[int]]:
+    """Run `batch` (on a worker: `here` None; else in this process's call pool).
+
+    With a `budget` (seconds), a batch whose elements turn out slow ends when the
+    time so far says the next element would not fit (after one element at least),
+    and returns the results of a prefix: the caller sends the rest again. Elements
+    run in steps sized to what fits, each at most seven times the elements before
+    it, so a cheap batch pays a few clock reads and a batch whose elements slow
+    down overshoots by a bounded amount."""
+    out: list[Any] = []
+    failed: list[int] = []
+    start = time.perf_counter()
+    if here is None:
+        items = iter(batch)
+        if budget is None:
+            _map_into(f, items, star, out, failed)
+            return time.perf_counter() - start, out, failed
+        n, step = len(batch), 1
+        while True:
+            # (The last step takes the iterator itself: islice costs per element.)
+            _map_into(f, items if step >= n - len(out) else itertools.islice(items, step),
+                      star, out, failed)
+            took = time.perf_counter() - start
+            done = len(out)
+            fits = int((budget - took) * done / took) if took > 0 else done
+            if done >= n or fits < 1:
+                return took, out, failed
+            step = min(7 * done, fits)
+    for i, item in enumerate(batch):
+        try:
+            out.append(here.callpool.run_user(f, *item) if star
+                       else here.callpool.run_user(f, item))
+        except Exception as exc:  # noqa: BLE001 - the caller decides per element
+            failed.append(i)
+            out.append(ElementFailure(None, captured(here, exc)))
+    return time.perf_counter() - start, out, failed
+
+
+def _map_into(f: Callable[..., Any], items: Iterator[Any], star: bool, out: list[Any],
+              failed: list[int]) -> None:
+    """Append `f` of each of `items` to `out`: map() in C, resumed past each failure
+    (list.extend keeps what it appended before f raised, and the iterator has moved
+    past the failing element), which is kept in its place and listed in `failed`."""
+    while True:
+        try:
+            out.extend(itertools.starmap(f, items) if star else map(f, items))
+            return
+        except Exception as exc:  # noqa: BLE001 - the caller decides per element
+            failed.append(len(out))
+            out.append(ElementFailure(encode_error(exc)[1]))
+
+
+def captured(n: Any, exc: BaseException) -> RemoteException:
+    err = RemoteException(n.myid, CapturedException.capture(exc))
+    err.__cause__ = exc
+    return err
