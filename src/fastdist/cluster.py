@@ -480,8 +480,7 @@ def _join(n: Node, conn: Any, d: dict[str, Any]) -> None:
     install_log_forwarding(n, d.get("log_level", logging.WARNING))
 
     n.connect_idents = d.get("connect_idents")  # type: ignore[attr-defined]
-    if hasattr(conn, "read_direct"):
-        n.callpool.fast_connection = lambda: n.peers[1].conn if 1 in n.peers else None
+    n.callpool.fast_connection = lambda: n.peers[1].conn if 1 in n.peers else None
 
     def finish() -> None:
         try:
@@ -525,7 +524,7 @@ def _connect_now(n: Node, p: Peer) -> None:
 
 def conn_peer_host(conn: Any) -> str:
     """The peer's address on a socket connection ("" for Unix sockets and streams: this host)."""
-    fd = getattr(conn, "fd", -1)
+    fd = conn.fd
     if fd is None or fd < 0:
         return ""
     try:
@@ -686,7 +685,7 @@ def worker_id_from_socket(s: Any) -> int:
     except Exception:  # noqa: BLE001
         return -1
     for p in n.peers.values():
-        if p.conn is not None and getattr(p.conn, "fd", None) == fd:
+        if p.conn is not None and p.conn.fd == fd:
             return p.pid
     return -1
 

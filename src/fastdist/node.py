@@ -25,8 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastdist._core._calls import route_frames
-from fastdist._core._msgloop import MessageLoop, set_keepalive_interval
+from fastdist._core._keepalive import set_keepalive_interval
+from fastdist._core._msgloop import MessageLoop
+from fastdist._fastpath._calls import route_frames
 from fastdist.callpool import CallPool
 from fastdist.dispatch import dispatch, reply_error
 from fastdist.exceptions import ProcessExitedException, ProtocolError
@@ -46,6 +47,7 @@ from fastdist.refstore import RRID, RefStore, Waiter
 from fastdist.sharedmem import SharedMemory
 from fastdist.signals import block_sigint
 from fastdist.transport import (
+    Connection,
     StreamConnection,
     accept_ready,
     connect_socket,
@@ -76,7 +78,7 @@ class Peer:
     port: int = 0
     ident: Any = None
     connect_idents: Any = None
-    conn: Any = None
+    conn: Connection | None = None
     config: Any = None  # WorkerConfig, on the master
     manager: Any = None  # ClusterManager, on the master
     connect_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -142,11 +144,11 @@ class Node:
                        advertised: str | None = None) -> tuple[str, int]:
         """Listen on TCP host:port, and on the matching abstract Unix socket for peers
         on this host (named after the address this worker advertises)."""
-        self.listener = listen(host, port)
-        self.host, self.port = self.listener.getsockname()[:2]
+        tcp = self.listener = listen(host, port)
+        self.host, self.port = tcp.getsockname()[:2]
         if advertised is not None:
             self.host = advertised
-        self.loop.add_reader(self.listener.fileno(), lambda: self._accept(self.listener))
+        self.loop.add_reader(tcp.fileno(), lambda: self._accept(tcp))
         self.unix_listener = listen_unix(self.host, self.port)
         if self.unix_listener is not None:
             unix = self.unix_listener
@@ -169,7 +171,7 @@ class Node:
             raise ValueError(f"no process with pid {pid} in this cluster")
         return p
 
-    def connection_to(self, pid: int) -> Any:
+    def connection_to(self, pid: int) -> Connection:
         """The connection to `pid`, opening a worker-to-worker link on first use."""
         p = self.peers.get(pid)
         if p is not None and p.conn is not None:
@@ -177,7 +179,7 @@ class Node:
         p = self.peer(pid)
         return self._establish(p)
 
-    def _establish(self, p: Peer) -> Any:
+    def _establish(self, p: Peer) -> Connection:
         if self.topology == "master_worker" and self.myid != 1 and p.pid != 1:
             raise RuntimeError(
                 f"worker {self.myid} cannot call worker {p.pid}: the cluster's topology is "
@@ -207,15 +209,13 @@ class Node:
             raise ProcessExitedException(p.pid)
         return p.conn
 
-    def _attach(self, p: Peer, conn: Any) -> None:
+    def _attach(self, p: Peer, conn: Connection) -> None:
         conn.peer = p.pid
         p.conn = conn
         p.last_seen = time.monotonic()
         # Both ends know each other now: pings may flow (they would be refused before).
-        start_keepalive = getattr(conn, "start_keepalive", None)
-        if start_keepalive is not None:
-            set_keepalive_interval(heartbeat_timeout() / 4)
-            start_keepalive()
+        set_keepalive_interval(heartbeat_timeout() / 4)
+        conn.start_keepalive()
         p.connected.set(True)
 
     def ask_to_exit(self, pid: int) -> None:
@@ -242,34 +242,28 @@ class Node:
     def send_deferred(self, pid: int, kind: int, flags: int, aux: int, whence: int,
                       ref_id: int, body: Any = b"") -> None:
         """Queue a small frame to `pid` for the loop thread to write with others (see
-        SocketConnection.send_deferred); a stream connection sends it at once."""
-        self._send_held(pid, "send_deferred", kind, flags, aux, whence, ref_id, body)
-
-    def send_queued(self, pid: int, kind: int, flags: int, aux: int, whence: int,
-                    ref_id: int, body: Any = b"") -> Any:
-        """Queue a small frame to `pid` for the caller's own `flush()` of the returned
-        connection, soon (see SocketConnection.queue_frame): a thread sending a burst
-        writes it itself, without waking the loop thread. A stream connection sends
-        at once (returns None)."""
-        return self._send_held(pid, "queue_frame", kind, flags, aux, whence, ref_id, body)
-
-    def _send_held(self, pid: int, hold: str, kind: int, flags: int, aux: int,
-                   whence: int, ref_id: int, body: Any) -> Any:
-        """Hand a small frame to the connection's method `hold`, which keeps it back to
-        be written with others, and return the connection; one without that method
-        (a stream connection) sends the frame at once, and None is returned."""
+        SocketConnection.send_deferred; a stream connection sends it at once)."""
         conn = self.connection_to(pid)
         try:
-            held = getattr(conn, hold, None)
-            if held is None:
-                conn.send_frame(kind, flags, aux, whence, ref_id, body)
-                return None
-            held(kind, flags, aux, whence, ref_id, body)
-            return conn
+            conn.send_deferred(kind, flags, aux, whence, ref_id, body)
         except ConnectionError as exc:
             raise ProcessExitedException(pid) from exc
 
-    def add_stream_connection(self, instream: Any, outstream: Any, pid: int | None) -> Any:
+    def send_queued(self, pid: int, kind: int, flags: int, aux: int, whence: int,
+                    ref_id: int, body: Any = b"") -> Connection:
+        """Queue a small frame to `pid` for the caller's own `flush()` of the returned
+        connection, soon (see SocketConnection.queue_frame): a thread sending a burst
+        writes it itself, without waking the loop thread. (A stream connection sends
+        at once.)"""
+        conn = self.connection_to(pid)
+        try:
+            conn.queue_frame(kind, flags, aux, whence, ref_id, body)
+        except ConnectionError as exc:
+            raise ProcessExitedException(pid) from exc
+        return conn
+
+    def add_stream_connection(self, instream: Any, outstream: Any,
+                              pid: int | None) -> StreamConnection:
         conn = StreamConnection(self, instream, outstream, pid)
         self._stream_conns.append(conn)
         conn.start()
@@ -277,7 +271,7 @@ class Node:
 
     # -- handler protocol, called by the loop (or a stream reader) ------------
 
-    def on_frames(self, conn: Any, frames: list[Any]) -> None:
+    def on_frames(self, conn: Connection, frames: list[Any]) -> None:
         for frame in frames:
             if frame.kind == RESULT:
                 # What calls printed went on a pipe, their replies on this socket, the
@@ -291,7 +285,7 @@ class Node:
         # propagates.
         route_frames(self, conn, frames, dispatch, self._map_shared, reply_error)
 
-    def _map_shared(self, conn: Any, frame: Any) -> bool:
+    def _map_shared(self, conn: Connection, frame: Any) -> bool:
         """Give a frame whose buffers are in shared memory those buffers. If they
         cannot be mapped, that frame fails and the connection lives: a result becomes
         the error for whoever waits for it (True: dispatch it), a request is answered
@@ -307,10 +301,10 @@ class Node:
             reply_error(self, conn, frame, exc)
             return False
 
-    def on_authenticated(self, conn: Any) -> None:
+    def on_authenticated(self, conn: Connection) -> None:
         """The handshake passed; the peer names itself with its first frame (IDENTIFY)."""
 
-    def on_close(self, conn: Any, exc: BaseException | None) -> None:
+    def on_close(self, conn: Connection, exc: BaseException | None) -> None:
         pid = conn.peer
         if pid is None:
             return
@@ -446,7 +440,7 @@ class Node:
         self._heartbeat(now)
         self.shm.trim(self._conn_if_up)
 
-    def _conn_if_up(self, pid: int) -> Any:
+    def _conn_if_up(self, pid: int) -> Connection | None:
         p = self.peers.get(pid)
         return p.conn if p is not None and p.conn is not None and not p.conn.is_closed else None
 
@@ -475,13 +469,12 @@ class Node:
                 p.last_rx = rx
                 p.last_seen = now
             elif now - p.last_seen > timeout:
-                unread = getattr(conn, "unread_nbytes", None)
-                if unread is not None and unread() > 0:
+                if conn.unread_nbytes() > 0:
                     p.last_seen = now
                 else:
                     conn.close(TimeoutError(f"no word from process {p.pid} for {timeout:g} s"))
                     continue
-            if hasattr(conn, "start_keepalive"):
+            if conn.keeps_alive:
                 continue
             tx = conn.bytes_sent
             if tx != p.last_tx:

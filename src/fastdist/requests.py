@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from fastdist import node as _node
-from fastdist._core._calls import encode_plain_call
+from fastdist._fastpath._calls import encode_plain_call
 from fastdist.channel import WAIT_SLICE_SECONDS
 from fastdist.exceptions import CapturedException, RemoteException
 from fastdist.output import handle_worker_logs
@@ -113,10 +113,7 @@ def _become_reader(n: Any, pid: int) -> Any:
     if n.callpool.is_running_user():
         return None
     conn = n.connection_to(pid)
-    begin = getattr(conn, "begin_direct", None)
-    if begin is None or not begin():
-        return None
-    return conn
+    return conn if conn.begin_direct() else None
 
 
 def _poll_reply(conn: Any, w: Waiter, timeout: float | None) -> bool:
@@ -150,15 +147,14 @@ def _wait_reply(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
     """
     p = n.peers.get(pid)
     conn = p.conn if p is not None else None
-    if getattr(conn, "has_pending", False):
+    if conn is not None and conn.has_pending:
         try:
-            conn.flush()  # type: ignore[union-attr]
+            conn.flush()
         except ConnectionError:
             pass
     if w.done():
         return True
-    read_direct = getattr(conn, "read_direct", None)
-    if read_direct is None:
+    if conn is None:
         return w.wait(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     # An interruptible call must not take an interrupt while it dispatches others' frames.
@@ -172,11 +168,11 @@ def _wait_reply(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
         if shield:
             try:
                 n.callpool.shield()
-                r = read_direct(left)
+                r = conn.read_direct(left)
             finally:
                 n.callpool.unshield()
         else:
-            r = read_direct(left)
+            r = conn.read_direct(left)
         if r < 0:
             # Someone else reads this connection: its dispatch sets our waiter.
             w.wait(min(left, 0.05))

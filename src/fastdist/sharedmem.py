@@ -47,7 +47,7 @@ def enabled() -> bool:
 
 
 def _is_unix(conn: Any) -> bool:
-    fd = getattr(conn, "fd", -1)
+    fd = conn.fd
     if fd is None or fd < 0:
         return False  # a custom transport's streams
     try:

@@ -12,7 +12,7 @@ import os
 import queue
 import socket
 import threading
-from typing import Any
+from typing import Any, Protocol
 
 from fastdist._core import _wire
 from fastdist.protocol import handshake
@@ -133,11 +133,56 @@ def accept_ready(listener: socket.socket) -> list[socket.socket]:
         accepted.append(sock)
 
 
-class StreamConnection:
-    """A framed connection over two binary streams (custom transports).
+class Connection(Protocol):
+    """What every framed connection offers: a socket served by the I/O loop
+    (`_msgloop.SocketConnection`), or any pair of binary streams
+    (`StreamConnection`, for custom transports). Its owner (a Node) gets
+    `on_frames(conn, frames)` and `on_close(conn, exc)` from it.
 
-    The handler protocol is the one `_msgloop.SocketConnection` uses:
-    `handler.on_frames(conn, frames)` and `handler.on_close(conn, exc)`.
+    The capabilities only sockets have are part of it too, so no caller has to
+    ask which kind it holds: a stream connection cannot be read by the waiting
+    thread (`begin_direct` is False, `read_direct` -1), holds no frames back
+    (`queue_frame` and `send_deferred` send at once), and is kept alive by the
+    Python heartbeat rather than the keepalive thread (`keeps_alive` False).
+    """
+
+    peer: Any  # the peer's pid once known (None before it named itself)
+    handshake: Any  # while not None: the connection is authenticating
+
+    @property
+    def fd(self) -> int: ...
+    @property
+    def is_closed(self) -> bool: ...
+    @property
+    def bytes_received(self) -> int: ...
+    @property
+    def bytes_sent(self) -> int: ...
+    @property
+    def has_pending(self) -> bool: ...
+    @property
+    def keeps_alive(self) -> bool: ...
+    def send_frame(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+                   body: Any = b"", buffers: Any = ()) -> None: ...
+    def send_nowait(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+                    body: Any = b"") -> None: ...
+    def send_deferred(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+                      body: Any = b"") -> None: ...
+    def queue_frame(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+                    body: Any = b"") -> int: ...
+    def flush(self) -> None: ...
+    def begin_direct(self, timeout: float = 0.0) -> bool: ...
+    def poll_direct(self, timeout: float, wake_fd: int = -1) -> int: ...
+    def end_direct(self) -> None: ...
+    def read_direct(self, timeout: float) -> int: ...
+    def start_keepalive(self) -> None: ...
+    def unread_nbytes(self) -> int: ...
+    def close(self, exc: BaseException | None = None) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+class StreamConnection:
+    """A framed connection over two binary streams (custom transports): a
+    `Connection` whose frames a reader thread of its own reads.
     """
 
     def __init__(self, handler: Any, instream: Any, outstream: Any, peer: Any = None) -> None:
@@ -155,6 +200,40 @@ class StreamConnection:
     @property
     def is_closed(self) -> bool:
         return self._closed
+
+    # What only sockets can do (see Connection).
+    has_pending = False
+    keeps_alive = False
+
+    def send_deferred(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+                      body: Any = b"") -> None:
+        self.send_frame(kind, flags, aux, whence, ref_id, body)
+
+    def queue_frame(self, kind: int, flags: int, aux: int, whence: int, ref_id: int,
+                    body: Any = b"") -> int:
+        self.send_frame(kind, flags, aux, whence, ref_id, body)
+        return 0
+
+    def flush(self) -> None:
+        """(Nothing is held back.)"""
+
+    def begin_direct(self, timeout: float = 0.0) -> bool:
+        return False  # its reader thread reads it
+
+    def poll_direct(self, timeout: float, wake_fd: int = -1) -> int:
+        raise RuntimeError("a stream connection is read by its own thread")
+
+    def end_direct(self) -> None:
+        raise RuntimeError("a stream connection is read by its own thread")
+
+    def read_direct(self, timeout: float) -> int:
+        return -1  # someone else (its reader thread) reads it
+
+    def start_keepalive(self) -> None:
+        """(The Python heartbeat pings stream connections: see Node._heartbeat.)"""
+
+    def unread_nbytes(self) -> int:
+        return 0
 
     def start(self) -> None:
         threading.Thread(target=self._read_loop, name="fastdist-stream-reader",
