@@ -35,6 +35,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from fastdist._fastpath import _calls
+from fastdist._fastpath._calls import CallsCore
 from fastdist._fastpath._runqueue import Runner, RunQueue
 from fastdist.signals import block_sigint
 
@@ -54,7 +55,7 @@ IDLE_POLL_SECONDS = 1.0
 TAKE_READER_SECONDS = 0.002
 
 
-class CallPool:
+class CallPool(CallsCore):
     def __init__(self, name: str = "fastdist-call") -> None:
         self._name = name
         # Which runner runs which task, and who is woken for it (_fastpath/_runqueue.pyx).
@@ -67,15 +68,12 @@ class CallPool:
         self._monitor = threading.Event()
         self._monitor_lock = threading.Lock()
         self._monitor_started = False
-        # Threads running user code (ident -> depth), and interrupts held back from
-        # those dispatching frames for others: see _calls.run_user / interrupt_calls.
-        self._running_user: dict[int, int] = {}
-        self._shielded: set[int] = set()
-        self._deferred: set[int] = set()
-        self._main_ident = threading.main_thread().ident or 0
-        self._signal_main = False  # on_sigint is the main thread's SIGINT handler
-        self._main_pending = False  # an interrupt signalled to the main thread applies
-        self._signals_sent = 0  # SIGINTs sent to the main thread, not yet handled
+        # Which threads run user code, and how interrupts reach them: C fields
+        # (_fastpath/_calls.pxd), kept by _calls.run_user and interrupt_calls.
+        self.main_ident = threading.main_thread().ident or 0
+        self.signal_main = False  # on_sigint is the main thread's SIGINT handler
+        self.main_pending = False  # an interrupt signalled to the main thread applies
+        self.signals_sent = 0  # SIGINTs sent to the main thread, not yet handled
         self._last_signal = 0.0  # when the last of them was sent (monotonic)
         # The connection the idle primary reads (to pid 1), once there is one.
         self.fast_connection: Callable[[], Any] | None = None
@@ -195,11 +193,11 @@ class CallPool:
                         conn.flush()
                     except ConnectionError:
                         pass
-            if self._main_pending and self._main_ident in self._running_user:
+            if self.main_pending and self.main_ident in self.running_user:
                 self._signal_main_again()
             runq.stalled(taken)
             self._monitor.clear()
-            if not runq.try_disarm(self._main_pending):
+            if not runq.try_disarm(self.main_pending):
                 self._monitor.set()
 
     # -- user code and interrupts -----------------------------------------------------
@@ -211,7 +209,7 @@ class CallPool:
     def interrupt(self) -> int:
         """Raise KeyboardInterrupt in every thread running user code; return how many."""
         n = _calls.interrupt_calls(self)
-        if self._main_pending:
+        if self.main_pending:
             self._last_signal = time.monotonic()
             # The monitor signals again until the call has taken it (see _watch).
             self.runq.monitor_armed = True
@@ -223,38 +221,38 @@ class CallPool:
         come just before the call entered a blocking system call (a sleep), which it
         then did not end: the monitor sends another every round until the handler
         runs or the call ends."""
-        self._signals_sent += 1
+        self.signals_sent += 1
         self._last_signal = time.monotonic()
-        signal.pthread_kill(self._main_ident, signal.SIGINT)
+        signal.pthread_kill(self.main_ident, signal.SIGINT)
 
     def install_sigint(self) -> None:
         """On a worker's main thread: SIGINT (`interrupt`'s own, or `kill -INT`)
         raises KeyboardInterrupt in the call running there, wherever it blocks, and
         an outside one interrupts the other running calls too. The worker lives."""
         signal.signal(signal.SIGINT, self.on_sigint)
-        self._signal_main = True
+        self.signal_main = True
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
         """The SIGINT handler (main thread, between two bytecodes of whatever runs)."""
         # (Signals coalesce: one handled now may stand for several sent, and one sent
         # again by the monitor may come just after; neither is from outside.)
-        ours = self._signals_sent > 0 or time.monotonic() - self._last_signal < 0.5
-        self._signals_sent = 0
-        applies = self._main_pending
-        self._main_pending = False
+        ours = self.signals_sent > 0 or time.monotonic() - self._last_signal < 0.5
+        self.signals_sent = 0
+        applies = self.main_pending
+        self.main_pending = False
         if not ours:
             _calls.interrupt_calls(self, True)  # from outside: every running call
             applies = True
-        main = self._main_ident
-        if not applies or main not in self._running_user:
+        main = self.main_ident
+        if not applies or main not in self.running_user:
             return  # the call it was meant for has ended; nothing else is hit
-        if main in self._shielded:
-            self._deferred.add(main)  # dispatching others' frames: raised by unshield
+        if main in self.shielded:
+            self.deferred.add(main)  # dispatching others' frames: raised by unshield
             return
         raise KeyboardInterrupt
 
     def is_running_user(self) -> bool:
-        return threading.get_ident() in self._running_user
+        return threading.get_ident() in self.running_user
 
     def shield(self) -> None:
         """Hold interrupts of this thread back until `unshield`.

@@ -27,7 +27,7 @@ from typing import Any
 
 from fastdist._core._keepalive import set_keepalive_interval
 from fastdist._core._msgloop import MessageLoop
-from fastdist._fastpath._calls import route_frames
+from fastdist._fastpath._calls import NodeCore, route_frames
 from fastdist.callpool import CallPool
 from fastdist.dispatch import dispatch, reply_error
 from fastdist.exceptions import ProcessExitedException, ProtocolError
@@ -95,7 +95,7 @@ class Peer:
                 "connect_idents": self.connect_idents}
 
 
-class Node:
+class Node(NodeCore):
     """One process's share of the cluster."""
 
     def __init__(self, myid: int, role: str, cookie: str) -> None:
@@ -106,9 +106,7 @@ class Node:
         self.lazy = True
         self.store = RefStore()
         self.live_refs: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
-        self.pushes: dict[int, Any] = {}  # id -> Future whose remotecall will push its value
-        self.waiters: dict[int, Waiter] = {}
-        self.peers: dict[int, Peer] = {}
+        # (peers, pushes, waiters, ids, store and callpool are C fields: NodeCore.)
         self.removed: set[int] = set()
         self.host = "127.0.0.1"
         self.port = 0
@@ -116,7 +114,7 @@ class Node:
         self.unix_listener: socket.socket | None = None
         self.callpool = CallPool()
         self.shm = SharedMemory()
-        self._ids = itertools.count(1)
+        self.ids = itertools.count(1)
         self._ref_queue: collections.deque[tuple[int, int, int, int, int]] = collections.deque()
         self._ref_backlog: dict[int, list[bytes]] = {}
         self._ref_connecting: set[int] = set()
@@ -156,7 +154,7 @@ class Node:
         return self.host, self.port
 
     def next_id(self) -> int:
-        return next(self._ids)
+        return next(self.ids)
 
     # -- peers and connections -----------------------------------------------
 

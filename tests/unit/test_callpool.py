@@ -94,4 +94,4 @@ def test_interrupts_racing_finishing_calls_never_land_after_the_call() -> None:
     assert not t.is_alive()
     assert seen["late"] == 0, seen
     assert seen["in_call"] > 10 and seen["calls"] > 100, seen
-    assert pool._running_user == {} and pool.interrupt() == 0
+    assert pool.running_user == {} and pool.interrupt() == 0

@@ -1,7 +1,14 @@
 """Types of the compiled module `_calls.pyx` (see its docstrings)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+# (Types only: the C classes hold these objects, the modules that define them are
+# higher up and never imported by the compiled code.)
+from fastdist._fastpath._runqueue import RunQueue
+from fastdist.callpool import CallPool
+from fastdist.node import Peer
+from fastdist.refstore import RefStore
 
 class RefCore:
     where: int
@@ -15,6 +22,25 @@ class FutureCore(RefCore):
     _raw: Any
     _push: Any
     _shared: bool
+
+class NodeCore:
+    myid: int
+    peers: dict[int, Peer]
+    pushes: dict[int, Any]
+    waiters: dict[int, Any]
+    ids: Iterator[int]
+    store: RefStore
+    callpool: CallPool
+
+class CallsCore:
+    running_user: dict[int, int]
+    shielded: set[int]
+    deferred: set[int]
+    main_ident: int
+    signal_main: bool
+    main_pending: bool
+    signals_sent: int
+    runq: RunQueue
 
 def configure(by_reference: dict[int, Any], function_pickles: dict[int, bytes],
               functions: dict[bytes, Any], loads_lock: Any, oob_threshold: int,

@@ -91,15 +91,11 @@ cdef object _run_call_general = None  # handlers.run_general_call
 
 
 cdef class RefCore:
-    """The fields of refs._RefBase (Future and RemoteChannel), as C fields: the owner
-    (`where`), the reference's identity (`whence`, `id`) and the holds this process
-    has on it. The methods are refs.py's; the C code here reads and sets the
-    fields of the Futures it makes, delivers and fetches without attribute look-ups."""
-    cdef public object where
-    cdef public object whence
-    cdef public object id
-    cdef public object _holds
-    cdef object __weakref__
+    """The fields of refs._RefBase (Future and RemoteChannel), as C fields (declared
+    in _calls.pxd): the owner (`where`), the reference's identity (`whence`, `id`)
+    and the holds this process has on it. The methods are refs.py's; the C code here
+    reads and sets the fields of the Futures it makes, delivers and fetches without
+    attribute look-ups."""
 
 
 cdef class FutureCore(RefCore):
@@ -107,11 +103,24 @@ cdef class FutureCore(RefCore):
     and whether it is an error, the raw result pushed here and not yet unpickled,
     the push's state (`_push`: refs._PUSHED, or the Waiter of the push), and whether
     the reference was passed on while its value was due (`_shared`)."""
-    cdef public object _value
-    cdef public object _is_error
-    cdef public object _raw
-    cdef public object _push
-    cdef public object _shared
+
+
+cdef class NodeCore:
+    """The fields of node.Node the call paths read and write (see _calls.pxd)."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.peers = {}
+        self.pushes = {}
+        self.waiters = {}
+
+
+cdef class CallsCore:
+    """callpool.CallPool's record of which threads run user code (see _calls.pxd)."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.running_user = {}
+        self.shielded = set()
+        self.deferred = set()
 
 
 def configure(dict by_reference, dict function_pickles, dict functions, loads_lock,
@@ -265,15 +274,16 @@ def run_small_call(object node, object conn, Frame frame):
     args, kwargs = <tuple>decoded
     if type(args) is not tuple or type(kwargs) is not dict:
         return False
+    cdef NodeCore n = <NodeCore?>node
     try:
-        value = node.callpool.run_user(f, *args, **kwargs)
+        value = n.callpool.run_user(f, *args, **kwargs)
     except BaseException as exc:  # KeyboardInterrupt from interrupt() too
         _reply_to_call(node, conn, frame, exc, True)
         return True
     # A CALL's value is kept here only if another process holds its Future; a
     # worker holding any value at all, or a result that is not plain, goes the
     # general way.
-    if (kind == CALL and len(node.store)) or not is_plain(value):
+    if (kind == CALL and len(n.store)) or not is_plain(value):
         _reply_to_call(node, conn, frame, value, False)
         return True
     flags = FLAG_RELEASED if kind == CALL else 0
@@ -284,7 +294,7 @@ def run_small_call(object node, object conn, Frame frame):
         # BaseException from elsewhere: the general path makes the error reply.)
         _reply_to_call(node, conn, frame, value, False)
         return True
-    if not _queue_reply(node.callpool, conn, frame, flags, body):
+    if not _queue_reply(n.callpool, conn, frame, flags, body):
         _send_reply(node, conn, frame, flags, body, ())
     return True
 
@@ -300,7 +310,7 @@ def queue_reply(object pool, object conn, Frame frame, int flags, object body):
 
 
 cdef bint _queue_reply(object pool, object conn, Frame frame, int flags, bytes body) except -1:
-    cdef RunQueue runq = pool.runq
+    cdef RunQueue runq = (<CallsCore?>pool).runq
     if PyBytes_GET_SIZE(body) > _small_reply_nbytes or runq.nwaiting <= 0:
         return False
     queue = getattr(conn, "queue_frame", None)
@@ -323,14 +333,15 @@ cdef bint _queue_reply(object pool, object conn, Frame frame, int flags, bytes b
 
 def run_user(pool, fn, *args, **kwargs):
     """CallPool.run_user: call user code, marking this thread as interruptible while
-    it runs (`pool._running_user`, thread ident -> depth).
+    it runs (`pool.running_user`, thread ident -> depth).
 
     An interrupt aimed at the user code that comes as it returns is dropped then
     (the call is done): the thread never carries it into what it does next. Each
     update of the marks is one step under the GIL, as `interrupt_calls` is, so no
     lock is needed — and none may be taken: on the main thread a lock's wait can
     run the SIGINT handler, which could raise in the middle of the unmarking."""
-    cdef dict running = pool._running_user
+    cdef CallsCore p = <CallsCore?>pool
+    cdef dict running = p.running_user
     cdef unsigned long ident = PyThread_get_thread_ident()
     running[ident] = running.get(ident, 0) + 1
     try:
@@ -341,9 +352,9 @@ def run_user(pool, fn, *args, **kwargs):
             running[ident] = depth
         else:
             PyThreadState_SetAsyncExc(ident, NULL)
-            (<set>pool._deferred).discard(ident)
-            if ident == <unsigned long>pool._main_ident:
-                pool._main_pending = False
+            p.deferred.discard(ident)
+            if ident == p.main_ident:
+                p.main_pending = False
 
 
 def interrupt_calls(pool, bint from_signal=False):
@@ -355,10 +366,11 @@ def interrupt_calls(pool, bint from_signal=False):
     that handler, which raises by itself). Other threads get an asynchronous
     exception, which Python code sees at once and a blocking call when it
     returns."""
-    cdef dict running = pool._running_user
-    cdef set shielded = pool._shielded
-    cdef set deferred = pool._deferred
-    cdef unsigned long main = pool._main_ident
+    cdef CallsCore p = <CallsCore?>pool
+    cdef dict running = p.running_user
+    cdef set shielded = p.shielded
+    cdef set deferred = p.deferred
+    cdef unsigned long main = p.main_ident
     cdef PyObject* key
     cdef PyObject* value
     cdef Py_ssize_t pos = 0
@@ -369,10 +381,10 @@ def interrupt_calls(pool, bint from_signal=False):
         ident = <unsigned long><object>key
         if ident in shielded:
             deferred.add(ident)
-        elif ident == main and pool._signal_main:
+        elif ident == main and p.signal_main:
             if not from_signal:
-                pool._main_pending = True
-                pool._signals_sent += 1
+                p.main_pending = True
+                p.signals_sent += 1
                 pthread_kill(main, SIGINT)
         else:
             PyThreadState_SetAsyncExc(ident, PyExc_KeyboardInterrupt)
@@ -381,16 +393,17 @@ def interrupt_calls(pool, bint from_signal=False):
 
 def shield(pool):
     """CallPool.shield: hold interrupts of this thread back until `unshield`."""
-    (<set>pool._shielded).add(PyThread_get_thread_ident())
+    (<CallsCore?>pool).shielded.add(PyThread_get_thread_ident())
 
 
 def unshield(pool):
     """CallPool.unshield: let interrupts through again; raise one held back."""
+    cdef CallsCore p = <CallsCore?>pool
     cdef unsigned long ident = PyThread_get_thread_ident()
-    (<set>pool._shielded).discard(ident)
-    if ident in <set>pool._deferred:
-        (<set>pool._deferred).discard(ident)
-        if ident in <dict>pool._running_user:
+    p.shielded.discard(ident)
+    if ident in p.deferred:
+        p.deferred.discard(ident)
+        if ident in p.running_user:
             raise KeyboardInterrupt
 
 
@@ -424,10 +437,11 @@ def remotecall_plain(object node, object f, object target, tuple args, dict kwar
     """
     if type(target) is not int or _sync_block.get() is not None:
         return None
-    myid = node.myid
+    cdef NodeCore n = <NodeCore?>node
+    cdef int myid = n.myid
     if target == myid:
         return None
-    peer = (<dict>node.peers).get(target)
+    peer = n.peers.get(target)
     if peer is None:
         return None
     conn = peer.conn
@@ -443,7 +457,7 @@ def remotecall_plain(object node, object f, object target, tuple args, dict kwar
     try:
         conn.send_deferred(CALL, flags, aux, myid, fut.id, body)
     except ConnectionError:
-        (<dict>node.pushes).pop(fut.id, None)  # no value will come for it
+        n.pushes.pop(fut.id, None)  # no value will come for it
         fut._holds = 0
         return None  # the Python path tries again and raises ProcessExitedException
     return fut
@@ -456,10 +470,11 @@ def call_future(cls, node, where):
 
 
 cdef FutureCore _call_future(object cls, object node, object where):
-    ident = next(node._ids)
+    cdef NodeCore n = <NodeCore?>node
+    ident = next(n.ids)
     cdef FutureCore fut = cls.__new__(cls)
     fut.where = where
-    fut.whence = node.myid
+    fut.whence = n.myid
     fut.id = ident
     fut._holds = 1
     fut._value = _EMPTY
@@ -471,7 +486,7 @@ cdef FutureCore _call_future(object cls, object node, object where):
     # `_track_with`): 20,000 pipelined calls otherwise made the collector walk
     # 20,000 Futures again and again (0.3 us per call in gen-2 collections).
     PyObject_GC_UnTrack(<void*>fut)
-    (<dict>node.pushes)[ident] = fut
+    n.pushes[ident] = fut
     return fut
 
 
@@ -570,7 +585,7 @@ cdef bint _materialize(FutureCore fut) except -1:
 cpdef handle_call(object node, object conn, Frame frame):
     """A CALL, CALL_FETCH or REMOTE_DO frame, on the thread that read it: a task for
     the call pool (a pool's call in the caller's serial lane)."""
-    node.callpool.submit_calls([_call_task(node, conn, frame)])
+    (<NodeCore?>node).callpool.submit_calls([_call_task(node, conn, frame)])
 
 
 cdef tuple _call_task(object node, object conn, Frame frame):
@@ -625,7 +640,7 @@ def route_frames(object node, object conn, list frames, object dispatch,
                 raise
     finally:
         if calls is not None:
-            node.callpool.submit_calls(calls)
+            (<NodeCore?>node).callpool.submit_calls(calls)
 
 
 cpdef handle_result(object node, object conn, Frame frame):
@@ -641,11 +656,12 @@ cpdef handle_result(object node, object conn, Frame frame):
     raw = (frame.flags, frame.body, buffers or ())
     if not buffers:
         PyObject_GC_UnTrack(<void*>raw)  # an int, bytes and (): no cycle can go through it
-    w = (<dict>node.waiters).pop(frame.id, None)
+    cdef NodeCore n = <NodeCore?>node
+    w = n.waiters.pop(frame.id, None)
     if w is not None:
         w.set(raw)
         return
-    pushed = (<dict>node.pushes).pop(frame.id, None)
+    pushed = n.pushes.pop(frame.id, None)
     if pushed is None:
         return
     cdef FutureCore fut = pushed

@@ -119,7 +119,7 @@ class MapCalls:
         self._conns: dict[int, Any] = {}  # worker -> its connection, once queued on
         self._tokens: dict[int, CachedFunction] = {}  # worker -> the function's key there
         self._myid = n.myid
-        self._ids = n._ids  # (Node.next_id, without its frame)
+        self._ids = n.ids  # (Node.next_id, without its frame)
         # The elements this process runs itself go one at a time, as on a worker.
         self._lane = object()
 

@@ -38,8 +38,11 @@ class NoSharedMemory:
         return flags, buffers
 
 
-class Node:
+class Node(_calls.NodeCore):
+    """What the worker side reads of a node (the C fields, see _calls.pxd)."""
+
     def __init__(self) -> None:
+        self.myid = 2
         self.callpool = CallPool(name="calls-test")
         self.store: dict = {}
         self.shm = NoSharedMemory()
@@ -153,18 +156,15 @@ def test_is_plain_follows_the_registry_of_importable_functions():
     assert not _calls.is_plain({1: 2}) and not _calls.is_plain([[[[1]]]])
 
 
-class Caller:
+class Caller(_calls.NodeCore):
     """What handle_result reads of a node: its waiters and its pending pushes."""
 
-    myid = 1
-
     def __init__(self) -> None:
-        self.waiters: dict = {}
-        self.pushes: dict = {}
-        self._ids = iter(range(1, 1_000_000))
+        self.myid = 1
+        self.ids = iter(range(1, 1_000_000))
 
     def next_id(self) -> int:
-        return next(self._ids)
+        return next(self.ids)
 
 
 def result_frame(ref_id: int, value, flags: int = FLAG_RELEASED) -> _wire.Frame:
@@ -463,17 +463,17 @@ def test_run_user_marks_the_thread_interruptible_while_user_code_runs():
     seen = []
 
     def inner():
-        seen.append(dict(pool._running_user))
+        seen.append(dict(pool.running_user))
         raise ValueError("user code failed")
 
     def outer(x, *, y):
-        seen.append(dict(pool._running_user))
+        seen.append(dict(pool.running_user))
         with pytest.raises(ValueError):
             pool.run_user(inner)
         return x + y
 
     assert pool.run_user(outer, 1, y=2) == 3
-    assert seen == [{me: 1}, {me: 2}] and pool._running_user == {}
+    assert seen == [{me: 1}, {me: 2}] and pool.running_user == {}
 
 
 class QueueingConn(Conn):
