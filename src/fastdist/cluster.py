@@ -21,6 +21,7 @@ import warnings
 from typing import Any
 
 from fastdist import node as _node
+from fastdist._core._wire import Frame
 from fastdist.dispatch import register
 from fastdist.exceptions import ClusterError, ProcessExitedException
 from fastdist.managers.base import ClusterManager, WorkerConfig
@@ -39,7 +40,7 @@ from fastdist.protocol.messages import Kind
 from fastdist.refstore import Waiter
 from fastdist.remotecall import remotecall_fetch
 from fastdist.tasks import run_async
-from fastdist.transport import connect_socket, stream_handshake, tune_socket
+from fastdist.transport import Connection, connect_socket, stream_handshake, tune_socket
 from fastdist.workerpool import add_to_default_pool
 
 TOPOLOGIES = ("all_to_all", "master_worker", "custom")
@@ -446,12 +447,12 @@ def _kill_unjoined(config: WorkerConfig) -> None:
 # -- joining, on the worker ---------------------------------------------------------------
 
 
-def handle_identify(n: Node, conn: Any, frame: Any) -> None:
+def handle_identify(n: Node, conn: Connection, frame: Frame) -> None:
     """An IDENTIFY frame arrived (on the thread that reads `conn`)."""
     on_identify(n, conn, serialize.loads(frame.body, what="identity"))
 
 
-def on_identify(n: Node, conn: Any, d: dict[str, Any]) -> None:
+def on_identify(n: Node, conn: Connection, d: dict[str, Any]) -> None:
     if n.role == "master":
         w = _joining.get(conn.peer) if conn.peer is not None else None
         if w is not None:
@@ -467,7 +468,7 @@ def on_identify(n: Node, conn: Any, d: dict[str, Any]) -> None:
     n._attach(p, conn)
 
 
-def _join(n: Node, conn: Any, d: dict[str, Any]) -> None:
+def _join(n: Node, conn: Connection, d: dict[str, Any]) -> None:
     n.myid = int(d["your_pid"])
     n.topology = d["topology"]
     n.lazy = bool(d["lazy"])
@@ -522,7 +523,7 @@ def _connect_now(n: Node, p: Peer) -> None:
         n._attach(p, conn)
 
 
-def conn_peer_host(conn: Any) -> str:
+def conn_peer_host(conn: Connection) -> str:
     """The peer's address on a socket connection ("" for Unix sockets and streams: this host)."""
     fd = conn.fd
     if fd is None or fd < 0:
@@ -538,7 +539,7 @@ def conn_peer_host(conn: Any) -> str:
     return str(name[0]) if isinstance(name, tuple) else ""
 
 
-def handle_peers(n: Node, conn: Any, frame: Any) -> None:
+def handle_peers(n: Node, conn: Connection, frame: Frame) -> None:
     on_peers(n, serialize.loads(frame.body, what="peer list"))
 
 

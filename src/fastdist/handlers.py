@@ -10,10 +10,12 @@ call threads (callpool.py).
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from typing import Any
 
+from fastdist._core._wire import Frame
 from fastdist._fastpath._calls import (
     configure_replies,
     handle_call,
@@ -22,7 +24,7 @@ from fastdist._fastpath._calls import (
 )
 from fastdist.dispatch import register
 from fastdist.exceptions import FutureAlreadySetError, ProtocolError
-from fastdist.node import exit_worker
+from fastdist.node import Node, exit_worker
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import (
     FLAG_ERROR,
@@ -35,11 +37,12 @@ from fastdist.protocol.messages import (
 )
 from fastdist.protocol.values import encode_error, encode_result
 from fastdist.refstore import RRID, RemoteValue
+from fastdist.transport import Connection
 
 # -- calls ----------------------------------------------------------------------------
 
 
-def _decode_call(node: Any, frame: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+def _decode_call(node: Node, frame: Frame) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
     k = frame.aux  # the length of the function's own pickle, if it has one
     if not k:
         f, args, kwargs = serialize.loads(frame.body, frame.buffers, what="call")
@@ -54,7 +57,7 @@ def _decode_call(node: Any, frame: Any) -> tuple[Any, tuple[Any, ...], dict[str,
     return f, args, kwargs
 
 
-def run_general_call(node: Any, conn: Any, frame: Any) -> None:
+def run_general_call(node: Node, conn: Connection, frame: Frame) -> None:
     """On a call thread: run a call that is not a small one (see _calls.run_call,
     which runs most calls in C) and deliver what it produced."""
     try:
@@ -66,7 +69,7 @@ def run_general_call(node: Any, conn: Any, frame: Any) -> None:
     reply_to_call(node, conn, frame, value, failed)
 
 
-def reply_to_call(node: Any, conn: Any, frame: Any, value: Any, failed: bool) -> None:
+def reply_to_call(node: Node, conn: Connection, frame: Frame, value: Any, failed: bool) -> None:
     """Deliver what a call produced: its value, or (`failed`) the exception it raised.
 
     Every CALL and CALL_FETCH gets exactly one reply: a value that cannot be made
@@ -99,7 +102,7 @@ def reply_to_call(node: Any, conn: Any, frame: Any, value: Any, failed: bool) ->
     send_reply(node, conn, frame, flags | released, body, buffers)
 
 
-def send_reply(node: Any, conn: Any, frame: Any, flags: int, body: bytes,
+def send_reply(node: Node, conn: Connection, frame: Frame, flags: int, body: bytes,
                buffers: Any) -> None:
     """Send a call's RESULT frame, or queue it behind the next ones' if more calls
     from the same caller are being run here (see _calls.queue_reply)."""
@@ -114,7 +117,7 @@ def send_reply(node: Any, conn: Any, frame: Any, flags: int, body: bytes,
         pass
 
 
-def send_value(node: Any, pid: int, waiter_id: int, rv: RemoteValue) -> None:
+def send_value(node: Node, pid: int, waiter_id: int, rv: RemoteValue) -> None:
     """Answer a remote fetch of a stored value (on a call thread: pickling runs user code)."""
     if rv.raw is not None:
         flags, body, buffers = rv.raw
@@ -139,7 +142,7 @@ configure_replies(send_reply, reply_to_call, run_general_call, SMALL_REPLY_NBYTE
                   MAX_QUEUED_REPLIES)
 
 
-def handle_fetch(node: Any, conn: Any, frame: Any) -> None:
+def handle_fetch(node: Node, conn: Connection, frame: Frame) -> None:
     whence, ref_id = REF_HEADER.unpack_from(frame.body)
     rv = node.store.lookup(RRID(whence, ref_id))
     with node.store.lock:
@@ -150,7 +153,7 @@ def handle_fetch(node: Any, conn: Any, frame: Any) -> None:
         node.callpool.submit(lambda: send_value(node, frame.whence, frame.id, rv))
 
 
-def handle_put_future(node: Any, conn: Any, frame: Any) -> None:
+def handle_put_future(node: Node, conn: Connection, frame: Frame) -> None:
     whence, ref_id = REF_HEADER.unpack_from(frame.body)
     rrid = RRID(whence, ref_id)
     rv = node.store.lookup(rrid)
@@ -164,13 +167,12 @@ def handle_put_future(node: Any, conn: Any, frame: Any) -> None:
         flags, body, _ = encode_error(exc)
         conn.send_nowait(Kind.RESULT, flags, 0, frame.whence, frame.id, body)
         return
-    for pid, wid in fetchers:
-        node.callpool.submit(lambda p=pid, w=wid: send_value(node, p, w, rv))
+    _send_values(node, fetchers, rv)
     flags, body, _ = encode_result(None, None)
     conn.send_nowait(Kind.RESULT, flags, 0, frame.whence, frame.id, body)
 
 
-def _restore(node: Any, rrid: RRID, rv: RemoteValue, raw: Any) -> None:
+def _restore(node: Node, rrid: RRID, rv: RemoteValue, raw: Any) -> None:
     """A value this process pushed and released comes back, because its caller passed
     the reference on before the value reached it: store it for the holders, whose
     holds arrived before it, and drop the creator's hold, which the push used up."""
@@ -179,42 +181,48 @@ def _restore(node: Any, rrid: RRID, rv: RemoteValue, raw: Any) -> None:
             fetchers = node.store.set_value(rv, raw=raw, is_error=bool(raw[0] & FLAG_ERROR))
         except FutureAlreadySetError:
             fetchers = []
-        for pid, wid in fetchers:
-            node.callpool.submit(lambda p=pid, w=wid: send_value(node, p, w, rv))
+        _send_values(node, fetchers, rv)
     node.store.change(rrid, rrid.whence, -1)
+
+
+def _send_values(node: Node, fetchers: list[tuple[int, int]], rv: RemoteValue) -> None:
+    """Answer the processes that fetched a value before it was set (on call threads:
+    pickling the value runs user code)."""
+    for pid, wid in fetchers:
+        node.callpool.submit(functools.partial(send_value, node, pid, wid, rv))
 
 
 # -- references, liveness, cluster membership ---------------------------------------------
 
 
-def handle_refs(node: Any, conn: Any, frame: Any) -> None:
+def handle_refs(node: Node, conn: Connection, frame: Frame) -> None:
     for whence, client, ref_id, delta in REF_RECORD.iter_unpack(frame.body):
         node.store.change(RRID(whence, ref_id), client, delta)
 
 
-def handle_shm_offer(node: Any, conn: Any, frame: Any) -> None:
+def handle_shm_offer(node: Node, conn: Connection, frame: Frame) -> None:
     node.shm.on_offer(conn, frame.body)
 
 
-def handle_shm_accept(node: Any, conn: Any, frame: Any) -> None:
+def handle_shm_accept(node: Node, conn: Connection, frame: Frame) -> None:
     node.shm.on_accept(conn.peer)
 
 
-def handle_shm_forget(node: Any, conn: Any, frame: Any) -> None:
+def handle_shm_forget(node: Node, conn: Connection, frame: Frame) -> None:
     node.shm.on_forget(conn.peer, frame.body)
 
 
-def handle_ping(node: Any, conn: Any, frame: Any) -> None:
+def handle_ping(node: Node, conn: Connection, frame: Frame) -> None:
     """Arrival alone is the point: the heartbeat counts received bytes. Each side
     pings on its own whenever it has been quiet (the keepalive thread, see
     _msgloop), so nothing is answered."""
 
 
-def handle_pong(node: Any, conn: Any, frame: Any) -> None:
+def handle_pong(node: Node, conn: Connection, frame: Frame) -> None:
     """As PING (older peers answered a PING with a PONG)."""
 
 
-def handle_connect_back(node: Any, conn: Any, frame: Any) -> None:
+def handle_connect_back(node: Node, conn: Connection, frame: Frame) -> None:
     target = frame.aux
     if node.role == "master":
         # Forward: ask the higher pid to open the link to the one that asked.
@@ -231,11 +239,11 @@ def handle_connect_back(node: Any, conn: Any, frame: Any) -> None:
     node.callpool.submit(connect)
 
 
-def handle_interrupt(node: Any, conn: Any, frame: Any) -> None:
+def handle_interrupt(node: Node, conn: Connection, frame: Frame) -> None:
     node.callpool.interrupt()
 
 
-def handle_exit(node: Any, conn: Any, frame: Any) -> None:
+def handle_exit(node: Node, conn: Connection, frame: Frame) -> None:
     if node.role == "worker" and conn.peer == 1:
         exit_worker()
 

@@ -31,6 +31,7 @@ from fastdist.exceptions import (
     RemoteException,
 )
 from fastdist.handlers import send_value
+from fastdist.node import Node
 from fastdist.output import _log_queues, handle_worker_logs
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import Kind
@@ -147,7 +148,7 @@ class Future(_calls.FutureCore, _RefBase):
         self._shared = False  # passed to another process while its pushed value was due
 
     @classmethod
-    def _for_call(cls, n: Any, where: int) -> Future:
+    def _for_call(cls, n: Node, where: int) -> Future:
         """The Future of a remotecall: its result will be pushed to this process.
 
         Until it is, the node holds it (`Node.pushes`, by id): the push finds it
@@ -459,7 +460,7 @@ def fetch_future(fut: Future, timeout: float | None) -> Any:
     return fut._return()
 
 
-def _fetch_remote(n: Any, fut: Future, timeout: float | None) -> tuple[Any, bool]:
+def _fetch_remote(n: Node, fut: Future, timeout: float | None) -> tuple[Any, bool]:
     wid, w = send_fetch(n, fut)
     if not wait_reading(n, fut.where, w, timeout):
         n.waiters.pop(wid, None)
@@ -564,7 +565,7 @@ def _resolve(arrived: asyncio.Future[None]) -> None:
 
 
 @_node.on_peer_lost
-def fail_pushed_futures(n: Any, pid: int, p: Any = None, exc: BaseException | None = None
+def fail_pushed_futures(n: Node, pid: int, p: Any = None, exc: BaseException | None = None
                         ) -> None:
     """A worker died: Futures waiting for its pushed results get ProcessExitedException."""
     for ref_id, fut in list(n.pushes.items()):

@@ -25,6 +25,7 @@ from fastdist.exceptions import (
     RemoteException,
 )
 from fastdist.handlers import send_value
+from fastdist.node import Node
 from fastdist.protocol.messages import CALL, Kind
 from fastdist.refs import _EMPTY, Future
 from fastdist.requests import DEFER_MAX_NBYTES, call_fetch, encode_call
@@ -49,7 +50,7 @@ configure_remotecall(Future, _sync_block, DEFER_MAX_NBYTES)
 
 
 @functools.singledispatch
-def on_target(target: Any, form: Callable[..., Any], f: Any, args: tuple[Any, ...],
+def on_target(target: Any, form: Callable[..., Any], f: Callable[..., Any], args: tuple[Any, ...],
               kwargs: dict[str, Any]) -> Any:
     """`form(f, target, args, kwargs)` — `form` one of call_future, call_fetch,
     call_wait, call_do — for a call whose target is a pid. Worker pools register
@@ -58,7 +59,7 @@ def on_target(target: Any, form: Callable[..., Any], f: Any, args: tuple[Any, ..
     return form(f, target, args, kwargs)
 
 
-def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
+def remotecall(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
     """Call `f(*args, **kwargs)` on a process and return at once with a Future.
 
     Args:
@@ -88,7 +89,7 @@ def remotecall(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
     return on_target(pid_or_pool, call_future, f, args, kwargs)  # type: ignore[no-any-return]
 
 
-def call_future(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+def call_future(f: Callable[..., Any], pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                 flags: int = 0) -> Future:
     """`remotecall` to one process; `flags` go on the call frame (FLAG_SERIAL: a
     pool's call, which the worker runs after the pool's earlier ones)."""
@@ -99,8 +100,8 @@ def call_future(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return _call_future(n, f, int(pid), args, kwargs, flags)
 
 
-def _call_future(n: Any, f: Any, pid: int, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 flags: int) -> Future:
+def _call_future(n: Node, f: Callable[..., Any], pid: int, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], flags: int) -> Future:
     """`call_future` for a call that `remotecall_plain` declined."""
     if pid == n.myid:
         fut = Future()
@@ -134,7 +135,7 @@ def _call_future(n: Any, f: Any, pid: int, args: tuple[Any, ...], kwargs: dict[s
     return fut
 
 
-def remotecall_fetch(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Any:
+def remotecall_fetch(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwargs: Any) -> Any:
     """Call `f(*args, **kwargs)` on a process and return its result (one round trip).
 
     Raises:
@@ -150,7 +151,7 @@ def remotecall_fetch(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Any
     return on_target(pid_or_pool, call_fetch, f, args, kwargs)
 
 
-def remotecall_wait(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
+def remotecall_wait(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
     """`remotecall` and wait until the call is done; returns the Future.
 
     Raises:
@@ -159,7 +160,7 @@ def remotecall_wait(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> Futu
     return on_target(pid_or_pool, call_wait, f, args, kwargs)  # type: ignore[no-any-return]
 
 
-def call_wait(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+def call_wait(f: Callable[..., Any], pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
               flags: int = 0) -> Future:
     """`remotecall_wait` to one process (`flags` as for `call_future`)."""
     fut = call_future(f, pid, args, kwargs, flags)
@@ -167,12 +168,12 @@ def call_wait(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return fut
 
 
-def remote_do(f: Any, pid_or_pool: Any, *args: Any, **kwargs: Any) -> None:
+def remote_do(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwargs: Any) -> None:
     """Run `f(*args, **kwargs)` on a process; no result, errors go to that process's stderr."""
     on_target(pid_or_pool, call_do, f, args, kwargs)
 
 
-def call_do(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+def call_do(f: Callable[..., Any], pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
             flags: int = 0) -> None:
     """`remote_do` to one process (`flags` as for `call_future`)."""
     n = _node.current()

@@ -10,24 +10,27 @@ Future's fetch and put, RemoteChannel operations), remotecall.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastdist import node as _node
 from fastdist._fastpath._calls import encode_plain_call
 from fastdist.channel import WAIT_SLICE_SECONDS
 from fastdist.exceptions import CapturedException, RemoteException
+from fastdist.node import Node
 from fastdist.output import handle_worker_logs
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import REF_HEADER, Kind
 from fastdist.protocol.values import decode_result
 from fastdist.refstore import Waiter
+from fastdist.transport import Connection
 
 # Calls with a body up to this size (and no out-of-band buffers) are deferred and
 # written in bursts; larger ones go out at once from the caller's thread.
 DEFER_MAX_NBYTES = 16 * 1024
 
 
-def encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+def encode_call(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                  pid: int) -> tuple[int, bytes, list[memoryview]]:
     """(aux, body, buffers) of a call frame: a function that travels by name is
     pickled once and its pickle put before that of `(args, kwargs)`, its length
@@ -38,7 +41,7 @@ def encode_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return encode_general_call(f, args, kwargs, pid)
 
 
-def encode_general_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+def encode_general_call(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                         pid: int) -> tuple[int, bytes, list[memoryview]]:
     """`encode_call` for a call `encode_plain_call` declined."""
     fpickle = serialize.function_pickle(f)
@@ -49,7 +52,7 @@ def encode_general_call(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return 0, body, buffers
 
 
-def run_local(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def run_local(f: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     n = _node.current()
     try:
         return n.callpool.run_user(f, *args, **kwargs)
@@ -57,7 +60,7 @@ def run_local(f: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         raise RemoteException(n.myid, CapturedException.capture(exc)) from exc
 
 
-def call_fetch(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+def call_fetch(f: Callable[..., Any], pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                flags: int = 0) -> Any:
     """`remotecall_fetch` to one process (`flags` as for `call_future`)."""
     n = _node.current()
@@ -68,7 +71,7 @@ def call_fetch(f: Any, pid: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
     return call_and_wait(n, pid, Kind.CALL_FETCH, flags, body, buffers, aux=aux)
 
 
-def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: Any,
+def call_and_wait(n: Node, pid: int, kind: int, flags: int, body: Any, buffers: Any,
                   timeout: float | None = None, aux: int = 0) -> Any:
     """Send a request frame to `pid` and wait for its RESULT; return the value."""
     wid = n.next_id()
@@ -103,7 +106,7 @@ def call_and_wait(n: Any, pid: int, kind: int, flags: int, body: Any, buffers: A
     return value
 
 
-def _become_reader(n: Any, pid: int) -> Any:
+def _become_reader(n: Node, pid: int) -> Any:
     """The connection to `pid`, if this thread could become its reader before sending
     a request (so the reply wakes this thread alone); else None.
 
@@ -116,7 +119,7 @@ def _become_reader(n: Any, pid: int) -> Any:
     return conn if conn.begin_direct() else None
 
 
-def _poll_reply(conn: Any, w: Waiter, timeout: float | None) -> bool:
+def _poll_reply(conn: Connection, w: Waiter, timeout: float | None) -> bool:
     """As `conn`'s reader, read until `w` is set; False if `timeout` ran out."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while not w.done():
@@ -127,7 +130,7 @@ def _poll_reply(conn: Any, w: Waiter, timeout: float | None) -> bool:
     return True
 
 
-def wait_reading(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
+def wait_reading(n: Node, pid: int, w: Waiter, timeout: float | None) -> bool:
     """Wait for a reply from `pid` (see `_wait_reply`); False if `timeout` ran out.
 
     Records that `pid` logged before replying are handled before the reply is used.
@@ -138,7 +141,7 @@ def wait_reading(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
     return True
 
 
-def _wait_reply(n: Any, pid: int, w: Waiter, timeout: float | None) -> bool:
+def _wait_reply(n: Node, pid: int, w: Waiter, timeout: float | None) -> bool:
     """Wait for a reply from `pid`, reading its connection on this thread when free.
 
     The reply then wakes this thread directly rather than the I/O thread, which
@@ -184,7 +187,7 @@ def ref_header(ref: Any) -> bytes:
     return REF_HEADER.pack(ref.whence, ref.id)
 
 
-def send_fetch(n: Any, fut: Any) -> tuple[int, Waiter]:
+def send_fetch(n: Node, fut: Any) -> tuple[int, Waiter]:
     """Ask the owner of `fut` (a Future) for its value; the answer will set the
     returned Waiter, which `n.waiters` holds under the returned id."""
     wid = n.next_id()

@@ -20,14 +20,16 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastdist import node as _node
+from fastdist._core._wire import Frame
 from fastdist.channel import wait_for
 from fastdist.dispatch import register
 from fastdist.exceptions import ProcessExitedException
-from fastdist.node import on_peer_lost
+from fastdist.node import Node, on_peer_lost
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_SERIAL, Kind
 from fastdist.refs import when_ready
 from fastdist.remotecall import call_future, on_target, remotecall_fetch
+from fastdist.transport import Connection
 
 __all__ = [
     "AbstractWorkerPool",
@@ -208,7 +210,7 @@ class WorkerPool(AbstractWorkerPool):
         return (_pool_proxy, (WorkerPool, self._owner, self._id))
 
 
-def _alive(n: Any, w: int) -> bool:
+def _alive(n: Node, w: int) -> bool:
     return w == n.myid or w in n.peers or (w == 1 and n.myid == 1)
 
 
@@ -238,7 +240,7 @@ def _pool_op(pool_id: int, op: str, *args: Any) -> tuple[str, Any]:
 
 
 @on_peer_lost
-def _worker_lost(n: Any, pid: int, p: Any, exc: BaseException | None) -> None:
+def _worker_lost(n: Node, pid: int, p: Any, exc: BaseException | None) -> None:
     """A worker that died or was removed leaves every pool of this process."""
     for pool in list(_pools.values()):
         if pool._owner == n.myid:
@@ -313,7 +315,7 @@ def remote(f: Callable[..., Any], pool: AbstractWorkerPool | None = None) -> Cal
 
 
 @on_target.register
-def _on_pool(pool: AbstractWorkerPool, form: Callable[..., Any], f: Any, args: Any,
+def _on_pool(pool: AbstractWorkerPool, form: Callable[..., Any], f: Callable[..., Any], args: Any,
              kwargs: Any) -> Any:
     """remotecall and its kin on a pool (see remotecall.on_target)."""
     if form is call_future:
@@ -321,7 +323,8 @@ def _on_pool(pool: AbstractWorkerPool, form: Callable[..., Any], f: Any, args: A
     return pool_call(pool, form, f, args, kwargs)
 
 
-def pool_call(pool: AbstractWorkerPool, fn: Any, f: Any, args: Any, kwargs: Any) -> Any:
+def pool_call(pool: AbstractWorkerPool, fn: Callable[..., Any], f: Callable[..., Any],
+              args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """`fn(f, w, args, kwargs, FLAG_SERIAL)` (remotecall.call_fetch, call_wait or
     call_do) on a worker `w` taken from the pool and given back: a pool's call,
     which the worker runs one at a time with the pool's others."""
@@ -334,7 +337,7 @@ def pool_call(pool: AbstractWorkerPool, fn: Any, f: Any, args: Any, kwargs: Any)
         pool.put(w)
 
 
-def pool_remotecall(pool: AbstractWorkerPool, f: Any, args: Any, kwargs: Any) -> Any:
+def pool_remotecall(pool: AbstractWorkerPool, f: Callable[..., Any], args: Any, kwargs: Any) -> Any:
     """`remotecall` on a pool: the worker goes back to the pool when the call is done."""
     w = pool.take()
     try:
@@ -438,18 +441,18 @@ def cached_entry(token: CachedFunction) -> _Entry:
     return entry
 
 
-def resolve_cached_function(node: Any, token: Any) -> Any:
+def resolve_cached_function(node: Node, token: Any) -> Any:
     """The function a CachedFunction stands for (anything else as it is)."""
     if not isinstance(token, CachedFunction):
         return token
     return cached_entry(token).func
 
 
-def handle_forget_funcs(node: Any, conn: Any, frame: Any) -> None:
+def handle_forget_funcs(node: Node, conn: Connection, frame: Frame) -> None:
     forget_cached_functions(node, conn.peer, frame.body)
 
 
-def forget_cached_functions(node: Any, owner: int, body: bytes) -> None:
+def forget_cached_functions(node: Node, owner: int, body: bytes) -> None:
     """FORGET_FUNCS from `owner`: drop the functions it cached here."""
     keys = struct.unpack(f"<{len(body) // 8}Q", body)
     with _func_cond:
@@ -473,7 +476,7 @@ class FunctionCache:
         self._keys: dict[int, tuple[Any, int]] = {}  # id(f) -> (f, key); keeps f alive
         self._sent: set[tuple[int, int]] = set()  # (key, worker)
 
-    def token(self, f: Any, w: int) -> CachedFunction:
+    def token(self, f: Callable[..., Any], w: int) -> CachedFunction:
         """The stand-in for `f` in a call to worker `w` (with `f` the first time)."""
         n = _node.current()
         with self._lock:
@@ -486,7 +489,7 @@ class FunctionCache:
                 self._sent.add((key, w))
         return CachedFunction(n.myid, key, f if first else None)
 
-    def unsend(self, f: Any, w: int) -> None:
+    def unsend(self, f: Callable[..., Any], w: int) -> None:
         """Forget that `f` went to `w` (the call carrying it never left)."""
         with self._lock:
             entry = self._keys.get(id(f))
@@ -541,7 +544,7 @@ class CachingPool(WorkerPool):
         super().__init__(pids)
         self._cache = FunctionCache()
 
-    def _token_for(self, f: Any, w: int) -> CachedFunction:
+    def _token_for(self, f: Callable[..., Any], w: int) -> CachedFunction:
         """The stand-in for `f` in a call to worker `w` (with `f` the first time)."""
         return self._cache.token(f, w)
 

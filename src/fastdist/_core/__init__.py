@@ -8,7 +8,7 @@ to build.
 """
 
 try:
-    from fastdist._core import _msgloop, _shm, _wire  # type: ignore[attr-defined]
+    from fastdist._core import _msgloop, _shm, _wire  # type: ignore[attr-defined, unused-ignore]
 except ImportError as exc:  # pragma: no cover - exercised by an install check
     raise ImportError(
         "fastdist's compiled core (fastdist._core._wire / _msgloop / _shm) is not built. "

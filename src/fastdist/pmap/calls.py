@@ -17,11 +17,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastdist._core._msgloop import POLL_DIRECT_MANY_MAX, poll_direct_many
 from fastdist._fastpath._calls import encode_plain_call, result_value
 from fastdist.exceptions import ProcessExitedException
+from fastdist.node import Node
 from fastdist.pmap.scheduling import Unit
 from fastdist.pmap.worker import (
     _run_batch,
@@ -99,7 +101,8 @@ def frame_nbytes(body: bytes, buffers: Any) -> int:
 class MapCalls:
     """One map's calls to its workers (and to this process, when it is one of them)."""
 
-    def __init__(self, n: Any, f: Any, pool: AbstractWorkerPool | None, star: bool) -> None:
+    def __init__(self, n: Node, f: Callable[..., Any], pool: AbstractWorkerPool | None,
+                 star: bool) -> None:
         self.n = n
         self.f = f
         self.star = star  # elements are tuples of arguments

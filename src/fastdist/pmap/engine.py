@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastdist.exceptions import ProcessExitedException
+from fastdist.node import Node
 from fastdist.pmap.calls import Call, MapCalls
 from fastdist.pmap.scheduling import (
     AUTO_BATCH_SECONDS,
@@ -46,7 +47,7 @@ class Engine:
     next unit go. Failed elements wait in `_retries` for their delay.
     """
 
-    def __init__(self, n: Any, f: Callable[..., Any], pool: AbstractWorkerPool | None,
+    def __init__(self, n: Node, f: Callable[..., Any], pool: AbstractWorkerPool | None,
                  pids: list[int], batch_size: int, policy: Policy,
                  bar: Progress | None, sizing: AutoSize | None = None,
                  star: bool = True) -> None:

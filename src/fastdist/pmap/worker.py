@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fastdist.exceptions import CapturedException, RemoteException
+from fastdist.node import Node
 from fastdist.protocol import serialize
 from fastdist.protocol.values import decode_error, encode_error
 from fastdist.workerpool import CachedFunction, cached_entry
@@ -140,7 +141,7 @@ def _map_into(f: Callable[..., Any], items: Iterator[Any], star: bool, out: list
             out.append(ElementFailure(encode_error(exc)[1]))
 
 
-def captured(n: Any, exc: BaseException) -> RemoteException:
+def captured(n: Node, exc: BaseException) -> RemoteException:
     err = RemoteException(n.myid, CapturedException.capture(exc))
     err.__cause__ = exc
     return err

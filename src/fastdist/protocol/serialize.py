@@ -17,6 +17,7 @@ import struct
 import sys
 import threading
 import types
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import cloudpickle
@@ -168,7 +169,7 @@ is_plain = _calls.is_plain
 _FUNCTION_PICKLES: dict[int, bytes] = {}
 
 
-def function_pickle(f: Any) -> bytes | None:
+def function_pickle(f: Callable[..., Any]) -> bytes | None:
     """The pickle of `f` if it travels by name (an importable function or class,
     already seen by `dumps`), else None. Cached: a call's function is then one
     bytes concatenation instead of a module look-up per call."""
@@ -180,7 +181,7 @@ def function_pickle(f: Any) -> bytes | None:
     return b
 
 
-def travels_by_name(f: Any) -> bool:
+def travels_by_name(f: Callable[..., Any]) -> bool:
     """Whether `f` is pickled by its module and name rather than by value, as
     cloudpickle decides (an importable function or class; lambdas, closures and
     `__main__` functions travel by value). Once True, calls naming `f` are plain
