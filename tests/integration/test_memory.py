@@ -2,7 +2,7 @@
 leave the resident size of master and worker where it was after a warm-up, and
 every per-call record (waiters, references, stored values) is gone.
 
-bench/memory_soak.py runs the same for a million of each.
+tests/soak_memory.py runs the same for a million of each.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ reader geometry. The reader must only ever produce the frames a pure-Python
 reference parser finds, or raise ProtocolError where the reference does; never
 crash, hang, or allocate for a length above its maximum frame size.
 
-A longer run of the same properties: bench/fuzz_wire.py.
+A longer run of the same properties: tests/soak_fuzz_wire.py.
 """
 
 from __future__ import annotations

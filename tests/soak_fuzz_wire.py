@@ -1,4 +1,4 @@
-"""A long fuzz of the frame reader: the properties of tests/unit/core/test_fuzz_wire.py,
+"""Soak: a long fuzz of the frame reader: the properties of tests/unit/core/test_fuzz_wire.py,
 run for minutes instead of seconds.
 
 Each input picks a reader geometry, a chunking and a byte stream (random, or a
@@ -7,10 +7,10 @@ the frames the pure-Python reference parser finds, or raise ProtocolError where
 the reference does, and never offer a receive window larger than its maximum
 frame size. Any other exception, a mismatch or a hang is a finding.
 
-    python bench/fuzz_wire.py                       # atheris if installed, else hypothesis
-    python bench/fuzz_wire.py --seconds 600
-    python bench/fuzz_wire.py --engine hypothesis --examples 200000
-    python bench/fuzz_wire.py --engine atheris -- -runs=1000000   # extra libFuzzer flags
+    python tests/soak_fuzz_wire.py                       # atheris if installed, else hypothesis
+    python tests/soak_fuzz_wire.py --seconds 600
+    python tests/soak_fuzz_wire.py --engine hypothesis --examples 200000
+    python tests/soak_fuzz_wire.py --engine atheris -- -runs=1000000   # extra libFuzzer flags
 
 atheris (`pip install atheris`) mutates with coverage feedback from the Python
 side (harness and reference); hypothesis generates structured streams.
@@ -26,7 +26,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "unit", "core"))
+sys.path.insert(0, os.path.join(HERE, "unit", "core"))
 
 import test_fuzz_wire as props  # noqa: E402  (the reference parser and reader driver)
 

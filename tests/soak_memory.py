@@ -1,9 +1,9 @@
-"""A memory soak: a million remote calls and a million RemoteChannel puts and takes,
+"""Soak: memory over a million remote calls and a million RemoteChannel puts and takes,
 with the resident size of master and worker read as it goes. Flat is the goal; a
 leak shows as a steady climb (tests/integration/test_memory.py does 100k in CI).
 
-    python bench/memory_soak.py                  # 1,000,000 of each
-    python bench/memory_soak.py --n 200000 --report-every 50000
+    python tests/soak_memory.py                  # 1,000,000 of each
+    python tests/soak_memory.py --n 200000 --report-every 50000
 
 Exits non-zero if either process grew by more than --max-growth-mib after warm-up.
 """
