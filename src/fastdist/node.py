@@ -98,6 +98,11 @@ class Peer:
 class Node(NodeCore):
     """One process's share of the cluster."""
 
+    # (C fields of NodeCore, _fastpath/_calls.pxd: their types, for the checker.)
+    peers: dict[int, Peer]
+    store: RefStore
+    callpool: CallPool
+
     def __init__(self, myid: int, role: str, cookie: str) -> None:
         self.myid = myid
         self.role = role  # "master" or "worker"

@@ -3,12 +3,7 @@
 from collections.abc import Callable, Iterator
 from typing import Any
 
-# (Types only: the C classes hold these objects, the modules that define them are
-# higher up and never imported by the compiled code.)
 from fastdist._fastpath._runqueue import RunQueue
-from fastdist.callpool import CallPool
-from fastdist.node import Peer
-from fastdist.refstore import RefStore
 
 class RefCore:
     where: int
@@ -25,12 +20,13 @@ class FutureCore(RefCore):
 
 class NodeCore:
     myid: int
-    peers: dict[int, Peer]
+    # (Node, above, says what peers, store and callpool hold.)
+    peers: dict[int, Any]
     pushes: dict[int, Any]
     waiters: dict[int, Any]
     ids: Iterator[int]
-    store: RefStore
-    callpool: CallPool
+    store: Any
+    callpool: Any
 
 class CallsCore:
     running_user: dict[int, int]
