@@ -34,7 +34,7 @@ import report  # noqa: E402
 PEERS = ["fastdist", "fastdist-tcp", "mp", "cf", "loky", "dask", "ray"]
 # fastdist with FASTDIST_UNIX_SOCKETS=0 runs only where the transport matters.
 ONLY_WORKLOADS = {"fastdist-tcp": {"W1", "W2", "W3"},
-                  "fastdist-base": {"W1", "W2", "W3", "W4", "W5"}}
+                  "fastdist-base": {"W1", "W2", "W3", "W4", "W5", "W6"}}
 BASELINES = ["c", "pysock", "memcpy"]
 WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6"]
 # Which workloads each baseline feeds.
@@ -263,7 +263,7 @@ def main(argv=None):
     ap.add_argument("--out-dir", help="where RESULTS.md, results.json, ratios.png go "
                     "(default: bench/, or bench/.build/quick/ with --quick)")
     ap.add_argument("--base", help="also run fastdist as it was at this git revision "
-                    "(peer fastdist-base, W1-W5): before and after in one run")
+                    "(peer fastdist-base): before and after in one run")
     args = ap.parse_args(argv)
     if args.out_dir is None:
         # A smoke test must not overwrite the full run's committed results.
