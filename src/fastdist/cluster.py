@@ -18,13 +18,16 @@ import socket
 import threading
 import time
 import warnings
-from typing import Any
+from collections.abc import Mapping, Sequence
+from difflib import get_close_matches
+from typing import Any, Literal, overload
 
 from fastdist import node as _node
 from fastdist._core._wire import Frame
+from fastdist.channel import check_timeout
 from fastdist.dispatch import register
 from fastdist.exceptions import ClusterError, ProcessExitedException
-from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.base import COMMON_KEYWORDS, ClusterManager, WorkerConfig
 from fastdist.managers.local import LocalManager
 from fastdist.managers.process import escalate_exit
 from fastdist.managers.ssh import SSHManager
@@ -130,18 +133,49 @@ def nworkers() -> int:
 # -- adding workers -----------------------------------------------------------------------
 
 
-def addprocs(np_or_machines: Any = None, **kwargs: Any) -> list[int]:
+_Topology = Literal["all_to_all", "master_worker", "custom"]
+_Flags = str | Sequence[str]
+_Path = str | os.PathLike[str]
+_Machine = str | tuple[str, int | Literal["auto"]]
+
+
+@overload
+def addprocs(np: int | None = None, /, *, restrict: bool = True, dir: _Path | None = None,
+             exename: _Path | None = None, exeflags: _Flags = (),
+             topology: _Topology = "all_to_all", lazy: bool = True,
+             enable_threaded_blas: bool = False,
+             env: Mapping[str, str] | None = None) -> list[int]: ...
+
+
+@overload
+def addprocs(machines: _Machine | Sequence[_Machine], /, *, tunnel: bool = False,
+             multiplex: bool = False, sshflags: _Flags = (), max_parallel: int = 10,
+             ssh: str = "ssh", dir: _Path | None = None, exename: _Path | None = None,
+             exeflags: _Flags = (), topology: _Topology = "all_to_all", lazy: bool = True,
+             enable_threaded_blas: bool = False,
+             env: Mapping[str, str] | None = None) -> list[int]: ...
+
+
+@overload
+def addprocs(manager: ClusterManager, /, **kwargs: Any) -> list[int]: ...
+
+
+def addprocs(np_or_machines: Any = None, /, **kwargs: Any) -> list[int]:
     """Start workers and add them to the cluster; returns their pids.
 
     `addprocs(n)` starts n local workers, `addprocs()` one per CPU,
     `addprocs(["host", ("host", 4)], ...)` workers over SSH, and
     `addprocs(manager, **kw)` whatever a ClusterManager launches.
 
-    Keyword arguments (Julia's): restrict, dir, exename, exeflags, topology
-    ("all_to_all", "master_worker", "custom"), lazy, enable_threaded_blas, env;
-    for SSH also tunnel, multiplex, sshflags, max_parallel.
+    Keyword arguments (Julia's): restrict (local workers), dir, exename, exeflags,
+    topology ("all_to_all", "master_worker", "custom"), lazy, enable_threaded_blas,
+    env; for SSH also tunnel, multiplex, sshflags, max_parallel, ssh. A keyword the
+    manager does not read is refused: fastdist's managers declare theirs
+    (`ClusterManager.keywords`); a manager of your own gets whatever it is given.
 
     Raises:
+        TypeError: a keyword this manager does not take (misspelt, or for another
+            kind of worker, like `tunnel` for local workers).
         RuntimeError: called on a worker (only pid 1 adds workers).
         ClusterError: a worker failed to start or connect; the cluster is left as it was.
 
@@ -150,11 +184,12 @@ def addprocs(np_or_machines: Any = None, **kwargs: Any) -> list[int]:
         >>> fd.workers()
         [2, 3]
     """
+    manager: ClusterManager
     if isinstance(np_or_machines, ClusterManager):
         manager = np_or_machines
     elif np_or_machines is None:
         manager = LocalManager(os.cpu_count() or 1, kwargs.pop("restrict", True))
-    elif isinstance(np_or_machines, int):
+    elif isinstance(np_or_machines, int) and not isinstance(np_or_machines, bool):
         manager = LocalManager(np_or_machines, kwargs.pop("restrict", True))
     elif isinstance(np_or_machines, (list, tuple, str)):
         machines = [np_or_machines] if isinstance(np_or_machines, str) else np_or_machines
@@ -162,7 +197,30 @@ def addprocs(np_or_machines: Any = None, **kwargs: Any) -> list[int]:
     else:
         raise TypeError(f"addprocs takes a count, a list of machines or a ClusterManager, "
                         f"not {type(np_or_machines).__name__}")
+    check_keywords(manager, kwargs)
     return _addprocs(manager, **kwargs)
+
+
+def check_keywords(manager: ClusterManager, kwargs: Mapping[str, Any]) -> None:
+    """Refuse a keyword `manager` would not read, naming it (and what was meant)."""
+    own = type(manager).keywords
+    if own is None:
+        return
+    known = COMMON_KEYWORDS | own
+    for name in kwargs:
+        if name in known:
+            continue
+        kind = type(manager).__name__
+        others = [k for k in ("restrict", "tunnel", "multiplex", "sshflags", "max_parallel",
+                              "ssh") if k not in known]
+        if name in others:
+            why = f"it does not apply to {kind}'s workers"
+        else:
+            close = get_close_matches(name, sorted(known), n=1)
+            why = f"did you mean {close[0]!r}?" if close else "it is not an addprocs keyword"
+        hint = f"; {manager.keywords_hint}" if manager.keywords_hint else ""
+        raise TypeError(f"addprocs() got an unexpected keyword argument {name!r} for "
+                        f"{kind}: {why} ({kind} takes {', '.join(sorted(known))}{hint})")
 
 
 def _check_params(n: Node, params: dict[str, Any]) -> None:
@@ -620,6 +678,7 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> Any:
     n = _node.current()
     if n.myid != 1:
         raise RuntimeError("Only process 1 can add or remove workers")
+    waitfor = check_timeout(waitfor, "waitfor")
     flat: list[int] = []
     for p in pids:
         flat.extend(int(x) for x in (p if isinstance(p, (list, tuple, set, range)) else [p]))
@@ -645,7 +704,8 @@ def rmprocs(*pids: Any, waitfor: float | None = None) -> Any:
     try:
         task.wait(waitfor)
     except TimeoutError:
-        raise TimeoutError(f"rmprocs: workers {flat} were not removed within {waitfor} s") from None
+        raise TimeoutError(f"rmprocs: workers {flat} were not removed within {waitfor} s; "
+                           "their removal goes on") from None
     return task
 
 

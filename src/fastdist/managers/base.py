@@ -12,11 +12,15 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from fastdist import node as _node
 from fastdist.node import worker_timeout
 from fastdist.transport import open_stream
+
+# What `addprocs` puts in `params` for every manager (Julia's `default_addprocs_params`).
+COMMON_KEYWORDS = frozenset({"dir", "exename", "exeflags", "topology", "lazy",
+                             "enable_threaded_blas", "env"})
 
 
 @dataclass
@@ -51,6 +55,15 @@ class ClusterManager(abc.ABC):
     Subclasses implement `launch` and `manage`; `kill` and `connect` have
     defaults (ask the worker to exit; open a TCP connection to it).
     """
+
+    # The `addprocs` keywords this manager reads from `params`, beyond the ones
+    # every manager gets (`COMMON_KEYWORDS`): any other is refused with a TypeError
+    # naming it, so that a misspelt or inapplicable one is not silently ignored.
+    # None (the default, for managers written by users): anything passes into
+    # `params`, as Julia's addprocs passes every keyword to its manager.
+    keywords: ClassVar[frozenset[str] | None] = None
+    # Said after a refused keyword: where this manager's other settings go.
+    keywords_hint: ClassVar[str] = ""
 
     @abc.abstractmethod
     def launch(self, params: dict[str, Any], launched: list[WorkerConfig],

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 class LocalManager(ClusterManager):
     """Launch `np` workers on this machine (bound to 127.0.0.1 when `restrict`)."""
 
+    keywords = frozenset()  # only the common ones
+    keywords_hint = "restrict goes to LocalManager(np, restrict=...)"
+
     def __init__(self, np: int, restrict: bool = True) -> None:
         if int(np) < 0:
             raise ValueError("the number of workers must be non-negative")

@@ -82,6 +82,9 @@ class SlurmManager(ClusterManager):
         [2, 3, 4, 5]
     """
 
+    keywords = frozenset()
+    keywords_hint = "srun's options go to SlurmManager(np, partition=..., time=...)"
+
     def __init__(self, np: int, **srun_options: Any) -> None:
         if int(np) < 0:
             raise ValueError("the number of workers must be non-negative")

@@ -280,6 +280,8 @@ class SSHManager(ClusterManager):
         [2, 3, 4, 5, 6, 7, 8]
     """
 
+    keywords = frozenset({"tunnel", "multiplex", "sshflags", "max_parallel", "ssh"})
+
     def __init__(self, machines: Any) -> None:
         if isinstance(machines, str):
             machines = [machines]
