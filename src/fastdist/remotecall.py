@@ -59,7 +59,8 @@ def on_target(target: Any, form: Callable[..., Any], f: Callable[..., Any], args
     return form(f, target, args, kwargs)
 
 
-def remotecall(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
+def remotecall(f: Callable[..., Any], pid_or_pool: Any, /, *args: Any,
+               **kwargs: Any) -> Future:
     """Call `f(*args, **kwargs)` on a process and return at once with a Future.
 
     Args:
@@ -135,7 +136,8 @@ def _call_future(n: Node, f: Callable[..., Any], pid: int, args: tuple[Any, ...]
     return fut
 
 
-def remotecall_fetch(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwargs: Any) -> Any:
+def remotecall_fetch(f: Callable[..., Any], pid_or_pool: Any, /, *args: Any,
+                     **kwargs: Any) -> Any:
     """Call `f(*args, **kwargs)` on a process and return its result (one round trip).
 
     Raises:
@@ -151,7 +153,8 @@ def remotecall_fetch(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwar
     return on_target(pid_or_pool, call_fetch, f, args, kwargs)
 
 
-def remotecall_wait(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwargs: Any) -> Future:
+def remotecall_wait(f: Callable[..., Any], pid_or_pool: Any, /, *args: Any,
+                    **kwargs: Any) -> Future:
     """`remotecall` and wait until the call is done; returns the Future.
 
     Raises:
@@ -168,7 +171,8 @@ def call_wait(f: Callable[..., Any], pid: Any, args: tuple[Any, ...], kwargs: di
     return fut
 
 
-def remote_do(f: Callable[..., Any], pid_or_pool: Any, *args: Any, **kwargs: Any) -> None:
+def remote_do(f: Callable[..., Any], pid_or_pool: Any, /, *args: Any,
+              **kwargs: Any) -> None:
     """Run `f(*args, **kwargs)` on a process; no result, errors go to that process's stderr."""
     on_target(pid_or_pool, call_do, f, args, kwargs)
 

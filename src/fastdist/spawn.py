@@ -50,7 +50,8 @@ def _target(p: Any) -> Any:
     return p
 
 
-def spawnat(p: int | str | Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+def spawnat(p: int | str | Any, fn: Callable[..., Any], /, *args: Any,
+            **kwargs: Any) -> Future:
     """Run ``fn(*args, **kwargs)`` on process `p` and return at once (Julia's `@spawnat`).
 
     The Future is registered with the enclosing `sync` block, if any.
@@ -78,7 +79,8 @@ def spawnat(p: int | str | Any, fn: Callable[..., Any], *args: Any, **kwargs: An
     return remotecall(fn, _target(p), *args, **kwargs)
 
 
-def fetchfrom(p: int | str | Any, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def fetchfrom(p: int | str | Any, fn: Callable[..., Any], /, *args: Any,
+              **kwargs: Any) -> Any:
     """``fetch(spawnat(p, fn, *args, **kwargs))`` in one round trip (Julia's `@fetchfrom`).
 
     Raises:
@@ -93,7 +95,7 @@ def fetchfrom(p: int | str | Any, fn: Callable[..., Any], *args: Any, **kwargs: 
     return remotecall_fetch(fn, _target(p), *args, **kwargs)
 
 
-def fetch_any(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def fetch_any(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """``fetch(spawnat("any", fn, ...))``: run on the next worker, return the value
     (Julia's `@fetch`).
 
@@ -252,6 +254,13 @@ def _run_in_main(task: Any, variables: dict[str, Any]) -> Any:
     return task()
 
 
+def _run_in_main_quietly(task: Any, variables: dict[str, Any]) -> None:
+    """`_run_in_main` for a run on several processes: its value stays where it was
+    made (Julia's @everywhere returns nothing, and sends nothing back: a large array
+    defined this way must not travel, nor a lock that cannot)."""
+    _run_in_main(task, variables)
+
+
 def _is_being_decorated(fn: Any, frame: types.FrameType | None) -> bool:
     """Whether `everywhere(fn)` is `@everywhere` on a `def`: a function of the
     calling module whose name the calling scope has not bound to it yet."""
@@ -327,7 +336,7 @@ def _run_everywhere(task: Any, procs: Any, variables: dict[str, Any]) -> Any:
     if isinstance(procs, numbers.Integral):
         return _Pending(pids[0], _run_in_main, (task, variables)).result()
     # This process first, so that what it defines exists here before the others run.
-    _, errors = _gather(_start_all(pids, _run_in_main, lambda i: (task, variables),
+    _, errors = _gather(_start_all(pids, _run_in_main_quietly, lambda i: (task, variables),
                                    here_first=True))
     if errors:
         raise CompositeException(f"everywhere failed on {len(errors)} of {len(pids)} runs", errors)

@@ -331,7 +331,7 @@ cdef bint _queue_reply(object pool, object conn, Frame frame, int flags, bytes b
     return True
 
 
-def run_user(pool, fn, *args, **kwargs):
+def run_user(pool, fn, /, *args, **kwargs):
     """CallPool.run_user: call user code, marking this thread as interruptible while
     it runs (`pool.running_user`, thread ident -> depth).
 
