@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 import threading
 import time
 from collections import deque
@@ -12,7 +13,7 @@ from typing import Any, NoReturn, SupportsIndex
 
 from fastdist.exceptions import ChannelClosedError
 
-__all__ = ["AbstractChannel", "Channel", "refuse_pickle"]
+__all__ = ["AbstractChannel", "Channel", "check_timeout", "refuse_pickle"]
 
 _NOT_PICKLABLE = "a Channel lives in one process; use RemoteChannel to share it"
 
@@ -22,10 +23,31 @@ _NOT_PICKLABLE = "a Channel lives in one process; use RemoteChannel to share it"
 WAIT_SLICE_SECONDS = 0.25
 
 
+def check_timeout(timeout: object, what: str = "timeout") -> float | None:
+    """`timeout` in float seconds, None for no limit (math.inf too).
+
+    Raises:
+        TypeError: it is not a number (a string, say).
+        ValueError: it is NaN or negative.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"{what} must be a number of seconds or None, "
+                        f"not {type(timeout).__name__} {timeout!r}")
+    seconds = float(timeout)
+    if math.isnan(seconds):
+        raise ValueError(f"{what} must be a number of seconds or None, not nan")
+    if seconds < 0:
+        raise ValueError(f"{what} must be >= 0 seconds, not {seconds:g}")
+    return None if seconds == math.inf else seconds
+
+
 def wait_for(cond: threading.Condition, predicate: Callable[[], object],
              timeout: float | None) -> bool:
     """`cond.wait_for(predicate, timeout)` (lock held), waking every
     WAIT_SLICE_SECONDS so that an interrupt of this thread is raised in time."""
+    timeout = check_timeout(timeout)
     if timeout is not None:
         deadline = time.monotonic() + timeout
     while True:

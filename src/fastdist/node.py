@@ -497,7 +497,7 @@ class Node(NodeCore):
         for pid, p in list(self.peers.items()):
             if p.conn is not None:
                 peers[pid] = {**p.conn.stats(), **self.shm.stats(pid)}
-        return {"pid": self.myid, "peers": peers, "refs": len(self.store)}
+        return {"pid": self.myid, "peers": peers, "refs": self.store.nvalues()}
 
 
 def _raise_fd_limit() -> None:

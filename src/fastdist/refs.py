@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 from fastdist import node as _node
 from fastdist._fastpath import _calls
-from fastdist.channel import AbstractChannel, Channel
+from fastdist.channel import AbstractChannel, Channel, check_timeout
 from fastdist.exceptions import (
     ChannelClosedError,
     FutureAlreadySetError,
@@ -329,22 +329,22 @@ class RemoteChannel(_RefBase, AbstractChannel):
 
     def put(self, v: Any, timeout: float | None = None) -> RemoteChannel:
         """Put `v`, blocking while the channel is full; returns the channel."""
-        self._op("put", v, timeout)
+        self._op("put", v, check_timeout(timeout))
         return self
 
     def take(self, timeout: float | None = None) -> Any:
         """Remove and return a value, blocking while the channel is empty."""
-        return self._op("take", timeout)
+        return self._op("take", check_timeout(timeout))
 
     def fetch(self, timeout: float | None = None) -> Any:
         """Return the first value without removing it."""
-        return self._op("fetch", timeout)
+        return self._op("fetch", check_timeout(timeout))
 
     def isready(self) -> bool:
         return bool(self._op("isready"))
 
     def wait(self, timeout: float | None = None) -> None:
-        self._op("wait", timeout)
+        self._op("wait", check_timeout(timeout))
 
     def close(self) -> None:
         self._op("close")
@@ -487,6 +487,12 @@ def put_future(fut: Future, value: Any) -> None:
     n = _node.current()
     if fut._value is not _EMPTY or fut._raw is not None:
         raise FutureAlreadySetError("Future can be set only once")
+    if fut._push is not None:
+        # Its call will set it: a put now would drop the call's own result (or
+        # make the call's answer fail), whichever came second.
+        raise FutureAlreadySetError(
+            "a Future returned by remotecall is set by its call; put values into a "
+            "Future() or a RemoteChannel instead")
     if fut.where == n.myid:
         rv = n.store.lookup(fut.rrid)
         for p, wid in n.store.set_value(rv, obj=value):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastdist.channel import WAIT_SLICE_SECONDS, AbstractChannel
+from fastdist.channel import WAIT_SLICE_SECONDS, AbstractChannel, check_timeout
 from fastdist.exceptions import FutureAlreadySetError
 
 _allocate_lock = threading.Lock
@@ -97,7 +97,8 @@ class Waiter:
         # Each woken waiter releases the lock again, waking the next: a broadcast.
         # Waits go in slices, so that an interrupt of this thread is raised in time
         # (see channel.WAIT_SLICE_SECONDS).
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        timeout = check_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = WAIT_SLICE_SECONDS if deadline is None else min(
                 WAIT_SLICE_SECONDS, deadline - time.monotonic())
@@ -133,6 +134,12 @@ class RefStore:
 
     def __len__(self) -> int:
         return len(self.values)
+
+    def nvalues(self) -> int:
+        """How many values this process holds for references: Futures' values that
+        were set, and RemoteChannels (not the records of holds on a Future still
+        waiting for its value)."""
+        return sum(1 for rv in list(self.values.values()) if rv.ready or rv.channel is not None)
 
     def lookup(self, rrid: RRID) -> RemoteValue:
         """The record for `rrid`, created (with its creator holding one) if missing."""

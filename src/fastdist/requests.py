@@ -15,7 +15,7 @@ from typing import Any
 
 from fastdist import node as _node
 from fastdist._fastpath._calls import encode_plain_call
-from fastdist.channel import WAIT_SLICE_SECONDS
+from fastdist.channel import WAIT_SLICE_SECONDS, check_timeout
 from fastdist.exceptions import CapturedException, RemoteException
 from fastdist.node import Node
 from fastdist.output import handle_worker_logs
@@ -74,6 +74,7 @@ def call_fetch(f: Callable[..., Any], pid: Any, args: tuple[Any, ...], kwargs: d
 def call_and_wait(n: Node, pid: int, kind: int, flags: int, body: Any, buffers: Any,
                   timeout: float | None = None, aux: int = 0) -> Any:
     """Send a request frame to `pid` and wait for its RESULT; return the value."""
+    timeout = check_timeout(timeout)
     wid = n.next_id()
     w = Waiter(peer=pid)
     n.waiters[wid] = w
@@ -135,6 +136,7 @@ def wait_reading(n: Node, pid: int, w: Waiter, timeout: float | None) -> bool:
 
     Records that `pid` logged before replying are handled before the reply is used.
     """
+    timeout = check_timeout(timeout)
     if not _wait_reply(n, pid, w, timeout):
         return False
     handle_worker_logs(pid)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from fastdist.channel import check_timeout
 from fastdist.exceptions import CompositeException
 
 __all__ = ["Task", "Waitable", "register_sync", "run_async", "sync"]
@@ -107,7 +108,7 @@ class Task:
             Traceback (most recent call last):
             ValueError: invalid literal for int() with base 10: 'x'
         """
-        if not self._finished.wait(timeout):
+        if not self._finished.wait(check_timeout(timeout)):
             raise TimeoutError(f"task did not finish within {timeout} s")
         if self._exception is not None:
             raise self._exception
@@ -150,7 +151,7 @@ class Task:
             >>> run_async(int, "x").exception()
             ValueError("invalid literal for int() with base 10: 'x'")
         """
-        if not self._finished.wait(timeout):
+        if not self._finished.wait(check_timeout(timeout)):
             raise TimeoutError(f"task did not finish within {timeout} s")
         return self._exception
 

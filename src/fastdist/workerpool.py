@@ -21,7 +21,7 @@ from typing import Any
 
 from fastdist import node as _node
 from fastdist._core._wire import Frame
-from fastdist.channel import wait_for
+from fastdist.channel import check_timeout, wait_for
 from fastdist.dispatch import register
 from fastdist.exceptions import ProcessExitedException
 from fastdist.node import Node, on_peer_lost
@@ -139,6 +139,7 @@ class WorkerPool(AbstractWorkerPool):
             RuntimeError: the pool has no workers at all.
             TimeoutError: no worker became free within `timeout` seconds.
         """
+        timeout = check_timeout(timeout)
         if self._remote():
             return int(self._call("take", timeout))
         n = _node.current()
