@@ -228,3 +228,14 @@ def test_a_failing_block_is_named_by_its_page_line(tmp_path: Path) -> None:
     assert "NameError: name 'z'" in result.stderr
     assert failed_block(blocks, str(script), result.stderr) == (
         f"the block at {page}:7 failed, at line 9")
+
+
+def test_readme_opens_with_a_title_a_paragraph_and_the_two_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    title, paragraph, commands, after = re.split(r"\n\n+", text, maxsplit=3)
+    assert title == "# fastdist"
+    assert not paragraph.startswith(("#", "```", "-")), "one paragraph says what fastdist is"
+    assert commands.startswith("```bash\npip install . && python examples/pmap_demo.py")
+    assert "\nbash tests/run.sh " in commands, "the test command CI runs (.ci/run)"
+    assert "exec bash tests/run.sh" in (ROOT / ".ci" / "run").read_text()
+    assert after.startswith("Start with the [quickstart](docs/quickstart.md)")
