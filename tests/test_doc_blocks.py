@@ -155,7 +155,7 @@ def failed_block(blocks: list[Block], script: str, stderr: str) -> str:
 @pytest.mark.parametrize("page", RUN_PAGES, ids=[str(p.relative_to(ROOT)) for p in RUN_PAGES])
 def test_page_blocks_run(page: Path, tmp_path: Path) -> None:
     blocks = python_blocks(page)
-    script = tmp_path / (page.stem + ".py")
+    script = tmp_path / f"page_{page.stem}.py"  # a prefix: no page shadows a module
     script.write_text(page_script(blocks))
     result = run_watched(script)
     output = (result.stdout + result.stderr).replace(str(script), str(page.relative_to(ROOT)))
