@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "fastdist.cluster", "fastdist.spawn", "fastdist.pmap", "fastdist.pmap.scheduling",
         "fastdist.pmap.worker", "fastdist.pmap.calls", "fastdist.pmap.engine", "fastdist.executor",
         "fastdist.workerproc", "fastdist.worker", "fastdist", "fastdist.__main__",
+        "fastdist.sharedarray",
     }),
 ]
 

@@ -12,6 +12,8 @@ Example:
     [0, 1, 4, 9, 16]
 """
 
+from typing import TYPE_CHECKING, Any
+
 from fastdist import _core, _fastpath  # noqa: F401 - each fails with a build hint when not built
 from fastdist.asyncmap import asyncmap
 from fastdist.channel import AbstractChannel, Channel
@@ -74,7 +76,31 @@ from fastdist.workerpool import (
 )
 from fastdist.workerproc import init_worker, process_messages, start_worker
 
+if TYPE_CHECKING:
+    from fastdist.sharedarray import (
+        SharedArray,
+        SharedMatrix,
+        SharedVector,
+        indexpids,
+        localindices,
+        sdata,
+    )
+
 __version__ = "0.1.0"
+
+# Imported on first use: they need numpy, which a worker that never meets a shared
+# array should not pay for at start-up.
+_SHARED_ARRAY_NAMES = frozenset(
+    {"SharedArray", "SharedMatrix", "SharedVector", "indexpids", "localindices", "sdata"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SHARED_ARRAY_NAMES:
+        from fastdist import sharedarray
+
+        return getattr(sharedarray, name)
+    raise AttributeError(f"module 'fastdist' has no attribute {name!r}")
+
 
 __all__ = [
     "RRID",
@@ -95,6 +121,9 @@ __all__ = [
     "RemoteChannel",
     "RemoteException",
     "SSHManager",
+    "SharedArray",
+    "SharedMatrix",
+    "SharedVector",
     "SlurmManager",
     "Task",
     "WorkerConfig",
@@ -112,11 +141,13 @@ __all__ = [
     "fetch",
     "fetch_any",
     "fetchfrom",
+    "indexpids",
     "init_worker",
     "interrupt",
     "isready",
     "kill",
     "launch",
+    "localindices",
     "manage",
     "myid",
     "nprocs",
@@ -133,6 +164,7 @@ __all__ = [
     "remoteref_id",
     "rmprocs",
     "run_async",
+    "sdata",
     "spawnat",
     "start_worker",
     "stats",

@@ -62,8 +62,12 @@ def myid() -> int:
     return 1 if n is None else n.myid
 
 
-def procs(pid: int | None = None) -> list[int]:
-    """All pids, master included; with `pid`, the pids on the same host as `pid`."""
+def procs(pid: Any = None) -> list[int]:
+    """All pids, master included; with `pid`, the pids on the same host as `pid`; with
+    a SharedArray, the pids that share it (Julia's `procs(S)`)."""
+    shared_by = getattr(pid, "procs", None)
+    if callable(shared_by):
+        return list(shared_by())
     n = _node.peek()
     if n is None:
         return [1]
