@@ -217,3 +217,97 @@ def test_everywhere_code_on_several_processes_returns_nothing(two_workers):
         assert _main_summary()[1] == 5_000_000
     finally:
         fd.everywhere("US_LOCK = US_BIG = None")
+
+
+# -- remote errors: the user's frames, caught by their own type ------------------------
+
+def _divide(x):
+    scaled = x * 2
+    return 10 / (scaled - scaled)
+
+
+class _CodeError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message, code)  # all of them in args: it pickles
+        self.code = code
+
+
+def _raise_code_error():
+    raise _CodeError("failed", 42)
+
+
+FASTDIST_FRAMES = ("fastdist/handlers.py", "_calls.pyx", "fastdist/pmap/worker.py",
+                   "fastdist/remotecall.py", "fastdist/requests.py")
+
+
+def _remote_text(err: BaseException) -> str:
+    text = str(err)
+    assert text.startswith("On worker "), text
+    return text
+
+
+@pytest.mark.parametrize("run", [
+    lambda p: fd.remotecall_fetch(_divide, p, 3),
+    lambda p: fd.fetch(fd.remotecall(_divide, p, 3)),
+    lambda p: fd.pmap(_divide, [3], retry_delays=[]),
+    lambda p: fd.Executor().submit(_divide, 3).result(timeout=30),
+], ids=["remotecall_fetch", "remotecall", "pmap", "Executor"])
+def test_a_remote_traceback_shows_the_users_code_and_not_fastdists(two_workers, run):
+    with pytest.raises(ZeroDivisionError) as info:
+        run(two_workers[0])
+    text = _remote_text(info.value)
+    assert f'File "{__file__}", line' in text and "in _divide" in text
+    assert "return 10 / (scaled - scaled)" in text, "the source line, as the file is there"
+    for ours in FASTDIST_FRAMES:
+        assert ours not in text, f"{ours} in what the user sees:\n{text}"
+
+
+def test_a_remote_error_is_caught_by_its_own_type_and_keeps_its_fields(two_workers):
+    p = two_workers[0]
+    with pytest.raises(_CodeError) as info:
+        fd.remotecall_fetch(_raise_code_error, p)
+    err = info.value
+    assert isinstance(err, fd.RemoteException) and err.pid == p
+    assert err.code == 42 and err.captured.ex.code == 42
+    assert isinstance(err.__cause__, _CodeError)
+    with pytest.raises(FileNotFoundError) as oserr:
+        fd.remotecall_fetch(open, p, "/no/such/file")
+    assert oserr.value.errno == 2 and oserr.value.filename == "/no/such/file"
+
+
+def test_except_star_matches_remote_errors_by_their_cause(two_workers):
+    caught = {}
+    try:
+        with fd.sync():
+            fd.spawnat(two_workers[0], _divide, 1)
+            fd.spawnat(two_workers[1], int, "not a number")
+            fd.spawnat(two_workers[1], abs, -1)
+    except* ZeroDivisionError as group:
+        caught["zero"] = group.exceptions
+    except* ValueError as group:
+        caught["value"] = group.exceptions
+    assert sorted(caught) == ["value", "zero"]
+    assert [e.pid for e in caught["zero"]] == [two_workers[0]]
+    assert "invalid literal" in str(caught["value"][0].__cause__)
+
+
+def _stop():
+    raise StopIteration(7)
+
+
+def test_remote_interrupt_and_stop_iteration_are_never_taken_for_local_ones(two_workers):
+    p = two_workers[0]
+    fut = fd.remotecall(time.sleep, p, 30)
+    time.sleep(0.3)
+    fd.interrupt(p)
+    with pytest.raises(fd.RemoteException) as info:
+        fd.fetch(fut, timeout=30)
+    assert not isinstance(info.value, KeyboardInterrupt)
+    assert isinstance(info.value.__cause__, KeyboardInterrupt)
+    # A remote StopIteration must not end a loop that fetches it without a word.
+    got = []
+    with pytest.raises(fd.RemoteException) as info:
+        for x in (fd.remotecall_fetch(_stop, p) if i else i for i in range(2)):
+            got.append(x)
+    assert not isinstance(info.value, StopIteration)
+    assert got == [0]

@@ -10,13 +10,17 @@ where it does not, so an exception that cannot travel still reports itself.
 from __future__ import annotations
 
 import pickle
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from fastdist.exceptions import CapturedException, RemoteException, RemoteExceptionStandIn
+from fastdist.exceptions import (
+    CapturedException,
+    RemoteException,
+    RemoteExceptionStandIn,
+    user_traceback,
+)
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import FLAG_ERROR
 
@@ -60,7 +64,7 @@ def encode_error(exc: BaseException, pid: int | None = None) -> tuple[int, bytes
         origin = pid if pid is not None else _local_pid()
         ex = exc
         try:
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            text = user_traceback(exc)
         except BaseException:  # noqa: BLE001 - a __str__ that raises: the type still says
             text = f"{type(exc).__qualname__}: <no traceback: it could not be formatted>\n"
     # (BaseException: an exception whose pickling raises SystemExit still has its
