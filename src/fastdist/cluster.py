@@ -352,11 +352,10 @@ def _setup_worker(n: Node, manager: ClusterManager, config: WorkerConfig) -> int
     # From here on the relay owns the worker's output pipes: it prints what the worker
     # says while it joins, and closes them when the worker exits, joined or not.
     relay_worker_output(n, pid, config)
-    instream, outstream = manager.connect(pid, config)
     join = Waiter(peer=pid)
     _joining[pid] = join
     try:
-        conn = _open(n, pid, instream, outstream)
+        conn = _connect_worker(n, manager, pid, config)
         body, _ = serialize.dumps(_identity_for(n, pid, config), what="identity")
         conn.send_frame(Kind.IDENTIFY, 0, 0, 1, 0, body)
         if not join.wait(worker_timeout()):
@@ -380,6 +379,26 @@ def _setup_worker(n: Node, manager: ClusterManager, config: WorkerConfig) -> int
         raise ClusterError(f"worker {pid} exited while joining the cluster")
     manager.manage(pid, config, "register")
     return pid
+
+
+def _connect_worker(n: Node, manager: ClusterManager, pid: int, config: WorkerConfig) -> Any:
+    """Connect to a launched worker and authenticate; a failure says where the worker is."""
+    try:
+        instream, outstream = manager.connect(pid, config)
+        return _open(n, pid, instream, outstream)
+    except (OSError, ClusterError) as exc:
+        raise ClusterError(f"cannot connect to worker {pid}{_placed(config)}: {exc}") from exc
+
+
+def _placed(config: WorkerConfig) -> str:
+    """` on 'host' at addr:port`: the host as its manager names it, the address tried."""
+    where = f" on {config.host!r}" if config.host else ""
+    addr = config.bind_addr or config.host
+    if config.tunnel:
+        where += " (through an ssh tunnel)"
+    elif addr and config.port is not None:
+        where += f" at {f'[{addr}]' if ':' in str(addr) else addr}:{config.port}"
+    return where
 
 
 def _open(n: Node, pid: int, instream: Any, outstream: Any) -> Any:

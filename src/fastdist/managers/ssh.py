@@ -22,13 +22,20 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from fastdist import node as _node
 from fastdist.exceptions import ClusterError, ProcessExitedException
 from fastdist.managers.base import ClusterManager, WorkerConfig
 from fastdist.managers.process import BLAS_THREAD_VARS, escalate_exit, print_err, send_cookie
+from fastdist.managers.sshhost import (
+    Machine,
+    bracket,
+    is_ip,
+    parse_machine,
+    resolvable,
+    ssh_hostname,
+)
 
 # Julia's default: sshd's MaxStartups lets 10 unauthenticated connections in at once.
 DEFAULT_MAX_PARALLEL = 10
@@ -37,102 +44,6 @@ DEFAULT_MAX_PARALLEL = 10
 FORWARDED_VARIABLES = ("FASTDIST_WORKER_TIMEOUT", "FASTDIST_HEARTBEAT_TIMEOUT")
 # How much of ssh's stderr a launch error quotes.
 ERROR_TAIL_NBYTES = 2000
-
-
-@dataclass(frozen=True)
-class Machine:
-    """One parsed machine specification: `[user@]host[:port] [bind_addr[:port]]`."""
-
-    spec: str
-    user: str | None
-    host: str
-    port: int | None
-    bind_addr: str | None
-    bind_port: int | None
-
-    @property
-    def destination(self) -> str:
-        """What ssh is given as the remote: `user@host` or `host`."""
-        return f"{self.user}@{self.host}" if self.user else self.host
-
-
-def _split_host_port(text: str, spec: str) -> tuple[str, int | None]:
-    """`host`, `host:port`, `[v6]` or `[v6]:port` -> (host, port)."""
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"invalid machine specification {spec!r}: unclosed '['")
-        host, rest = text[1:end], text[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"invalid machine specification {spec!r}: junk after ']'")
-        port_text = rest[1:] if rest else None
-    else:
-        host, sep, port_text = text.partition(":")
-        if not sep:
-            port_text = None
-        elif ":" in port_text:
-            raise ValueError(f"invalid machine specification {spec!r}: invalid port format "
-                             "(write an IPv6 address in brackets: [::1]:22)")
-    if not host:
-        raise ValueError(f"invalid machine specification {spec!r}: no host")
-    if port_text is None:
-        return host, None
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"invalid machine specification {spec!r}: invalid port format "
-                         f"{port_text!r}") from None
-    if not 1 <= port <= 65535:
-        raise ValueError(f"invalid machine specification {spec!r}: invalid port number {port}")
-    return host, port
-
-
-def parse_machine(spec: str) -> Machine:
-    """Parse `[user@]host[:port] [bind_addr[:port]]` (IPv6 addresses in brackets).
-
-    Args:
-        spec: one machine specification.
-
-    Returns:
-        The parsed Machine.
-
-    Raises:
-        ValueError: the specification is malformed (the message quotes it).
-
-    Example:
-        >>> parse_machine("alice@[::1]:2222 10.0.0.5")
-        Machine(spec='alice@[::1]:2222 10.0.0.5', user='alice', host='::1', port=2222, \
-bind_addr='10.0.0.5', bind_port=None)
-    """
-    if not isinstance(spec, str):
-        raise TypeError(f"a machine specification is a string, not {type(spec).__name__}")
-    parts = spec.split()
-    if not 1 <= len(parts) <= 2:
-        raise ValueError(f"invalid machine specification {spec!r}: expected "
-                         "'[user@]host[:port] [bind_addr[:port]]'")
-    login = parts[0]
-    user, at, hostport = login.rpartition("@")
-    if at and not user:
-        raise ValueError(f"invalid machine specification {spec!r}: empty user name")
-    host, port = _split_host_port(hostport, spec)
-    bind_addr = bind_port = None
-    if len(parts) == 2:
-        bind_addr, bind_port = _split_host_port(parts[1], spec)
-    return Machine(spec, user or None, host, port, bind_addr, bind_port)
-
-
-def _is_ip(host: str) -> bool:
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-        except OSError:
-            continue
-        return True
-    return False
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _flags(value: Any) -> list[str]:
@@ -265,8 +176,10 @@ class SSHManager(ClusterManager):
 
     The worker listens on `bind_addr` when the spec has one, else on `host`
     when it is an IP address; a host given by name gets a worker listening on
-    all interfaces and is reached by that name, from the master and from the
-    other workers alike.
+    all interfaces, reached from the master and from the other workers alike at
+    the machine ssh goes to for that name (`ssh -G`, with `sshflags`: an alias
+    of the ssh configuration is reached at its `HostName`), or at the address the
+    worker reports when this machine cannot look that name up.
 
     Args:
         machines: machine specifications, as above.
@@ -316,6 +229,8 @@ class SSHManager(ClusterManager):
         self._pids: dict[int, int] = {}  # id(config) -> pid, once registered
         self._stderr: dict[int, _StderrRelay] = {}  # id(config) -> its session's stderr
         self._exiting: set[int] = set()  # pids asked to exit: their session ending is no news
+        self._hostnames: dict[str, str] = {}  # spec -> the machine ssh goes to (`ssh -G`)
+        self._resolvable: dict[str, bool] = {}  # name -> whether this machine can look it up
 
     def __repr__(self) -> str:
         return f"SSHManager(machines={self.machines!r})"
@@ -346,6 +261,7 @@ class SSHManager(ClusterManager):
                            launch_ntfy: threading.Condition) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
 
+        self._find_hostname(machine, params)
         try:
             flags = self._ssh_flags(machine, params)
             if count == "auto":
@@ -374,13 +290,28 @@ class SSHManager(ClusterManager):
         more = f" ({len(failed)} of {count} launches there failed)" if len(failed) > 1 else ""
         return [failed[0] + more]
 
+    def _find_hostname(self, machine: Machine, params: dict[str, Any]) -> None:
+        """Ask ssh which machine a host name stands for (an alias's HostName)."""
+        if is_ip(machine.host) or machine.host == "localhost":
+            return
+        hostname = ssh_hostname(params.get("ssh") or "ssh", _login_flags(machine, params),
+                                machine.destination, _worker_timeout())
+        with self._lock:
+            self._hostnames[machine.spec] = hostname or machine.host
+
+    def _where(self, machine: Machine) -> str:
+        """A machine as errors name it: as the user wrote it, and where ssh goes for it."""
+        with self._lock:
+            hostname = self._hostnames.get(machine.spec)
+        named = hostname is not None and hostname.lower() != machine.host.lower()
+        also = f", HostName {hostname}" if named else ""
+        return f"{machine.host!r} ({machine.spec!r}{also})"
+
     def _ssh_flags(self, machine: Machine, params: dict[str, Any]) -> list[str]:
         """The user's sshflags, the spec's port, and (multiplex) the shared connection."""
-        # ssh takes the first value given for an option: the spec's port beats a port in
-        # sshflags, and the user's flags beat the defaults after them (an unreachable
-        # host is an error after FASTDIST_WORKER_TIMEOUT, not a two-minute hang).
-        flags = ["-p", str(machine.port)] if machine.port is not None else []
-        flags += _flags(params.get("sshflags"))
+        # The user's flags beat the defaults after them (an unreachable host is an error
+        # after FASTDIST_WORKER_TIMEOUT, not a two-minute hang).
+        flags = _login_flags(machine, params)
         flags += ["-o", f"ConnectTimeout={max(1, int(_worker_timeout()))}"]
         if params.get("multiplex"):
             path = self._control_master(machine, flags, params)
@@ -408,8 +339,8 @@ class SSHManager(ClusterManager):
                 if not self._masters and self._control_dir is not None:
                     shutil.rmtree(self._control_dir, ignore_errors=True)
                     self._control_dir = None
-            raise ClusterError(f"cannot open an ssh connection to {machine.host!r} "
-                               f"({machine.spec!r}): {exc}") from None
+            raise ClusterError(f"cannot open an ssh connection to {self._where(machine)}: "
+                               f"{exc}") from None
         return master.path
 
     def _count_cpus(self, machine: Machine, flags: list[str], params: dict[str, Any]) -> int:
@@ -421,31 +352,21 @@ class SSHManager(ClusterManager):
             proc = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=_worker_timeout() + 5, start_new_session=True)
         except subprocess.TimeoutExpired:
-            raise ClusterError(f"counting the CPUs of {machine.host!r} ({machine.spec!r}) over "
-                               "ssh timed out") from None
+            raise ClusterError(f"counting the CPUs of {self._where(machine)} over ssh timed "
+                               "out") from None
         out = proc.stdout.decode(errors="replace").strip()
         if proc.returncode != 0 or not out.isdigit():
             why = proc.stderr.decode(errors="replace").strip()[-ERROR_TAIL_NBYTES:]
-            raise ClusterError(f"cannot count the CPUs of {machine.host!r} ({machine.spec!r}) "
-                               f"over ssh (exit code {proc.returncode}): {why or out!r}")
+            raise ClusterError(f"cannot count the CPUs of {self._where(machine)} over ssh "
+                               f"(exit code {proc.returncode}): {why or out!r}")
         return int(out)
 
     def _remote_command(self, machine: Machine, params: dict[str, Any]) -> str:
         """The POSIX shell command ssh runs: cd, exports, exec the worker."""
         exename = str(params.get("exename") or sys.executable)
         exeflags = _flags(params.get("exeflags"))
-        if machine.bind_addr is not None:
-            bind = _bracket(machine.bind_addr)
-            if machine.bind_port is not None:
-                bind += f":{machine.bind_port}"
-        elif _is_ip(machine.host):
-            bind = _bracket(machine.host)
-        elif machine.host == "localhost":
-            bind = "127.0.0.1"
-        else:
-            # A name may resolve to a loopback alias on its own machine (Debian's
-            # 127.0.1.1); listening everywhere and being reached by name avoids that.
-            bind = "0.0.0.0"
+        host, port = _listen_on(machine)
+        bind = bracket(host) + (f":{port}" if port is not None else "")
         worker = " ".join(shlex.quote(a) for a in (
             exename, *exeflags, "-m", "fastdist.worker", "--bind-to", bind, "--separate-stderr"))
         lines = []
@@ -501,15 +422,18 @@ class SSHManager(ClusterManager):
             os.close(err_w)
         stderr = _StderrRelay(err_r)
         send_cookie(proc, params["cookie"])  # down ssh's stdin to the remote worker
+        with self._lock:
+            hostname = self._hostnames.get(machine.spec)
         config = WorkerConfig(
             io=proc.stdout, process=proc, ospid=None, host=machine.host,
-            bind_addr=self._bind_addr_for(machine), tunnel=bool(params.get("tunnel")),
+            bind_addr=machine.bind_addr, tunnel=bool(params.get("tunnel")),
             multiplex=bool(params.get("multiplex")), sshflags=tuple(flags), count=1,
             max_parallel=int(params.get("max_parallel") or DEFAULT_MAX_PARALLEL),
             exename=params.get("exename"), exeflags=params.get("exeflags"),
             environ=params.get("env"), enable_threaded_blas=params.get("enable_threaded_blas"),
             userdata={"machine": machine.spec, "destination": machine.destination,
-                      "ssh": params.get("ssh") or "ssh"})
+                      "ssh": params.get("ssh") or "ssh", "listen": _listen_on(machine)[0],
+                      "hostname": hostname if machine.bind_addr is None else None})
         with self._lock:
             self._stderr[id(config)] = stderr
         path = _control_path(config)
@@ -528,31 +452,43 @@ class SSHManager(ClusterManager):
         if config.port is not None:
             return None
         if proc.poll() is None:
-            return (f"no worker reported from {machine.host!r} ({machine.spec!r}) within "
+            return (f"no worker reported from {self._where(machine)} within "
                     f"{_worker_timeout():g} s (FASTDIST_WORKER_TIMEOUT)")
         time.sleep(0.05)  # the address may have been read just as ssh exited
         if config.port is not None:
             return None
-        return _describe_ssh_failure(machine, proc.returncode, stderr.early_text())
-
-    def _bind_addr_for(self, machine: Machine) -> str | None:
-        """The address to reach the worker at, when it is not the one the worker reports."""
-        if machine.bind_addr is not None:
-            return machine.bind_addr
-        if _is_ip(machine.host) or machine.host == "localhost":
-            return None  # the worker listens there and says so
-        return machine.host
+        return _describe_ssh_failure(self._where(machine), proc.returncode,
+                                     stderr.early_text())
 
     # -- connecting ----------------------------------------------------------------------
 
     def connect(self, pid: int, config: WorkerConfig) -> tuple[Any, Any]:
         """A TCP socket to the worker: directly, or through an ssh forward (tunnel=True)."""
+        self._choose_address(config)
         if not config.tunnel:
             return super().connect(pid, config)
         sem = self._tunnel_semaphore(config)
         with sem:
             sock = self._connect_through_tunnel(pid, config)
         return sock, sock
+
+    def _choose_address(self, config: WorkerConfig) -> None:
+        """Reach a worker started by host name at the machine ssh went to for that name
+        (it listens on all interfaces there), so that an alias only ssh knows works too;
+        at the address the worker reported when this machine cannot look that name up
+        (a HostName behind a jump host). With a tunnel, only the other workers use it."""
+        userdata = config.userdata if isinstance(config.userdata, dict) else {}
+        hostname = userdata.get("hostname")
+        if hostname is None:
+            return
+        with self._lock:
+            known = self._resolvable.get(hostname)
+        if known is None:
+            known = resolvable(hostname)
+            with self._lock:
+                self._resolvable[hostname] = known
+        if known:
+            config.bind_addr = hostname
 
     def _tunnel_semaphore(self, config: WorkerConfig) -> threading.Semaphore:
         key = str(config.userdata.get("destination", config.host))
@@ -566,7 +502,10 @@ class SSHManager(ClusterManager):
     def _connect_through_tunnel(self, pid: int, config: WorkerConfig) -> socket.socket:
         ssh = str(config.userdata.get("ssh", "ssh"))
         destination = str(config.userdata.get("destination", config.host))
-        target = f"{_bracket(str(config.bind_addr or config.host))}:{int(config.port)}"
+        # The forward's far end is the worker as its own machine reaches it (ssh there
+        # resolves the target, and knows nothing of our aliases).
+        listen = str(config.userdata.get("listen") or "0.0.0.0")
+        target = f"{bracket('127.0.0.1' if listen == '0.0.0.0' else listen)}:{int(config.port)}"
         flags = list(config.sshflags or ())
         timeout = _worker_timeout()
         multiplexed = "ControlMaster=no" in flags
@@ -602,7 +541,8 @@ class SSHManager(ClusterManager):
                 _stop(proc)
             else:
                 self._cancel_forward(config, forward)
-        raise ClusterError(f"worker {pid}: cannot open an ssh tunnel to {config.host!r}: {last}")
+        # (the caller's error names the worker and its host)
+        raise ClusterError(f"cannot open an ssh tunnel: {last}")
 
     def _cancel_forward(self, config: WorkerConfig, forward: str) -> None:
         ssh = str(config.userdata.get("ssh", "ssh"))
@@ -727,8 +667,28 @@ def _fastdist_source_dir() -> str | None:
     return parent
 
 
-def _describe_ssh_failure(machine: Machine, code: int | None, stderr: str) -> str:
-    where = f"{machine.host!r} ({machine.spec!r})"
+def _login_flags(machine: Machine, params: dict[str, Any]) -> list[str]:
+    # ssh takes the first value given for an option: the spec's port beats a port in
+    # sshflags (or in the ssh configuration).
+    flags = ["-p", str(machine.port)] if machine.port is not None else []
+    return flags + _flags(params.get("sshflags"))
+
+
+def _listen_on(machine: Machine) -> tuple[str, int | None]:
+    """The address (and port) the worker listens on."""
+    if machine.bind_addr is not None:
+        return machine.bind_addr, machine.bind_port
+    if is_ip(machine.host):
+        return machine.host, None
+    if machine.host == "localhost":
+        return "127.0.0.1", None
+    # A name may resolve to a loopback alias on its own machine (Debian's 127.0.1.1), and
+    # an alias's HostName to an address its machine does not own (NAT, a port forward):
+    # listening everywhere avoids both.
+    return "0.0.0.0", None
+
+
+def _describe_ssh_failure(where: str, code: int | None, stderr: str) -> str:
     if code == 255:
         what = "ssh could not log in or connect"
     elif code == 127:
