@@ -7,6 +7,7 @@ import math
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import fastdist as fd
@@ -311,3 +312,19 @@ def test_remote_interrupt_and_stop_iteration_are_never_taken_for_local_ones(two_
             got.append(x)
     assert not isinstance(info.value, StopIteration)
     assert got == [0]
+
+
+# -- typed memoryviews ------------------------------------------------------------------
+
+def _describe(view: memoryview) -> tuple:
+    return view.format, view.shape, view.tolist()
+
+
+@pytest.mark.parametrize("view", [
+    memoryview(np.arange(6, dtype=np.int64).reshape(2, 3)),
+    memoryview(np.arange(1 << 20, dtype=np.float64).reshape(1024, 1024)),  # shared memory
+], ids=["int64 2x3", "8 MB float64 1024x1024"])
+def test_a_typed_memoryview_arrives_as_it_was_sent(two_workers, view):
+    assert fd.remotecall_fetch(_describe, two_workers[0], view) == _describe(view)
+    back = fd.remotecall_fetch(lambda v: v, two_workers[0], view)
+    assert (back.format, back.shape) == (view.format, view.shape)

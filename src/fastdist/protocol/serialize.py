@@ -59,6 +59,31 @@ def _memoryview_from(buf: Any) -> memoryview:
     return memoryview(buf)
 
 
+def _shaped_memoryview_from(buf: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    return memoryview(buf).cast("B").cast(fmt, shape)
+
+
+def _reduce_memoryview(view: memoryview) -> tuple[Any, tuple[Any, ...]]:
+    """A memoryview travels as its bytes in C order, and arrives with its format and
+    shape (an int64 (2, 3) view is not 48 unsigned bytes at the other end).
+
+    Raises:
+        TypeError: a format memoryview cannot be rebuilt with (a struct format, an
+            explicit byte order): it is refused rather than changed.
+    """
+    data = pickle.PickleBuffer(view) if view.c_contiguous else view.tobytes()
+    if view.format == "B" and view.ndim == 1:
+        return _memoryview_from, (data,)
+    try:
+        memoryview(data).cast("B").cast(view.format, view.shape)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"a memoryview of format {view.format!r} and shape {view.shape} cannot be "
+            f"rebuilt on the receiving side; send np.asarray(view) (keeps both) or "
+            f"bytes(view)") from None
+    return _shaped_memoryview_from, (data, view.format, view.shape)
+
+
 # Functions and classes already found importable by name: cloudpickle's check walks
 # modules on every call, which is most of the cost of pickling a small call.
 _BY_REFERENCE: dict[int, Any] = {}
@@ -85,9 +110,7 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]  # untyped base
         if t in _DEFAULT_REDUCE:
             return NotImplemented
         if t is memoryview:
-            if obj.contiguous:
-                return _memoryview_from, (pickle.PickleBuffer(obj),)
-            return _memoryview_from, (obj.tobytes(),)
+            return _reduce_memoryview(obj)
         if _BY_REFERENCE.get(id(obj)) is obj:
             return NotImplemented
         reduced = super().reducer_override(obj)

@@ -147,3 +147,25 @@ def test_a_body_in_any_buffer_unpickles():
     assert serialize.loads(memoryview(body), buffers) == obj
     with pytest.raises(serialize.SerializationError):
         serialize.loads(b"")
+
+
+MATRIX = np.arange(6, dtype=np.int64).reshape(2, 3)
+
+
+@pytest.mark.parametrize("view", [
+    memoryview(MATRIX), memoryview(MATRIX.T), memoryview(np.asfortranarray(MATRIX)),
+    memoryview(MATRIX)[::2], memoryview(np.arange(4.0))[1:3],
+    memoryview(np.float32(3.5).tobytes()).cast("f", []), memoryview(bytearray(b"xyz")),
+    memoryview(np.zeros(1 << 20, dtype=np.int32)),  # large: out of band
+], ids=["int64 2x3", "transposed", "fortran", "strided", "slice", "0-d", "bytes", "large"])
+def test_a_memoryview_keeps_its_format_shape_and_values(view):
+    back, _, _ = roundtrip(view)
+    assert isinstance(back, memoryview)
+    assert (back.format, back.shape) == (view.format, view.shape)
+    assert back.tolist() == view.tolist()
+
+
+@pytest.mark.parametrize("dtype", [">i4", [("a", "i4"), ("b", "f8")]], ids=["big-endian", "struct"])
+def test_a_memoryview_that_cannot_be_rebuilt_is_refused_not_flattened(dtype):
+    with pytest.raises(serialize.SerializationError, match=r"cannot be rebuilt.*np\.asarray"):
+        serialize.dumps(memoryview(np.zeros(2, dtype=dtype)))
