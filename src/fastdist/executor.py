@@ -7,6 +7,11 @@ remote Future (no thread waits for it), and the worker goes back to the pool the
 moment the call ends. The dispatcher exits when it has been idle a while and
 comes back with the next submission, so an executor that is dropped without
 `shutdown` leaves no thread behind.
+
+At interpreter exit, as with the standard library's executors, the program waits
+for every submission made (also after `shutdown(wait=False)`), and a submission
+made from then on raises RuntimeError. The wait runs as a `threading` exit hook:
+before the atexit handlers that remove the workers the submissions run on.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import concurrent.futures
 import functools
 import itertools
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
@@ -40,6 +46,21 @@ _IDLE_EXIT_SECONDS = 5.0
 # its waiter and our callback form a cycle the collector could take, and with it
 # the result), whether or not the Executor itself is still referenced.
 _in_flight: set[Any] = set()
+
+# Executors with submissions, for the exit hook; and whether the interpreter is exiting.
+_live: weakref.WeakSet[Executor] = weakref.WeakSet()
+_exiting = False
+
+
+def _finish_at_exit() -> None:
+    """Wait for every executor's submissions, and refuse new ones (stdlib contract)."""
+    global _exiting
+    _exiting = True
+    for ex in list(_live):
+        ex._wait_all()
+
+
+threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
 
 
 class _WorkItem:
@@ -109,7 +130,7 @@ class Executor(concurrent.futures.Executor):
             `__cause__`), `ProcessExitedException` when the worker died.
 
         Raises:
-            RuntimeError: the executor was shut down.
+            RuntimeError: the executor was shut down, or the interpreter is exiting.
 
         Example:
             >>> fd.Executor().submit(sum, [1, 2, 3]).result()
@@ -119,6 +140,9 @@ class Executor(concurrent.futures.Executor):
         with self._cond:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            if _exiting:
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+            _live.add(self)
             self._pending.append(_WorkItem(future, fn, args, kwargs))
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(
@@ -179,9 +203,17 @@ class Executor(concurrent.futures.Executor):
                 while self._pending:
                     self._pending.popleft().future.cancel()
             self._cond.notify_all()
-            if wait:
+        if wait:
+            with self._cond:
                 while self._dispatcher is not None or self._running:
                     self._cond.wait()
+
+    def _wait_all(self) -> None:
+        """Until every submission has finished (an idle dispatcher may linger: it is a
+        daemon thread, and holds nothing)."""
+        with self._cond:
+            while self._pending or self._running:
+                self._cond.wait()
 
     # -- the dispatcher ------------------------------------------------------------------
 

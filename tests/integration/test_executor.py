@@ -263,3 +263,75 @@ def test_dropped_executor_still_delivers(two_workers, monkeypatch):
     time.sleep(0.3)
     gc.collect()
     assert [f.result(timeout=10) for f in futs] == [0, 1]
+
+
+# -- interpreter exit (the standard library's contract) -----------------------------------
+
+EXIT_SCRIPT = """
+import atexit, os, sys, time
+import fastdist as fd
+
+def slow(x):
+    time.sleep(0.5)
+    return x * 10
+
+fd.addprocs(2)
+ex = fd.Executor()
+futs = [ex.submit(slow, i) for i in range(5)]  # more than the workers: some queue
+for f in futs:
+    # One write per line: callbacks run on several threads at once.
+    f.add_done_callback(lambda f: os.write(1, f"done {f.result()}\\n".encode()))
+if sys.argv[1] == "shutdown-nowait":
+    ex.shutdown(wait=False)
+
+def submit_at_exit():
+    try:
+        fd.Executor().submit(slow, 1)
+    except RuntimeError as exc:
+        print("refused:", exc, flush=True)
+    else:
+        print("accepted", flush=True)
+
+atexit.register(submit_at_exit)
+print("script ends", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["dropped", "shutdown-nowait"])
+def test_pending_submissions_finish_before_the_program_ends(tmp_path, how):
+    import subprocess
+    import sys
+
+    script = tmp_path / "ends_at_once.py"
+    script.write_text(EXIT_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), how], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "script ends"
+    assert sorted(line for line in lines if line.startswith("done")) == [
+        f"done {i * 10}" for i in range(5)], result.stdout + result.stderr
+    assert ("refused: cannot schedule new futures after interpreter shutdown"
+            in lines), result.stdout
+
+
+def test_a_finished_submission_holds_nothing_of_its_call(two_workers):
+    import gc
+    import weakref
+
+    class Payload:
+        pass
+
+    payload = Payload()
+    ref = weakref.ref(payload)
+    ex = fd.Executor()
+    fut = ex.submit(lambda p: 1, payload)
+    assert fut.result(timeout=30) == 1
+    del payload
+    for _ in range(50):
+        gc.collect()
+        if ref() is None:
+            break
+        time.sleep(0.05)
+    assert ref() is None, "the argument is still held after the call finished"
+    ex.shutdown()

@@ -60,7 +60,8 @@ def _memoryview_from(buf: Any) -> memoryview:
 
 
 def _shaped_memoryview_from(buf: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
-    return memoryview(buf).cast("B").cast(fmt, shape)
+    flat: Any = memoryview(buf).cast("B")  # typeshed knows casts to literal formats only
+    return flat.cast(fmt, shape)  # type: ignore[no-any-return]
 
 
 def _reduce_memoryview(view: memoryview) -> tuple[Any, tuple[Any, ...]]:
@@ -75,7 +76,7 @@ def _reduce_memoryview(view: memoryview) -> tuple[Any, tuple[Any, ...]]:
     if view.format == "B" and view.ndim == 1:
         return _memoryview_from, (data,)
     try:
-        memoryview(data).cast("B").cast(view.format, view.shape)
+        _shaped_memoryview_from(data, view.format, view.shape or ())
     except (TypeError, ValueError):
         raise TypeError(
             f"a memoryview of format {view.format!r} and shape {view.shape} cannot be "
