@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("cluster and tools", {
         "fastdist.managers", "fastdist.managers.base", "fastdist.managers.process",
         "fastdist.managers.local", "fastdist.managers.ssh", "fastdist.managers.slurm",
+        "fastdist.managers.joining", "fastdist.managers.elastic", "fastdist.workerjoin",
         "fastdist.managers.sshhost",
         "fastdist.cluster", "fastdist.spawn", "fastdist.pmap", "fastdist.pmap.scheduling",
         "fastdist.pmap.worker", "fastdist.pmap.calls", "fastdist.pmap.engine", "fastdist.executor",

@@ -40,6 +40,7 @@ from fastdist.exceptions import (
 from fastdist.executor import Executor
 from fastdist.managers import (
     ClusterManager,
+    ElasticManager,
     LocalManager,
     SlurmManager,
     SSHManager,
@@ -113,6 +114,7 @@ __all__ = [
     "ClusterError",
     "ClusterManager",
     "CompositeException",
+    "ElasticManager",
     "Executor",
     "Future",
     "FutureAlreadySetError",

@@ -8,12 +8,14 @@ from fastdist.managers.base import (
     launch,
     manage,
 )
+from fastdist.managers.elastic import ElasticManager
 from fastdist.managers.local import LocalManager
 from fastdist.managers.slurm import SlurmManager
 from fastdist.managers.ssh import SSHManager
 
 __all__ = [
     "ClusterManager",
+    "ElasticManager",
     "LocalManager",
     "SSHManager",
     "SlurmManager",

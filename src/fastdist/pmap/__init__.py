@@ -79,7 +79,8 @@ def pmap(
     Elements are read lazily (generators work; reading stops at the shortest
     iterable and after the first failure). Without a pool, all workers are used
     (the master alone when there are none), as through a CachingPool made for
-    this call; with a pool, its free workers are taken and given back.
+    this call, and workers that join while it runs (an ElasticManager's) take
+    elements too; with a pool, its free workers are taken and given back.
 
     Args:
         f: called as ``f(*args)`` for each tuple of zipped elements.

@@ -80,6 +80,10 @@ class Engine:
         self._work: float | None = None  # seconds a call takes on its worker, on average
         if pool is None:
             self._hold(pids)
+        # Without a pool the map uses every worker, those that join while it runs too
+        # (an ElasticManager's), polled for as a pool is; on the master, which adds them.
+        self._node = n
+        self._seen: set[int] | None = set(pids) if pool is None and n.myid == 1 else None
         self._poll_interval = POOL_POLL_SECONDS
         if isinstance(pool, WorkerPool) and pool._remote():
             self._poll_interval = REMOTE_POOL_POLL_SECONDS
@@ -211,7 +215,8 @@ class Engine:
             later = [due for due, *_ in self._retries if due > now]
             if later:
                 timeout = min(later) - now
-        if self.pool is not None and self._work_left() and self.failure is None:
+        polls = self.pool is not None or self._seen is not None
+        if polls and self._work_left() and self.failure is None:
             poll = max(0.0, self._next_poll - now)
             timeout = poll if timeout is None else min(timeout, poll)
         if self._ncalls == 0:
@@ -245,6 +250,8 @@ class Engine:
         if self.pool is None:
             if not self._inflight:
                 self._fail(RuntimeError("No active worker available in pool"))
+            elif self._seen is not None:
+                self._take_joined()
             return
         now = time.monotonic()
         if self._inflight and now < self._next_poll:
@@ -259,6 +266,17 @@ class Engine:
             self._hold(taken)
         except (RuntimeError, ProcessExitedException) as exc:
             self._fail(exc)
+
+    def _take_joined(self) -> None:
+        """Hold the workers that joined the cluster since the map began."""
+        now = time.monotonic()
+        if now < self._next_poll or self._seen is None:
+            return
+        self._next_poll = now + self._poll_interval
+        fresh = [w for w in self._node.worker_pids() if w not in self._seen]
+        if fresh:
+            self._seen.update(fresh)
+            self._hold(fresh)
 
     def _release(self, drained: bool) -> None:
         for w in list(self._inflight):
