@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "fastdist.managers", "fastdist.managers.base", "fastdist.managers.process",
         "fastdist.managers.local", "fastdist.managers.ssh", "fastdist.managers.slurm",
         "fastdist.managers.joining", "fastdist.managers.elastic", "fastdist.workerjoin",
+        "fastdist.managers.mpi",
         "fastdist.managers.sshhost",
         "fastdist.cluster", "fastdist.spawn", "fastdist.pmap", "fastdist.pmap.scheduling",
         "fastdist.pmap.worker", "fastdist.pmap.calls", "fastdist.pmap.engine", "fastdist.executor",

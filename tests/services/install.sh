@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the system packages that the integration-test services need
-# (sshd, Slurm + munge, ip, ps/pkill). Idempotent: does nothing when all of
-# them are already present, so it is cheap to call at the start of every run.
+# (sshd, Slurm + munge, ip, ps/pkill, OpenMPI and the headers that pip's mpi4py
+# builds against: run this before installing the test extra). Idempotent: does
+# nothing when all of them are already present, so it is cheap to call at the
+# start of every run.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -17,6 +19,8 @@ declare -A probe=(
     [munge]=/usr/sbin/munged
     [iproute2]=/usr/sbin/ip
     [procps]=/usr/bin/pkill
+    [openmpi-bin]=/usr/bin/orterun
+    [libopenmpi-dev]=/usr/lib/$(uname -m)-linux-gnu/openmpi/include/mpi.h
 )
 
 missing=()

@@ -10,6 +10,7 @@ from fastdist.managers.base import (
 )
 from fastdist.managers.elastic import ElasticManager
 from fastdist.managers.local import LocalManager
+from fastdist.managers.mpi import MPIManager
 from fastdist.managers.slurm import SlurmManager
 from fastdist.managers.ssh import SSHManager
 
@@ -17,6 +18,7 @@ __all__ = [
     "ClusterManager",
     "ElasticManager",
     "LocalManager",
+    "MPIManager",
     "SSHManager",
     "SlurmManager",
     "WorkerConfig",
