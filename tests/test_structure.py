@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "fastdist.protocol", "fastdist.protocol.messages", "fastdist.protocol.handshake",
         "fastdist.protocol.serialize", "fastdist.protocol.values", "fastdist.transport",
         "fastdist.sharedmem", "fastdist.channel", "fastdist.tasks",
+        "fastdist.hostbuffers",
     }),
     ("runtime", {
         "fastdist.callpool", "fastdist.refstore", "fastdist.dispatch", "fastdist.output",

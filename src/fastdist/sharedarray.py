@@ -28,6 +28,7 @@ import numpy as np
 from fastdist import cluster
 from fastdist import node as _node
 from fastdist.exceptions import CompositeException, RemoteException
+from fastdist.hostbuffers import populate
 from fastdist.protocol import serialize
 from fastdist.refs import _adopt, _RefBase
 from fastdist.refstore import RRID
@@ -437,6 +438,8 @@ class SharedArray(np.ndarray):
             _mapped[shared.handle.rrid] = shared
         arr = shared.whole()
         if source is not None:
+            if isinstance(shared.buffer, mmap.mmap) and not shared.handle.readonly:
+                populate(shared.buffer)  # every page at once: they are all written now
             np.copyto(arr, source, casting="unsafe")
         if init is not None:
             _run_init(init, arr)

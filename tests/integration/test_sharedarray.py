@@ -71,12 +71,16 @@ def memory_holders(name: str) -> set[int]:
                 if name in f.read():
                     found.add(int(entry))
                     continue
-            for fdname in os.listdir(f"/proc/{entry}/fd"):
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fdname in fds:
+            try:
                 if name in os.readlink(f"/proc/{entry}/fd/{fdname}"):
                     found.add(int(entry))
                     break
-        except OSError:
-            continue
+            except OSError:
+                continue  # closed meanwhile
     return found
 
 
@@ -418,3 +422,130 @@ def test_a_process_on_another_host_is_refused_by_name(cluster, netns_hosts):
     # the same array still reaches the processes of this host
     sa[:] = 1.0
     assert fd.remotecall_fetch(np.sum, local, sa) == 10.0
+
+
+# -- beyond Julia: read-only arrays stored once per host ----------------------------------
+
+
+def backing(x):
+    """(inode, name) of the mapping that holds array `x`'s data, its flags and sum."""
+    addr = x.__array_interface__["data"][0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(v, 16) for v in parts[0].split("-"))
+            if lo <= addr < hi:
+                return int(parts[4]), " ".join(parts[5:]), bool(x.flags.writeable), float(x.sum())
+    raise AssertionError("no mapping holds the array")
+
+
+def read_only(n, seed=0):
+    a = np.random.default_rng(seed).random(n)
+    a.flags.writeable = False
+    return a
+
+
+def test_a_read_only_array_sent_to_many_workers_is_stored_once_per_host(cluster):
+    pids = cluster.add(4)  # fresh workers: the first frame to each waits for its answer
+    a = read_only(2 * MB)
+    seen = [fd.remotecall_fetch(backing, p, a) for p in pids]
+    inode, name, writeable, total = seen[0]
+    assert seen == [seen[0]] * 4, seen
+    assert "fastdist-host-buffer" in name and not writeable and total == float(a.sum())
+    shm = fd.node.current().shm
+    assert shm.host.nsegments == 1
+    assert [fd.stats()["peers"][p]["shm_host_buffers_sent"] for p in pids] == [1] * 4
+    # sent again, it names the same copy
+    assert fd.remotecall_fetch(backing, pids[0], a)[0] == inode and shm.host.nsegments == 1
+    # a writeable array still gets a copy per worker, writeable there
+    b = np.ones(2 * MB)
+    for p in pids[:2]:
+        fd.remotecall_fetch(np.sum, p, b)  # (the first may take the socket)
+    per_worker = [fd.remotecall_fetch(backing, p, b) for p in pids[:2]]
+    assert per_worker[0][0] != per_worker[1][0] and per_worker[0][2] and per_worker[1][2]
+
+
+def test_a_read_only_array_captured_by_a_pmap_function_is_stored_once_per_host(two_workers):
+    a = read_only(2 * MB, seed=1)
+    total = float(a.sum())
+
+    def uses_a(i):
+        return backing(a)[:2] + (fd.myid(), float(a[i]))
+
+    got = fd.pmap(uses_a, range(20))
+    assert {g[2] for g in got} == set(two_workers)  # both workers took part
+    assert len({g[:2] for g in got}) == 1 and "fastdist-host-buffer" in got[0][1]
+    assert [g[3] for g in got] == [float(a[i]) for i in range(20)]
+    pool = fd.CachingPool(two_workers)
+    got = [fd.remotecall_fetch(uses_a, pool, 3) for _ in range(4)]
+    assert len({g[:2] for g in got}) == 1 and all(g[3] == float(a[3]) for g in got)
+    assert fd.remotecall_fetch(lambda: float(a.sum()), two_workers[0]) == total
+    fd.clear(pool)
+
+
+def test_a_frame_mixing_read_only_and_other_buffers_arrives_whole(two_workers):
+    w = two_workers[0]
+    fd.remotecall_fetch(np.sum, w, np.ones(2 * MB))  # the worker accepts our segments
+    ro, rw, small = read_only(MB, seed=2), np.arange(2 * MB, dtype=np.float64), np.ones(10)
+
+    def check(d):
+        return {k: (backing(v)[1], bool(v.flags.writeable), float(v.sum())) for k, v in d.items()}
+
+    got = fd.remotecall_fetch(check, w, {"ro": ro, "rw": rw, "small": small})
+    assert got["ro"] == (got["ro"][0], False, float(ro.sum()))
+    assert "fastdist-host-buffer" in got["ro"][0]
+    assert "fastdist-host-buffer" not in got["rw"][0]
+    assert got["rw"][1:] == (True, float(rw.sum())) and got["small"][1:] == (True, 10.0)
+
+
+def test_the_senders_copy_goes_once_the_array_is_gone_and_every_receiver_mapped_it(two_workers):
+    from fastdist.hostbuffers import IDLE_SECONDS
+
+    shm = fd.node.current().shm
+    a = read_only(2 * MB, seed=3)
+    for w in two_workers:
+        fd.remotecall_fetch(keep, w, "ro", a)
+    assert shm.host.nsegments == 1
+    del a
+    gc.collect()
+    # the sender lets go of its copy; the workers' arrays live on in their mappings
+    assert eventually(lambda: shm.host.nsegments == 0, IDLE_SECONDS + 10)
+    assert [fd.remotecall_fetch(kept_sum, w, "ro") for w in two_workers] == \
+        [float(read_only(2 * MB, seed=3).sum())] * 2
+    for w in two_workers:
+        fd.remotecall_fetch(drop, w, "ro")
+
+
+class _NoSegments:
+    """Stands in for a peer's segments when none can be made (no memory, no fds)."""
+
+    nsegments = 0
+
+    def put(self, buffers):
+        raise OSError(24, "Too many open files")
+
+    def close(self):
+        pass
+
+
+def test_when_the_rest_of_a_frame_cannot_take_shared_memory_all_of_it_takes_the_socket(
+        two_workers):
+    from fastdist.hostbuffers import IDLE_SECONDS
+
+    w = two_workers[0]
+    fd.remotecall_fetch(np.sum, w, np.ones(2 * MB))
+    shm = fd.node.current().shm
+    shm._outboxes[w] = _NoSegments()
+    try:
+        ro, rw = read_only(MB, seed=4), np.arange(2 * MB, dtype=np.float64)
+        got = fd.remotecall_fetch(lambda d: {k: backing(v)[1:] for k, v in d.items()}, w,
+                                  {"ro": ro, "rw": rw})
+        assert got["ro"][1:] == (False, float(ro.sum()))
+        assert got["rw"][1:] == (True, float(rw.sum()))
+        assert "fastdist-host-buffer" not in got["ro"][0]  # through the socket
+        del ro
+        gc.collect()
+        # the copy made for it is not kept for a receiver that never got its descriptor
+        assert eventually(lambda: shm.host.nsegments == 0, IDLE_SECONDS + 10)
+    finally:
+        shm._outboxes.pop(w, None)
