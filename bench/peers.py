@@ -748,6 +748,18 @@ def w6(peer, rec, cfg):
 
 WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6}
 
+
+def w8(peer, rec, cfg):
+    """W8 lives in w8.py: a big array to 8 local workers, time and memory."""
+    import w8 as w8_module
+
+    w8_module.run(peer, rec, cfg, measure_row)
+
+
+WORKLOADS["W8"] = w8
+# How many workers a workload starts, when not NWORKERS.
+WORKERS_FOR = {"W8": 8}
+
 # --------------------------------------------------------------------------
 # Baselines
 # --------------------------------------------------------------------------
@@ -943,7 +955,7 @@ def main(argv=None):
     try:
         if a.workload != "W6":
             try:
-                peer.start(NWORKERS)
+                peer.start(WORKERS_FOR.get(a.workload, NWORKERS))
                 started = True
             except Exception as e:
                 traceback.print_exc()

@@ -65,6 +65,11 @@ WORKLOAD_TEXT = {
     "fastdist's row *again in the same process* is a second `addprocs` after the first, "
     "with what the first left running (its fork server). Lower is better.",
 }
+import w8  # noqa: E402 - W8's texts and targets live with the workload
+
+WORKLOAD_TITLES["W8"] = w8.TITLE
+WORKLOAD_TEXT["W8"] = w8.TEXT
+
 MATRIX_COLUMNS = [
     ("W1", "rtt", "W1 round trip"),
     ("W2", "pipelined", "W2 pipelined"),
@@ -79,6 +84,7 @@ MATRIX_COLUMNS = [
     ("W6", "2 workers", "W6 2 workers"),
     ("W6", "32 workers", "W6 32 workers"),
 ]
+MATRIX_COLUMNS.append(("W8", "time", "W8 1 GB to 8 workers"))
 
 
 # --------------------------------------------------------------------------
@@ -382,6 +388,9 @@ def compute_targets(results):
             check(name, median(fd) <= limit, f"fastdist {fmt_value(median(fd), 's')}")
         else:
             skip(name, e)
+
+    # W8
+    out.extend(w8.targets(results, _row, _missing, median, fmt_value))
 
     wanted = set(results.get("workloads", []))
     return [t for t in out if t[0].split()[0] in wanted]

@@ -37,6 +37,9 @@ ONLY_WORKLOADS = {"fastdist-tcp": {"W1", "W2", "W3"},
                   "fastdist-base": {"W1", "W2", "W3", "W4", "W5", "W6"}}
 BASELINES = ["c", "pysock", "memcpy"]
 WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6"]
+WORKLOADS.append("W8")
+# Workloads that only some systems run (W8: the ones its targets compare).
+WORKLOAD_PEERS = {"W8": {"fastdist", "mp", "ray"}}
 # Which workloads each baseline feeds.
 BASELINE_FOR = {"c": {"W1", "W3"}, "pysock": {"W1", "W3"}, "memcpy": {"W3"}}
 
@@ -44,6 +47,7 @@ BASELINE_FOR = {"c": {"W1", "W3"}, "pysock": {"W1", "W3"}, "memcpy": {"W3"}}
 # timeout. Generous: the slowest peers (dask, ray) need most of these.
 # W6's is per repetition (each is its own process).
 TIMEOUTS = {"W1": 300, "W2": 300, "W3": 420, "W4": 900, "W5": 900, "W6": 300, "baseline": 300}
+TIMEOUTS["W8"] = 1200
 
 
 def parse_list(s, allowed, what):
@@ -293,6 +297,7 @@ def main(argv=None):
             baselines.remove("c")
     plan = [(b, "baseline") for b in baselines] + [
         (p, w) for w in workloads for p in peers if w in ONLY_WORKLOADS.get(p, {w})
+        and p in WORKLOAD_PEERS.get(w, {p})
     ]
     for i, (peer, workload) in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {peer} {workload} ...", end=" ", flush=True)
@@ -326,6 +331,13 @@ def main(argv=None):
         report.render_chart(results, os.path.join(args.out_dir, "ratios.png"))
     except Exception as e:  # a missing matplotlib must not lose the tables
         print(f"chart not written: {e!r}", file=sys.stderr)
+    if "W8" in workloads:
+        try:
+            import w8
+
+            w8.render_memory_chart(results, os.path.join(args.out_dir, "w8_memory.png"))
+        except Exception as e:
+            print(f"W8 memory chart not written: {e!r}", file=sys.stderr)
     print(report.render_targets_text(results))
     print(f"done in {results['duration_s']:.0f} s; wrote RESULTS.md, results.json, ratios.png"
           f" to {os.path.relpath(args.out_dir)}")
