@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "fastdist.managers.sshhost",
         "fastdist.cluster", "fastdist.spawn", "fastdist.pmap", "fastdist.pmap.scheduling",
         "fastdist.pmap.worker", "fastdist.pmap.calls", "fastdist.pmap.engine", "fastdist.executor",
+        "fastdist.farewell",
         "fastdist.workerproc", "fastdist.worker", "fastdist", "fastdist.__main__",
         "fastdist.sharedarray",
     }),

@@ -15,6 +15,7 @@ Example:
 from typing import TYPE_CHECKING, Any
 
 from fastdist import _core, _fastpath  # noqa: F401 - each fails with a build hint when not built
+from fastdist import farewell as _farewell  # noqa: F401 - at exit, workers' last words are printed
 from fastdist.asyncmap import asyncmap
 from fastdist.channel import AbstractChannel, Channel
 from fastdist.cluster import (

@@ -198,6 +198,19 @@ def handle_worker_logs(pid: int) -> None:
         q.handle_pending()
 
 
+def flush_partial_lines(pid: int) -> None:
+    """Print the unfinished last line of each of `pid`'s pipes, as it is (at the
+    master's exit: the newline will never come)."""
+    pipes = _pipes.get(pid)
+    if pipes is None:
+        return
+    for relay in pipes.relays:
+        relay.drain()
+        with relay.lock:
+            if not relay.closed:
+                relay._emit_lines(final=True)
+
+
 def drain_worker_output(pid: int) -> None:
     """Both: print `pid`'s pending output and handle its queued log records."""
     drain_worker_pipes(pid)

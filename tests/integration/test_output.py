@@ -201,3 +201,63 @@ def test_records_below_master_level_are_not_handled(two_workers, app_logger):
     records = wait_for_records(handler, 1)
     time.sleep(0.2)
     assert [r.getMessage() for r in records] == ["loud"]
+
+
+# -- at the master's exit -----------------------------------------------------------------
+
+ENDS_AT_ONCE = """
+import logging, sys, time
+import fastdist as fd
+
+logging.basicConfig(format="%(levelname)s worker=%(worker)s %(message)s", stream=sys.stdout)
+fd.addprocs(2)
+
+def log_it():
+    import logging
+    logging.getLogger("science").warning("logged at the end")
+
+def busy(seconds):
+    print("started", flush=True)
+    time.sleep(seconds)
+    print("never printed")
+
+if sys.argv[1] == "busy":
+    fd.remote_do(busy, 3, 60)
+fd.remote_do(print, 2, "hello")
+fd.remote_do(print, 3, "no newline", end="")
+fd.remote_do(log_it, 2)
+"""
+
+
+def run_script(tmp_path, *args: str, env: dict[str, str] | None = None):
+    import subprocess
+
+    script = tmp_path / "ends_at_once.py"
+    script.write_text(ENDS_AT_ONCE)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, **(env or {})},
+                            check=False)
+    return result, time.monotonic() - start
+
+
+@pytest.mark.timeout(120)
+def test_what_workers_print_and_log_as_the_script_ends_is_not_lost(tmp_path):
+    for _ in range(3):  # it used to be lost every time
+        result, _ = run_script(tmp_path, "quiet")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert "From worker 2:\thello" in lines, result.stdout
+        assert "From worker 3:\tno newline" in lines, result.stdout
+        assert "WARNING worker=2 logged at the end" in lines, result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_a_call_still_running_at_exit_delays_it_only_by_the_grace(tmp_path):
+    result, seconds = run_script(tmp_path, "busy", env={"FASTDIST_EXIT_GRACE": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "From worker 3:\tstarted" in lines and "From worker 2:\thello" in lines, lines
+    assert not any("never printed" in line for line in lines)
+    # The grace (1 s) and the start of two workers, not the call's 60 s.
+    assert seconds < 30, seconds

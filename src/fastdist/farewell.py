@@ -1,0 +1,91 @@
+"""What the master does as the program ends: its workers finish what they were
+given and say what they have to say, within a bound, before they go.
+
+A script whose last line is `fd.remote_do(print, 2, "hello")` ends before worker 2
+has run the call, and the workers exit with the master: the line, and any log
+record or partial line, would be lost. At exit the master sends every worker one
+last call, `_settle`: it waits (at most `FASTDIST_EXIT_GRACE` seconds, default 5)
+until the calls that reached the worker before it have finished, flushes the
+worker's streams, and replies; the reply comes after the worker's output and
+records, which the master prints and hands to its handlers as it reads the reply
+(`output`), partial last lines included. After an uncaught KeyboardInterrupt the
+master does not wait for running calls: only what was already said is collected.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+
+from fastdist import node as _node
+from fastdist.output import drain_worker_output, flush_partial_lines
+from fastdist.refs import Future
+from fastdist.remotecall import remotecall
+
+__all__ = ["collect_worker_output", "exit_grace"]
+
+_POLL_SECONDS = 0.005
+# Beyond the grace: the round trip, and a worker slow to read its last call.
+_REPLY_MARGIN_SECONDS = 2.0
+
+
+def exit_grace() -> float:
+    """`FASTDIST_EXIT_GRACE`: seconds a worker may take to finish its calls at exit."""
+    try:
+        return max(0.0, float(os.environ.get("FASTDIST_EXIT_GRACE", "5")))
+    except ValueError:
+        return 5.0
+
+
+def _settle(grace: float) -> None:
+    """On a worker: wait until no other call is queued or running (at most `grace`
+    seconds), then flush what the worker wrote."""
+    n = _node.current()
+    pool = n.callpool
+    me = threading.get_ident()
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        busy = pool.runq.nwaiting > 0 or any(ident != me for ident in list(pool.running_user))
+        if not busy:
+            break
+        time.sleep(_POLL_SECONDS)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - no stream, or a closed one: nothing to say
+            pass
+
+
+def collect_worker_output(grace: float | None = None) -> None:
+    """Let every worker finish its calls (up to `grace` seconds), then print what
+    they wrote and handle what they logged. Never raises; returns within about
+    `grace` + 2 seconds."""
+    n = _node.peek()
+    if n is None or n.myid != 1:
+        return
+    pids = n.worker_pids()
+    if not pids:
+        return
+    if grace is None:
+        grace = 0.0 if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) \
+            else exit_grace()
+    futures: list[tuple[int, Future]] = []
+    for pid in pids:
+        try:
+            futures.append((pid, remotecall(_settle, pid, grace)))
+        except Exception:  # noqa: BLE001 - a worker already gone has nothing to say
+            continue
+    deadline = time.monotonic() + grace + _REPLY_MARGIN_SECONDS
+    for pid, fut in futures:
+        try:
+            fut.wait(max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - too slow or gone: print what did arrive
+            pass
+        drain_worker_output(pid)
+        flush_partial_lines(pid)
+
+
+atexit.register(collect_worker_output)
