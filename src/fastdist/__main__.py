@@ -173,12 +173,34 @@ def run_program(opts: dict[str, Any]) -> None:
         if script is None and sys.stdin.isatty():
             import code
 
-            code.interact(local=_fresh_main().__dict__)
+            code.interact(banner=console_banner(), local=_fresh_main().__dict__)
         else:
             _exec_main(sys.stdin.read(), "<stdin>")
     else:
         sys.argv = [script, *opts["args"]]
-        runpy.run_path(script, run_name="__main__")
+        runpy.run_path(script, init_globals=_predefined(), run_name="__main__")
+
+
+def console_banner() -> str:
+    """What the interactive console says first: Python's greeting, then the cluster."""
+    import fastdist as fd
+
+    workers = [p for p in fd.workers() if p != 1]
+    if not workers:
+        up = "no workers (add some with fd.addprocs(n))"
+    else:
+        listed = ", ".join(map(str, workers[:8])) + (", ..." if len(workers) > 8 else "")
+        up = f"{len(workers)} worker{'s' if len(workers) != 1 else ''} up (pids {listed})"
+    return (f"Python {sys.version.split()[0]} on {sys.platform}\n"
+            f"fastdist {fd.__version__}: {up}; fastdist is imported as fd.\n"
+            f"Try: fd.pmap(lambda x: x * x, range(10))")
+
+
+def _predefined() -> dict[str, Any]:
+    # `julia -p N` loads Distributed into Main; here the program finds `fd` defined.
+    import fastdist
+
+    return {"fd": fastdist}
 
 
 def _fresh_main() -> Any:
@@ -186,6 +208,7 @@ def _fresh_main() -> Any:
 
     main = types.ModuleType("__main__")
     main.__dict__["__builtins__"] = __builtins__
+    main.__dict__.update(_predefined())
     sys.modules["__main__"] = main
     return main
 
@@ -197,12 +220,15 @@ def _exec_main(source: str, filename: str) -> None:
 
 
 def stop_workers() -> None:
-    """Remove every worker (bounded: a worker that will not go is killed by its manager)."""
+    """Remove every worker (bounded: a worker that will not go is killed by its manager),
+    once they have finished their calls and their output is printed (`farewell`)."""
     import fastdist as fd
     from fastdist import node as _node
+    from fastdist.farewell import collect_worker_output
 
     if _node.peek() is None:
         return
+    collect_worker_output()
     live = [p for p in fd.workers() if p != 1]
     if live:
         try:

@@ -172,3 +172,51 @@ def test_machine_file_starts_ssh_workers(script, tmp_path, sshd_server):
     assert facts["doubled"] == [4, 6, 8]
     assert facts["argv"] == [str(script), "arg"]
     assert gone(facts["ospids"]), "ssh workers outlived the command"
+
+
+def test_interactive_console_has_fd_and_says_the_workers_are_up():
+    import pty
+    import select
+
+    leader, follower = pty.openpty()  # a terminal on stdin: the console, as a user gets it
+    proc = subprocess.Popen([sys.executable, "-m", "fastdist", "-p", "2"], stdin=follower,
+                            stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    said = b""
+
+    def read_until(needle: bytes, timeout: float = 60, after: int = 0) -> None:
+        nonlocal said
+        deadline = time.monotonic() + timeout
+        while needle not in said[after:]:
+            assert time.monotonic() < deadline, said.decode(errors="replace")
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    said += os.read(leader, 4096)
+                except OSError:  # the console ended
+                    break
+
+    try:
+        read_until(b">>> ")
+        banner = said.decode()
+        assert "2 workers up (pids 2, 3)" in banner and "imported as fd" in banner, banner
+        os.write(leader, b"print('workers', fd.workers(), fd.pmap(abs, [-1, -2]))\n")
+        read_until(b"workers [2, 3] [1, 2]")
+        # The next prompt: typed before it, ^D would reach the terminal while it is
+        # not yet in readline's mode, and be lost (a person waits for the prompt too).
+        read_until(b">>> ", after=said.index(b"workers [2, 3] [1, 2]"))
+        os.write(leader, b"\x04")  # end of input: the console ends, the workers go
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+
+
+def test_a_script_finds_fd_defined(tmp_path):
+    script = tmp_path / "uses_fd.py"
+    script.write_text("print('workers', fd.workers())\n")
+    result = subprocess.run([sys.executable, "-m", "fastdist", "-p", "1", str(script)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "workers [2]"
