@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     }),
     ("protocol and transport", {
         "fastdist.protocol", "fastdist.protocol.messages", "fastdist.protocol.handshake",
-        "fastdist.protocol.serialize", "fastdist.protocol.values", "fastdist.transport",
+        "fastdist.protocol.serialize", "fastdist.protocol.values",
+        "fastdist.protocol.resent", "fastdist.transport",
         "fastdist.sharedmem", "fastdist.channel", "fastdist.tasks",
         "fastdist.hostbuffers",
     }),

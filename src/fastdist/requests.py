@@ -21,6 +21,7 @@ from fastdist.node import Node
 from fastdist.output import handle_worker_logs
 from fastdist.protocol import serialize
 from fastdist.protocol.messages import REF_HEADER, Kind
+from fastdist.protocol.resent import note_call
 from fastdist.protocol.values import decode_result
 from fastdist.refstore import Waiter
 from fastdist.transport import Connection
@@ -47,8 +48,10 @@ def encode_general_call(f: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     fpickle = serialize.function_pickle(f)
     if fpickle is not None:
         body, buffers = serialize.dumps((args, kwargs), dest=pid, what="call's arguments")
+        note_call(body, buffers)
         return len(fpickle), fpickle + body, buffers
     body, buffers = serialize.dumps((f, args, kwargs), dest=pid, what="call")
+    note_call(body, buffers)
     return 0, body, buffers
 
 

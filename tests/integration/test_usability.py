@@ -328,3 +328,38 @@ def test_a_typed_memoryview_arrives_as_it_was_sent(two_workers, view):
     assert fd.remotecall_fetch(_describe, two_workers[0], view) == _describe(view)
     back = fd.remotecall_fetch(lambda v: v, two_workers[0], view)
     assert (back.format, back.shape) == (view.format, view.shape)
+
+
+# -- large data sent again with every call ------------------------------------------------
+
+@pytest.fixture
+def fresh_resent_warning(monkeypatch):
+    from fastdist.protocol import resent
+
+    monkeypatch.setattr(resent, "_warned", False)
+    monkeypatch.setattr(resent, "_seen", type(resent._seen)())
+    return resent
+
+
+def test_large_data_sent_again_is_warned_about_once(two_workers, fresh_resent_warning):
+    p = two_workers[0]
+    table = np.arange(2 * fresh_resent_warning.LARGE_BYTES // 8, dtype=np.float64)
+    assert fd.remotecall_fetch(lambda i: table[i], p, 0) == 0  # once: no warning
+    with pytest.warns(fresh_resent_warning.ResentDataWarning) as caught:
+        for i in range(1, 6):  # the closure carries the table every time
+            assert fd.remotecall_fetch(lambda i: table[i], p, i) == i
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert "CachingPool" in message and "SharedArray" in message and "Future" in message
+    assert caught[0].filename == __file__, "the warning points at the user's call"
+
+
+def test_one_large_call_or_different_data_is_not_warned_about(two_workers,
+                                                              fresh_resent_warning):
+    import warnings
+
+    n = fresh_resent_warning.LARGE_BYTES // 8 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fresh_resent_warning.ResentDataWarning)
+        for i in range(3):
+            assert fd.remotecall_fetch(np.sum, two_workers[0], np.full(n, i)) == n * i
