@@ -16,8 +16,9 @@ Variants, each timed from "the array exists on the master" to "all sums are back
 Memory: a thread samples the proportional set size (PSS, from
 /proc/PID/smaps_rollup) of the job's process and all its descendants (ray's
 raylet and workers, fastdist's fork server and workers, the pool's processes)
-every few ms. "peak" is the largest total during the timed window; "extra" is
-the peak less the total just before it (what the hand-over cost).
+every few ms. "peak" is the largest total during the timed window that two
+samples in a row agree on (see `steady_peak`); "extra" is the peak less the total
+just before it (what the hand-over cost).
 """
 
 import gc
@@ -38,7 +39,9 @@ TEXT = (
     "which sums its eighth of it and then all of it; **time** from \"the array exists on the "
     "master\" to \"all 16 sums are back\", and **memory**: the proportional set size (PSS) summed "
     "over every process of the system (master, workers, helpers such as ray's raylet), sampled "
-    "every 10 ms — **peak** during the hand-over, and **extra** = peak less the total just before. "
+    "every 10 ms or so — **peak** during the hand-over (the largest total two samples in a row "
+    "agree on: PSS is read one process after another, so a sample taken while processes map "
+    "the same pages can count some twice), and **extra** = peak less the total just before. "
     "fastdist: `SharedArray(a)` (the reference; a copy into shared memory, then a handle per "
     "worker), the plain array passed to each worker, and the array passed read-only (stored once "
     "per host). ray: `ray.put(a)` once, tasks read it zero-copy. multiprocessing: "
@@ -126,6 +129,15 @@ class MemorySampler:
         self.samples.append((time.monotonic(), total_pss()))
 
 
+def steady_peak(totals):
+    """The largest total that two samples in a row agree on (a median of three): PSS
+    is read one process after another, so a sample taken while processes are mapping
+    the same pages counts some of them more than once, in one sample only."""
+    if len(totals) < 3:
+        return max(totals)
+    return max(sorted(totals[i - 1:i + 2])[1] for i in range(1, len(totals) - 1))
+
+
 def settle(baseline):
     """Wait until the memory of a repetition is given back: the total is near
     `baseline`, or has not fallen for 3 s (caches that keep mappings for a moment,
@@ -211,7 +223,7 @@ def _measure(peer, rec, conf, measure_row, a, prefix, label, hand_over):
 
     note = f"{conf['nbytes'] / GB:g} GB, {NWORKERS} workers"
     expect = float(a.size)
-    times, peaks, extras = [], [], []
+    times, peaks, extras, raw_peaks = [], [], [], []
 
     def check(sums):
         if len(sums) != NWORKERS or any(t != expect for _, t in sums) or \
@@ -228,7 +240,9 @@ def _measure(peer, rec, conf, measure_row, a, prefix, label, hand_over):
             t = time.perf_counter() - t0
             end = time.monotonic()
         check(sums)
-        peak = max([b for s, b in mem.samples if start <= s <= end] + [mem.samples[-1][1]])
+        peak = steady_peak([b for s, b in mem.samples if start <= s <= end]
+                           + [mem.samples[-1][1]])
+        raw_peaks.append(max(b for s, b in mem.samples if start <= s <= end or s >= end) / GB)
         times.append(t)
         peaks.append(peak / GB)
         extras.append((peak - before) / GB)
@@ -253,7 +267,8 @@ def _measure(peer, rec, conf, measure_row, a, prefix, label, hand_over):
                 note=note)
     if peaks:
         rec.row("W8", prefix + "peak", f"{label}: peak memory", "GB", False, peaks, ref="peak",
-                note="PSS, all processes")
+                note="PSS, all processes; the largest single sample: "
+                f"{max(raw_peaks):.2f} GB")
         rec.row("W8", prefix + "extra", f"{label}: extra memory of the hand-over", "GB", False,
                 extras, ref="extra", note="peak less the total just before")
 

@@ -98,7 +98,7 @@ def _address(buf: memoryview) -> int:
 class _Segment:
     """A memory file holding one read-only buffer, on its sender."""
 
-    __slots__ = ("fd", "header", "last_used", "nbytes", "next_slot", "pending", "root",
+    __slots__ = ("data", "fd", "header", "last_used", "nbytes", "next_slot", "pending", "root",
                  "seg_id", "token")
 
     def __init__(self, seg_id: int, buf: memoryview, root: Any) -> None:
@@ -112,12 +112,11 @@ class _Segment:
         self.fd = os.memfd_create("fastdist-host-buffer", os.MFD_CLOEXEC)
         try:
             os.ftruncate(self.fd, HEADER_NBYTES + self.nbytes)
-            data = mmap.mmap(self.fd, self.nbytes, offset=HEADER_NBYTES)
-            try:
-                populate(data)
-                copy_into(data, 0, buf)
-            finally:
-                data.close()
+            # Kept mapped while the segment lives, though only receivers read it: the
+            # pages then show in this process's memory figures (PSS) as they should.
+            self.data = mmap.mmap(self.fd, self.nbytes, offset=HEADER_NBYTES)
+            populate(self.data)
+            copy_into(self.data, 0, buf)
             self.header = mmap.mmap(self.fd, HEADER_NBYTES)
             self.header[:TOKEN_NBYTES] = self.token
         except BaseException:
@@ -140,6 +139,7 @@ class _Segment:
 
     def close(self) -> None:
         self.header.close()
+        self.data.close()
         os.close(self.fd)
 
 
@@ -156,7 +156,7 @@ class HostStore:
     def eligible(buf: memoryview, min_nbytes: int) -> bool:
         """A buffer that may be stored once per host: large, read-only, its exporter
         one that can be watched (weakly referenced) for when it goes."""
-        if not buf.readonly or buf.nbytes < min_nbytes or not buf.c_contiguous:
+        if not buf.readonly or buf.nbytes < max(min_nbytes, 1) or not buf.c_contiguous:
             return False
         try:
             weakref.ref(_root(buf))

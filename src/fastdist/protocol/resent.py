@@ -18,6 +18,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
+from fastdist.hostbuffers import HostStore
+
 __all__ = ["LARGE_BYTES", "ResentDataWarning", "note_call"]
 
 # A call at least this large is looked at; data this large sent twice is warned about.
@@ -51,6 +53,8 @@ def note_call(body: Any, buffers: Any) -> None:
             repeated += len(body)
         for b in buffers:
             owner = b.obj
+            if HostStore.eligible(b, LARGE_BYTES):
+                continue  # read-only: stored once per host, not sent again (hostbuffers.py)
             if b.nbytes >= LARGE_BYTES and _remember(("buffer", id(owner), b.nbytes), owner):
                 repeated += b.nbytes
     if repeated:
