@@ -24,6 +24,7 @@ from fastdist import node as _node
 from fastdist.output import drain_worker_output, flush_partial_lines
 from fastdist.refs import Future
 from fastdist.remotecall import remotecall
+from fastdist.signals import sigint_absorbed
 
 __all__ = ["collect_worker_output", "exit_grace"]
 
@@ -79,13 +80,18 @@ def collect_worker_output(grace: float | None = None) -> None:
         except Exception:  # noqa: BLE001 - a worker already gone has nothing to say
             continue
     deadline = time.monotonic() + grace + _REPLY_MARGIN_SECONDS
-    for pid, fut in futures:
-        try:
-            fut.wait(max(0.0, deadline - time.monotonic()))
-        except Exception:  # noqa: BLE001 - too slow or gone: print what did arrive
-            pass
-        drain_worker_output(pid)
-        flush_partial_lines(pid)
+    try:
+        for _, fut in futures:
+            try:
+                fut.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - too slow or gone: print what came
+                pass
+    except KeyboardInterrupt:
+        pass  # Ctrl-C at exit: wait no more, and leave no traceback behind
+    with sigint_absorbed():
+        for pid, _ in futures:
+            drain_worker_output(pid)
+            flush_partial_lines(pid)
 
 
 atexit.register(collect_worker_output)

@@ -363,3 +363,51 @@ def test_one_large_call_or_different_data_is_not_warned_about(two_workers,
         warnings.simplefilter("error", fresh_resent_warning.ResentDataWarning)
         for i in range(3):
             assert fd.remotecall_fetch(np.sum, two_workers[0], np.full(n, i)) == n * i
+
+
+# -- Ctrl-C on a long pmap ----------------------------------------------------------------
+
+LONG_PMAP = """
+import time
+import fastdist as fd
+
+def slow(x):
+    time.sleep(0.05)
+    return x
+
+fd.addprocs(2)
+print("mapping", flush=True)
+fd.pmap(slow, range(100_000))
+"""
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_on_a_long_pmap_gives_one_short_traceback(tmp_path, presses):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "long_pmap.py"
+    script.write_text(LONG_PMAP)
+    for _ in range(3):
+        # Its own session: Ctrl-C in a terminal signals the whole group, workers too.
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            assert proc.stdout.readline() == "mapping\n"
+            time.sleep(0.5)
+            for _ in range(presses):
+                os.killpg(proc.pid, signal.SIGINT)
+                time.sleep(0.001)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        assert err.count("Traceback") == 1 and "During handling" not in err, err
+        lines = err.strip().splitlines()
+        assert lines[-1] == "KeyboardInterrupt", err
+        assert len(lines) <= 8, err
+        assert "engine.py" not in err and "_msgloop" not in err, err

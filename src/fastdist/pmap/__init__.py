@@ -56,6 +56,7 @@ from fastdist.pmap.scheduling import (
     auto_batch_size,
     first_batch_size,
 )
+from fastdist.signals import sigint_absorbed
 from fastdist.workerpool import AbstractWorkerPool
 
 __all__ = ["AUTO_FIRST_ROUND", "AUTO_MAX_BATCH", "AUTO_MAX_FIRST_BATCH", "PIPELINE_DEPTH",
@@ -164,9 +165,14 @@ def pmap(
         engine = Engine(n, f, pool, pids, int(batch_size), policy, bar, sizing, star)
         seq = iterables[0] if not star and type(iterables[0]) in (list, tuple) else None
         return engine.run(args, seq)
+    except KeyboardInterrupt:
+        # Ctrl-C: one short traceback, ending at the user's pmap line (the frames of
+        # the wait it broke off say nothing to them).
+        raise KeyboardInterrupt from None
     finally:
         if bar is not None:
-            bar.close()
+            with sigint_absorbed():
+                bar.close()
 
 
 def _positive_int(batch_size: Any) -> int:

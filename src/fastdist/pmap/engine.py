@@ -36,6 +36,7 @@ from fastdist.pmap.scheduling import (
     Tries,
     Unit,
 )
+from fastdist.signals import sigint_absorbed
 from fastdist.workerpool import AbstractWorkerPool, WorkerPool
 
 
@@ -105,7 +106,8 @@ class Engine:
                     break
                 self._wait()
         except BaseException:
-            self._release(drained=False)
+            with sigint_absorbed():
+                self._release(drained=False)
             raise
         self._release(drained=True)
         if self.failure is not None:
