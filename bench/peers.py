@@ -760,6 +760,17 @@ WORKLOADS["W8"] = w8
 # How many workers a workload starts, when not NWORKERS.
 WORKERS_FOR = {"W8": 8}
 
+
+def w7(peer, rec, cfg):
+    """W7 lives in w7_hosts.py: 2, 8 and 32 workers on 4 network-namespace hosts."""
+    import w7_hosts
+
+    w7_hosts.run(peer, rec, cfg, measure_row)
+
+
+WORKLOADS["W7"] = w7
+WORKERS_FOR["W7"] = 0  # it starts its own, on other hosts
+
 # --------------------------------------------------------------------------
 # Baselines
 # --------------------------------------------------------------------------

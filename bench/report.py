@@ -65,6 +65,10 @@ WORKLOAD_TEXT = {
     "fastdist's row *again in the same process* is a second `addprocs` after the first, "
     "with what the first left running (its fork server). Lower is better.",
 }
+import w7_hosts  # noqa: E402 - W7's texts and targets live with the workload
+
+WORKLOAD_TITLES["W7"] = w7_hosts.TITLE
+WORKLOAD_TEXT["W7"] = w7_hosts.TEXT
 import w8  # noqa: E402 - W8's texts and targets live with the workload
 
 WORKLOAD_TITLES["W8"] = w8.TITLE
@@ -391,6 +395,9 @@ def compute_targets(results):
 
     # W8
     out.extend(w8.targets(results, _row, _missing, median, fmt_value))
+
+    # W7
+    out.extend(w7_hosts.targets(results, _row, _missing, median, fmt_value))
 
     wanted = set(results.get("workloads", []))
     return [t for t in out if t[0].split()[0] in wanted]

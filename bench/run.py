@@ -47,6 +47,10 @@ BASELINE_FOR = {"c": {"W1", "W3"}, "pysock": {"W1", "W3"}, "memcpy": {"W3"}}
 # timeout. Generous: the slowest peers (dask, ray) need most of these.
 # W6's is per repetition (each is its own process).
 TIMEOUTS = {"W1": 300, "W2": 300, "W3": 420, "W4": 900, "W5": 900, "W6": 300, "baseline": 300}
+# W7: fastdist alone, with workers on network-namespace hosts (needs root): w7_hosts.py.
+WORKLOADS.insert(WORKLOADS.index("W6") + 1, "W7")
+WORKLOAD_PEERS["W7"] = {"fastdist"}
+TIMEOUTS["W7"] = 1800
 TIMEOUTS["W8"] = 1200
 
 
@@ -338,6 +342,13 @@ def main(argv=None):
             w8.render_memory_chart(results, os.path.join(args.out_dir, "w8_memory.png"))
         except Exception as e:
             print(f"W8 memory chart not written: {e!r}", file=sys.stderr)
+    if "W7" in workloads:
+        try:
+            import w7_hosts
+
+            w7_hosts.render_scaling_chart(results, os.path.join(args.out_dir, "w7_scaling.png"))
+        except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the tables
+            print(f"W7 scaling chart not written: {e!r}", file=sys.stderr)
     print(report.render_targets_text(results))
     print(f"done in {results['duration_s']:.0f} s; wrote RESULTS.md, results.json, ratios.png"
           f" to {os.path.relpath(args.out_dir)}")
