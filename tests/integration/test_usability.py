@@ -350,7 +350,7 @@ def test_large_data_sent_again_is_warned_about_once(two_workers, fresh_resent_wa
             assert fd.remotecall_fetch(lambda i: table[i], p, i) == i
     assert len(caught) == 1, [str(w.message) for w in caught]
     message = str(caught[0].message)
-    assert "CachingPool" in message and "SharedArray" in message and "Future" in message
+    assert "CachingPool" in message and "SharedArray" in message
     assert caught[0].filename == __file__, "the warning points at the user's call"
 
 
@@ -411,3 +411,15 @@ def test_ctrl_c_on_a_long_pmap_gives_one_short_traceback(tmp_path, presses):
         assert lines[-1] == "KeyboardInterrupt", err
         assert len(lines) <= 8, err
         assert "engine.py" not in err and "_msgloop" not in err, err
+
+
+def test_a_caching_pool_given_a_new_closure_each_time_is_warned_about(two_workers,
+                                                                      fresh_resent_warning):
+    table = np.arange(2 * fresh_resent_warning.LARGE_BYTES // 8, dtype=np.float64)
+    pool = fd.CachingPool(two_workers[:1])
+    at = lambda i: table[i]  # noqa: E731 - one function: sent once (one worker), no warning
+    assert [fd.remotecall_fetch(at, pool, i) for i in range(4)] == [0, 1, 2, 3]
+    assert not fresh_resent_warning._warned
+    with pytest.warns(fresh_resent_warning.ResentDataWarning):
+        for i in range(3):  # a new lambda each time: a new function, sent again
+            assert fd.remotecall_fetch(lambda i: table[i], pool, i) == i

@@ -53,6 +53,8 @@ def note_call(body: Any, buffers: Any) -> None:
             repeated += len(body)
         for b in buffers:
             owner = b.obj
+            while isinstance(owner, memoryview):  # a pickle inside the pickle (CachingPool)
+                owner = owner.obj
             if HostStore.eligible(b, LARGE_BYTES):
                 continue  # read-only: stored once per host, not sent again (hostbuffers.py)
             if b.nbytes >= LARGE_BYTES and _remember(("buffer", id(owner), b.nbytes), owner):
@@ -88,10 +90,9 @@ def _warn(nbytes: int) -> None:
     message = (
         f"fastdist: a call sent {nbytes / 1e6:.1f} MB that an earlier call had sent "
         "already (an argument, or data its function captures): every call carries its "
-        "own copy. Send it once instead: a CachingPool sends a function (and what it "
-        "captures) once per worker, fd.SharedArray keeps an array in shared memory once "
-        "per host, and a Future holding the data on the worker (data = "
-        "fd.remotecall(load, pid); then pass data) keeps it there. (Shown once.)")
+        "own copy. Send it once instead: fd.pmap or a call on fd.CachingPool(...) sends a "
+        "function, and what it captures, once per worker; fd.SharedArray(...) keeps an "
+        "array in shared memory once per host, and passes as a handle. (Shown once.)")
     frame = sys._getframe(1)
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame = frame.f_back
