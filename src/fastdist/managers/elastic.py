@@ -150,8 +150,11 @@ class ElasticManager(JoinedConnect, ClusterManager):
     def _joined(self, config: WorkerConfig) -> None:
         """A worker authenticated (on the listener's thread): queue it for adding."""
         with self._changed:
-            self._pending.append(config)
-            self._changed.notify_all()
+            if not self._closed:
+                self._pending.append(config)
+                self._changed.notify_all()
+                return
+        config.userdata["socket"].close()  # it made it in just as the manager closed
 
     def _add_joined(self) -> None:
         """Add each worker that joined, one `addprocs` each: a worker that fails to join

@@ -116,12 +116,16 @@ class MPIManager(JoinedConnect, ClusterManager):
         if self.np == 0:
             return
         joined: list[WorkerConfig] = []
+        over = [False]  # launch returned: a rank joining now is too late
 
         def on_join(config: WorkerConfig) -> None:
             with launch_ntfy:
-                joined.append(config)
-                launched.append(config)
-                launch_ntfy.notify_all()
+                if not over[0]:
+                    joined.append(config)
+                    launched.append(config)
+                    launch_ntfy.notify_all()
+                    return
+            config.userdata["socket"].close()
 
         listener = JoinListener(self.addr, 0, on_join, name="fastdist-mpi")
         try:
@@ -161,6 +165,8 @@ class MPIManager(JoinedConnect, ClusterManager):
             raise ClusterError(f"cannot launch MPI workers ({' '.join(argv[:3])} ...): "
                                f"{why}{self._tail()}")
         finally:
+            with launch_ntfy:
+                over[0] = True
             listener.close()
 
     def _tail(self) -> str:
