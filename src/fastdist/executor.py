@@ -240,6 +240,9 @@ class Executor(concurrent.futures.Executor):
                 pool.put(w)
                 continue
             self._start(item, pool, w)
+            # Nothing of a submission stays here while the loop waits for the next:
+            # its result belongs to its future alone (stdlib: no stale references).
+            del item
 
     def _next_item(self) -> _WorkItem | None:
         """The oldest submission not cancelled, now marked running."""
@@ -269,12 +272,16 @@ class Executor(concurrent.futures.Executor):
             self._done()
             return
         _in_flight.add(fut)
-        finish = functools.partial(self._finish, item, fut, pool, w)
+        # What `_finish` needs, in a list it empties: the callback that carries it may
+        # be kept a while by whoever ran it, and must not keep the result alive.
+        finish = functools.partial(self._finish, [item, fut, pool, w])
         # The callback may run on the I/O thread: hand the result to a call thread.
         if not when_ready(fut, functools.partial(n.callpool.submit, finish)):
             n.callpool.submit(finish)
 
-    def _finish(self, item: _WorkItem, fut: Any, pool: AbstractWorkerPool, w: int) -> None:
+    def _finish(self, parts: list[Any]) -> None:
+        item, fut, pool, w = parts
+        parts.clear()
         _in_flight.discard(fut)
         pool.put(w)
         try:
@@ -284,7 +291,7 @@ class Executor(concurrent.futures.Executor):
         else:
             item.future.set_result(value)
         finally:
-            item.fn = item.args = item.kwargs = None  # type: ignore[assignment]
+            item.fn = item.args = item.kwargs = None
             self._done()
 
     def _done(self) -> None:

@@ -335,3 +335,23 @@ def test_a_finished_submission_holds_nothing_of_its_call(two_workers):
         time.sleep(0.05)
     assert ref() is None, "the argument is still held after the call finished"
     ex.shutdown()
+
+
+class _Made:
+    pass
+
+
+def _make(_):
+    return _Made()
+
+
+def test_map_results_are_not_held_once_yielded(two_workers):
+    import gc
+    import weakref
+
+    with fd.Executor() as ex:
+        for obj in ex.map(_make, range(6)):
+            ref = weakref.ref(obj)
+            del obj
+            gc.collect()
+            assert ref() is None, "the executor still holds a result it handed out"
