@@ -160,7 +160,8 @@ class SharedMemory:
         if answered is None or not any(
                 self.host.eligible(memoryview(b), self.min_nbytes) for b in buffers):
             return False
-        answered.wait(ACCEPT_WAIT_SECONDS)
+        if not answered.wait(ACCEPT_WAIT_SECONDS):
+            self._answered.pop(pid, None)  # it may never answer (FASTDIST_SHM=0): wait once
         return pid in self._accepted
 
     def _offer(self, conn: Any, pid: int) -> None:

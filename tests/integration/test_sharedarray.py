@@ -439,6 +439,17 @@ def backing(x):
     raise AssertionError("no mapping holds the array")
 
 
+def host_segments_settled():
+    """The master's read-only copies left by earlier tests are gone (they go within a
+    tick once their arrays are freed): counts below start from zero."""
+    from fastdist.hostbuffers import IDLE_SECONDS
+
+    gc.collect()
+    shm = fd.node.current().shm
+    assert eventually(lambda: shm.host.nsegments == 0, IDLE_SECONDS + 10)
+    return shm
+
+
 def read_only(n, seed=0):
     a = np.random.default_rng(seed).random(n)
     a.flags.writeable = False
@@ -446,13 +457,13 @@ def read_only(n, seed=0):
 
 
 def test_a_read_only_array_sent_to_many_workers_is_stored_once_per_host(cluster):
+    shm = host_segments_settled()
     pids = cluster.add(4)  # fresh workers: the first frame to each waits for its answer
     a = read_only(2 * MB)
     seen = [fd.remotecall_fetch(backing, p, a) for p in pids]
     inode, name, writeable, total = seen[0]
     assert seen == [seen[0]] * 4, seen
     assert "fastdist-host-buffer" in name and not writeable and total == float(a.sum())
-    shm = fd.node.current().shm
     assert shm.host.nsegments == 1
     assert [fd.stats()["peers"][p]["shm_host_buffers_sent"] for p in pids] == [1] * 4
     # sent again, it names the same copy
@@ -501,7 +512,7 @@ def test_a_frame_mixing_read_only_and_other_buffers_arrives_whole(two_workers):
 def test_the_senders_copy_goes_once_the_array_is_gone_and_every_receiver_mapped_it(two_workers):
     from fastdist.hostbuffers import IDLE_SECONDS
 
-    shm = fd.node.current().shm
+    shm = host_segments_settled()
     a = read_only(2 * MB, seed=3)
     for w in two_workers:
         fd.remotecall_fetch(keep, w, "ro", a)
@@ -549,3 +560,14 @@ def test_when_the_rest_of_a_frame_cannot_take_shared_memory_all_of_it_takes_the_
         assert eventually(lambda: shm.host.nsegments == 0, IDLE_SECONDS + 10)
     finally:
         shm._outboxes.pop(w, None)
+
+
+def test_a_worker_without_shared_memory_gets_read_only_arrays_through_the_socket(cluster):
+    shm = host_segments_settled()
+    (w,) = cluster.add(1, env={"FASTDIST_SHM": "0"})  # it neither offers nor accepts
+    a = read_only(2 * MB, seed=5)
+    for _ in range(3):
+        _inode, name, _writeable, total = fd.remotecall_fetch(backing, w, a)
+        assert "fastdist-host-buffer" not in name and total == float(a.sum())
+    assert w not in shm._answered  # its answer was waited for once, not at every call
+    assert shm.host.nsegments == 0 and fd.stats()["peers"][w]["shm_host_buffers_sent"] == 0
