@@ -146,7 +146,10 @@ class _Shared:
                     f"a SharedArray cannot go to process {dest}: it is on another host "
                     f"(the array lives in the memory of processes {list(self.handle.pids)})")
             self.ref._note_sent()
-        return (_attach, (self.handle, _address(a) - self.lo, a.shape, a.strides, a.dtype))
+        # Pickled outside a fastdist send (`pickle.dumps`), it carries no hold: the
+        # receiver must then keep the array from being freed by other means.
+        return (_attach, (self.handle, _address(a) - self.lo, a.shape, a.strides, a.dtype,
+                          dest is not None))
 
 
 _lock = threading.Lock()
@@ -184,9 +187,9 @@ def _expire() -> None:
 
 
 def _attach(handle: _Handle, start: int, shape: tuple[int, ...], strides: tuple[int, ...],
-            dtype: np.dtype[Any]) -> SharedArray:
+            dtype: np.dtype[Any], counted: bool = True) -> SharedArray:
     """A handle arrived: this process's view of the array (mapped on first need)."""
-    ref = _adopt(_SharedRef, handle.owner, handle.owner, handle.ref_id, counted=True)
+    ref = _adopt(_SharedRef, handle.owner, handle.owner, handle.ref_id, counted=counted)
     with _lock:
         shared = _mapped.get(handle.rrid)
     if shared is None:
