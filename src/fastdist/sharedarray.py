@@ -28,7 +28,7 @@ import numpy as np
 from fastdist import cluster
 from fastdist import node as _node
 from fastdist.exceptions import CompositeException, RemoteException
-from fastdist.hostbuffers import populate
+from fastdist.hostbuffers import copy_into
 from fastdist.protocol import serialize
 from fastdist.refs import _adopt, _RefBase
 from fastdist.refstore import RRID
@@ -352,6 +352,16 @@ def _open_file(filename: str, shape: tuple[int, ...], dtype: np.dtype[Any], offs
         os.close(fd)
 
 
+def _copy_in(shared: _Shared, arr: SharedArray, source: np.ndarray[Any, Any]) -> None:
+    """Fill a new shared array with a copy of `source`: bytes straight into fresh
+    pages made at once, in parallel when it is large (hostbuffers.copy_into)."""
+    if (isinstance(shared.buffer, mmap.mmap) and not shared.handle.readonly
+            and source.dtype == arr.dtype and source.flags.c_contiguous and arr.size):
+        copy_into(shared.buffer, shared.data_offset, source.reshape(-1).view(np.uint8))
+    else:
+        np.copyto(arr, source, casting="unsafe")
+
+
 def _run_init(init: Callable[[SharedArray], Any], arr: SharedArray) -> None:
     """Julia's `init`: called with the array on every participating worker, at once."""
     targets = _workers_of(arr._shared().handle.pids)
@@ -441,9 +451,7 @@ class SharedArray(np.ndarray):
             _mapped[shared.handle.rrid] = shared
         arr = shared.whole()
         if source is not None:
-            if isinstance(shared.buffer, mmap.mmap) and not shared.handle.readonly:
-                populate(shared.buffer)  # every page at once: they are all written now
-            np.copyto(arr, source, casting="unsafe")
+            _copy_in(shared, arr, source)
         if init is not None:
             _run_init(init, arr)
         return arr

@@ -571,3 +571,15 @@ def test_a_worker_without_shared_memory_gets_read_only_arrays_through_the_socket
         assert "fastdist-host-buffer" not in name and total == float(a.sum())
     assert w not in shm._answered  # its answer was waited for once, not at every call
     assert shm.host.nsegments == 0 and fd.stats()["peers"][w]["shm_host_buffers_sent"] == 0
+
+
+def test_large_copies_into_shared_memory_are_exact(two_workers):
+    # From 64 MB the copy is split among threads: every byte still lands in its place.
+    a = np.random.default_rng(6).random(9_000_001)  # 72 MB, an odd length
+    sa = fd.SharedArray(a)
+    assert np.array_equal(sa, a)
+    assert fd.remotecall_fetch(lambda s: float(s.sum()), two_workers[0], sa) == float(a.sum())
+    a.flags.writeable = False
+    got = fd.remotecall_fetch(lambda x: (float(x.sum()), float(x[-1]), backing(x)[1]),
+                              two_workers[1], a)
+    assert got[:2] == (float(a.sum()), float(a[-1]))
