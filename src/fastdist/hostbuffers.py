@@ -200,20 +200,26 @@ class HostStore:
         key = (id(root), _address(buf), buf.nbytes)
         with self._lock:
             seg = self._segments.get(key)
-            if seg is not None and seg.root() is not root:
-                seg = None  # another object now at that id: the old one went
-            slot = seg.take_slot(pid) if seg is not None else None
-            if seg is None or slot is None:
-                try:
-                    new = _Segment(next(self._ids), buf, root)
-                except OSError:
-                    return None  # no memory or fds for a segment: the usual path
-                old = self._segments.get(key)
-                if old is not None:
-                    self._retire(key, old)
-                seg = self._segments[key] = new
+            if seg is not None and seg.root() is root:
                 slot = seg.take_slot(pid)
-                assert slot is not None
+                if slot is not None:
+                    return self._descriptor(seg, slot)
+        # A new copy, made without the lock: the loop thread's trim must not wait for it.
+        try:
+            new = _Segment(next(self._ids), buf, root)
+        except OSError:
+            return None  # no memory or fds for a segment: the usual path
+        with self._lock:
+            old = self._segments.get(key)
+            if old is not None:
+                self._retire(key, old)  # replaced: closed once its receivers mapped it
+            self._segments[key] = new
+            slot = new.take_slot(pid)
+        assert slot is not None
+        return self._descriptor(new, slot)
+
+    @staticmethod
+    def _descriptor(seg: _Segment, slot: int) -> bytes:
         return HOST_DESCRIPTOR.pack(MAGIC, os.getpid(), seg.fd, seg.seg_id, seg.nbytes, slot,
                                     seg.token)
 
