@@ -37,7 +37,7 @@ from typing import Any, NoReturn
 from fastdist._fastpath import _calls
 from fastdist._fastpath._calls import CallsCore
 from fastdist._fastpath._runqueue import Runner, RunQueue
-from fastdist.signals import block_sigint
+from fastdist.signals import CALL_INTERRUPT, block_sigint, watch_sigint_arrivals
 
 Task = Callable[[], object]
 
@@ -71,10 +71,9 @@ class CallPool(CallsCore):
         # Which threads run user code, and how interrupts reach them: C fields
         # (_fastpath/_calls.pxd), kept by _calls.run_user and interrupt_calls.
         self.main_ident = threading.main_thread().ident or 0
-        self.signal_main = False  # on_sigint is the main thread's SIGINT handler
+        self.main_signal = 0  # the signal that interrupts the main thread's call
         self.main_pending = False  # an interrupt signalled to the main thread applies
-        self.signals_sent = 0  # SIGINTs sent to the main thread, not yet handled
-        self._last_signal = 0.0  # when the last of them was sent (monotonic)
+        self.sigint_unhandled = False  # a SIGINT came; its handler has not run yet
         # The connection the idle primary reads (to pid 1), once there is one.
         self.fast_connection: Callable[[], Any] | None = None
 
@@ -138,7 +137,7 @@ class CallPool(CallsCore):
             try:
                 self._idle_wait(wakefd, poller)
             except KeyboardInterrupt:
-                pass  # a SIGINT for a call that had ended (on_sigint lets it through)
+                pass  # an interrupt for a call that had ended (the handlers let it through)
             runq.awake(me)
             try:
                 os.eventfd_read(wakefd)
@@ -193,11 +192,12 @@ class CallPool(CallsCore):
                         conn.flush()
                     except ConnectionError:
                         pass
-            if self.main_pending and self.main_ident in self.running_user:
+            if self.sigint_unhandled or (self.main_pending
+                                         and self.main_ident in self.running_user):
                 self._signal_main_again()
             runq.stalled(taken)
             self._monitor.clear()
-            if not runq.try_disarm(self.main_pending):
+            if not runq.try_disarm(self.main_pending or self.sigint_unhandled):
                 self._monitor.set()
 
     # -- user code and interrupts -----------------------------------------------------
@@ -210,41 +210,58 @@ class CallPool(CallsCore):
         """Raise KeyboardInterrupt in every thread running user code; return how many."""
         n = _calls.interrupt_calls(self)
         if self.main_pending:
-            self._last_signal = time.monotonic()
-            # The monitor signals again until the call has taken it (see _watch).
-            self.runq.monitor_armed = True
-            self._arm_monitor()
+            self._keep_signalling_main()
         return n
 
+    def _keep_signalling_main(self) -> None:
+        """The monitor signals the main thread again until the handler has run (see
+        _watch)."""
+        self.runq.monitor_armed = True
+        self._arm_monitor()
+
     def _signal_main_again(self) -> None:
-        """The SIGINT sent to the main thread has not reached its call yet. It may have
-        come just before the call entered a blocking system call (a sleep), which it
-        then did not end: the monitor sends another every round until the handler
-        runs or the call ends."""
-        self.signals_sent += 1
-        self._last_signal = time.monotonic()
-        signal.pthread_kill(self.main_ident, signal.SIGINT)
+        """A signal sent to the main thread has not reached its handler yet. It may
+        have come just before the call entered a blocking system call (a sleep),
+        which it then did not end: the monitor sends CALL_INTERRUPT every round until
+        a handler runs (all that are pending run together) or the call ends."""
+        signal.pthread_kill(self.main_ident, CALL_INTERRUPT)
 
     def install_sigint(self) -> None:
-        """On a worker's main thread: SIGINT (`interrupt`'s own, or `kill -INT`)
-        raises KeyboardInterrupt in the call running there, wherever it blocks, and
-        an outside one interrupts the other running calls too. The worker lives."""
+        """On a worker's main thread: `interrupt`'s CALL_INTERRUPT raises
+        KeyboardInterrupt in the call running there, wherever it blocks; a SIGINT from
+        outside (`kill -INT`) does so in every running call. The worker lives."""
+        signal.signal(CALL_INTERRUPT, self.on_call_interrupt)
         signal.signal(signal.SIGINT, self.on_sigint)
-        self.signal_main = True
+        watch_sigint_arrivals(self._sigint_arrived)
+        self.main_signal = CALL_INTERRUPT
+
+    def _sigint_arrived(self) -> None:
+        """(The SIGINT watcher's thread.) Make sure its handler runs, see
+        watch_sigint_arrivals; a flag left set by a handler that ran first costs one
+        spare CALL_INTERRUPT, whose handler clears it."""
+        self.sigint_unhandled = True
+        self._keep_signalling_main()
 
     def on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        """The SIGINT handler (main thread, between two bytecodes of whatever runs)."""
-        # (Signals coalesce: one handled now may stand for several sent, and one sent
-        # again by the monitor may come just after; neither is from outside.)
-        ours = self.signals_sent > 0 or time.monotonic() - self._last_signal < 0.5
-        self.signals_sent = 0
+        """The SIGINT handler (main thread, between two bytecodes of whatever runs):
+        from outside, it interrupts every running call."""
+        self.sigint_unhandled = False
+        self.main_pending = False
+        _calls.interrupt_calls(self, True)  # the other threads' calls
+        self._raise_in_main_call()
+
+    def on_call_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        """The CALL_INTERRUPT handler: `interrupt` aimed at the main thread's call,
+        unless that call has ended since (run_user then cleared main_pending)."""
+        self.sigint_unhandled = False
         applies = self.main_pending
         self.main_pending = False
-        if not ours:
-            _calls.interrupt_calls(self, True)  # from outside: every running call
-            applies = True
+        if applies:
+            self._raise_in_main_call()
+
+    def _raise_in_main_call(self) -> None:
         main = self.main_ident
-        if not applies or main not in self.running_user:
+        if main not in self.running_user:
             return  # the call it was meant for has ended; nothing else is hit
         if main in self.shielded:
             self.deferred.add(main)  # dispatching others' frames: raised by unshield

@@ -8,10 +8,17 @@ thread's next bytecode. Every thread fastdist starts leaves it to the main threa
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+# The signal by which fastdist interrupts a call on a worker's main thread (`interrupt`).
+# Not SIGINT: a SIGINT is then always from outside (`kill -INT`, a terminal), which
+# interrupts every running call, and no guess by timing tells the two apart.
+CALL_INTERRUPT = signal.SIGRTMIN + 2
 
 
 @contextmanager
@@ -41,3 +48,33 @@ def block_sigint() -> None:
     """On a thread other than the main one: leave SIGINT to the main thread."""
     if threading.current_thread() is not threading.main_thread():
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def watch_sigint_arrivals(on_arrival: Callable[[], None]) -> None:
+    """On the main thread: call `on_arrival()` (on a thread of its own) for every
+    SIGINT the process receives, as the kernel delivers it.
+
+    A SIGINT that comes just before the main thread enters a blocking system call (a
+    sleep, a wait on a socket) trips Python's flag but ends nothing: its handler would
+    run only when that call returns, maybe never. Python writes each signal's number
+    to the wake-up fd from its C handler, so this learns of the SIGINT even then, and
+    `on_arrival` can make sure the handler runs (by signalling the main thread again).
+    """
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        block_sigint()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {CALL_INTERRUPT})
+        poller = select.poll()
+        poller.register(read_end, select.POLLIN)
+        while True:
+            poller.poll()
+            try:
+                numbers = os.read(read_end, 512)
+            except BlockingIOError:
+                continue
+            if signal.SIGINT in numbers:
+                on_arrival()
+
+    threading.Thread(target=watch, name="fastdist-sigint-watch", daemon=True).start()

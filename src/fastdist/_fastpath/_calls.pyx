@@ -43,8 +43,6 @@ cdef extern from "Python.h":
 
 cdef extern from "<signal.h>" nogil:
     int pthread_kill(unsigned long thread, int sig)
-    enum:
-        SIGINT
 
 from fastdist._fastpath._runqueue cimport RunQueue
 from fastdist._core._wire cimport Frame
@@ -361,9 +359,9 @@ def interrupt_calls(pool, bint from_signal=False):
     """CallPool.interrupt: raise KeyboardInterrupt in every thread running user code;
     return how many. A thread that is dispatching frames for others (`shield`) gets
     it when it is done. The main thread of a worker, which installed
-    CallPool.on_sigint, gets a SIGINT, which also ends a sleep, a wait on a lock
-    or a socket, a poll; it then raises in the handler (`from_signal`: we are in
-    that handler, which raises by itself). Other threads get an asynchronous
+    CallPool.on_call_interrupt, gets `main_signal`, which also ends a sleep, a wait
+    on a lock or a socket, a poll; it then raises in the handler (`from_signal`: we
+    are in the SIGINT handler, which raises by itself). Other threads get an asynchronous
     exception, which Python code sees at once and a blocking call when it
     returns."""
     cdef CallsCore p = <CallsCore?>pool
@@ -381,11 +379,10 @@ def interrupt_calls(pool, bint from_signal=False):
         ident = <unsigned long><object>key
         if ident in shielded:
             deferred.add(ident)
-        elif ident == main and p.signal_main:
+        elif ident == main and p.main_signal:
             if not from_signal:
                 p.main_pending = True
-                p.signals_sent += 1
-                pthread_kill(main, SIGINT)
+                pthread_kill(main, p.main_signal)
         else:
             PyThreadState_SetAsyncExc(ident, PyExc_KeyboardInterrupt)
     return n
