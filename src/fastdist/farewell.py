@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 import threading
 import time
@@ -64,34 +65,50 @@ def collect_worker_output(grace: float | None = None) -> None:
     """Let every worker finish its calls (up to `grace` seconds), then print what
     they wrote and handle what they logged. Never raises; returns within about
     `grace` + 2 seconds."""
+    if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+        _ignore_sigint_from_now_on()
+    asked: list[int] = []
+    try:
+        _settle_workers(grace, asked)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C at exit: wait no more, and leave no traceback behind
+    with sigint_absorbed():
+        for pid in asked:
+            drain_worker_output(pid)
+            flush_partial_lines(pid)
+
+
+def _ignore_sigint_from_now_on() -> None:
+    """The program is ending because of a Ctrl-C: a second one (impatience, or a
+    terminal that signals twice) would only raise again in what is left of the
+    exit — this hook, a finalizer, with stderr perhaps gone — and stack a second
+    traceback on the first. Python ends the process by SIGINT itself afterwards."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _settle_workers(grace: float | None, asked: list[int]) -> None:
+    """Send `_settle` to every worker (adding each to `asked`) and wait for the
+    replies, until the grace and the margin have passed."""
     n = _node.peek()
     if n is None or n.myid != 1:
-        return
-    pids = n.worker_pids()
-    if not pids:
         return
     if grace is None:
         grace = 0.0 if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) \
             else exit_grace()
-    futures: list[tuple[int, Future]] = []
-    for pid in pids:
+    futures: list[Future] = []
+    for pid in n.worker_pids():
         try:
-            futures.append((pid, remotecall(_settle, pid, grace)))
+            futures.append(remotecall(_settle, pid, grace))
         except Exception:  # noqa: BLE001 - a worker already gone has nothing to say
             continue
+        asked.append(pid)
     deadline = time.monotonic() + grace + _REPLY_MARGIN_SECONDS
-    try:
-        for _, fut in futures:
-            try:
-                fut.wait(max(0.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - too slow or gone: print what came
-                pass
-    except KeyboardInterrupt:
-        pass  # Ctrl-C at exit: wait no more, and leave no traceback behind
-    with sigint_absorbed():
-        for pid, _ in futures:
-            drain_worker_output(pid)
-            flush_partial_lines(pid)
+    for fut in futures:
+        try:
+            fut.wait(max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - too slow or gone: print what came
+            pass
 
 
 atexit.register(collect_worker_output)
