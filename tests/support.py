@@ -3,13 +3,16 @@ a master process killed in the middle, reading captured output, bytes sent."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -97,9 +100,74 @@ def reap_master(master: subprocess.Popen[bytes], ospids: list[int]) -> None:
             os.kill(p, signal.SIGKILL)
 
 
+class _Tee(io.TextIOBase):
+    """A text stream that keeps everything written to it, and passes it on."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.lock = threading.Lock()
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            self.parts.append(text)
+        return self.inner.write(text)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def text(self) -> str:
+        with self.lock:
+            return "".join(self.parts)
+
+
+class Printed:
+    """What this process prints to sys.stdout and sys.stderr (see `collect_printed`)."""
+
+    def __init__(self, out: _Tee, err: _Tee) -> None:
+        self._streams = {"out": out, "err": err}
+
+    @property
+    def out(self) -> str:
+        return self._streams["out"].text()
+
+    @property
+    def err(self) -> str:
+        return self._streams["err"].text()
+
+    def wait_for(self, needle: str, stream: str = "out", timeout: float = 10.0) -> dict[str, str]:
+        """Both streams as they are once `needle` shows on `stream` (or at the timeout)."""
+        deadline = time.monotonic() + timeout
+        while needle not in self._streams[stream].text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return {"out": self.out, "err": self.err}
+
+
+@contextmanager
+def collect_printed() -> Iterator[Printed]:
+    """Keep what this process prints while the block runs — worker output relayed by
+    background threads included — and pass it on to the streams it replaces.
+
+    Not pytest's capfd or capsys: their readouterr reads the captured text, then
+    truncates it, and a thread that writes in between (the reader lets the GIL go as
+    it reads) loses its line. Used inside a test's body, as pytest sets sys.stdout
+    and sys.stderr again as each phase of a test starts."""
+    out, err = _Tee(sys.stdout), _Tee(sys.stderr)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield Printed(out, err)
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 def read_until(capture: Any, needle: str, stream: str = "out",
                timeout: float = 10.0) -> dict[str, str]:
-    """Everything `capture` (capfd or capsys) collects until `needle` shows on `stream`."""
+    """Everything `capture` (capfd or capsys) collects until `needle` shows on `stream`.
+    It may lose a line a thread writes as it reads: see collect_printed."""
     seen = {"out": "", "err": ""}
     deadline = time.monotonic() + timeout
     while True:

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from support import UNJOINED_MASTER, os_alive, read_until, reap_master, wait_until
+from support import UNJOINED_MASTER, collect_printed, os_alive, reap_master, wait_until
 
 import fastdist as fd
 from fastdist import forkserver
@@ -117,21 +117,23 @@ def test_every_worker_gets_its_own_random_state(cluster):
     assert len(set(draws)) == 3
 
 
-def test_output_reaches_the_master_prefixed(cluster, capfd):
+def test_output_reaches_the_master_prefixed(cluster):
     a, b = cluster.add(2)
-    fd.remotecall_fetch(say, a, "forked hello")
-    fd.remotecall_fetch(say, b, "forked warning", "stderr")
-    seen = read_until(capfd, "forked warning", "err")
-    seen_out = read_until(capfd, "forked hello") if "forked hello" not in seen["out"] else seen
-    assert f"From worker {a}:\tforked hello\n" in seen["out"] + seen_out["out"]
+    with collect_printed() as printed:
+        fd.remotecall_fetch(say, a, "forked hello")
+        fd.remotecall_fetch(say, b, "forked warning", "stderr")
+        printed.wait_for("forked warning", "err")
+        seen = printed.wait_for("forked hello")
+    assert f"From worker {a}:\tforked hello\n" in seen["out"]
     assert f"From worker {b}:\tforked warning\n" in seen["err"]
 
 
-def test_output_printed_just_before_exit_still_arrives(cluster, capfd):
+def test_output_printed_just_before_exit_still_arrives(cluster):
     (w,) = cluster.add(1)
     h = handle(w)
-    fd.remote_do(lambda: (print("last words"), os._exit(0)), w)
-    seen = read_until(capfd, "last words")
+    with collect_printed() as printed:
+        fd.remote_do(lambda: (print("last words"), os._exit(0)), w)
+        seen = printed.wait_for("last words")
     assert f"From worker {w}:\tlast words\n" in seen["out"]
     assert h.wait(10) == 0
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from services._util import ensure_installed
-from support import eventually, os_alive, read_until
+from support import collect_printed, eventually, os_alive
 
 import fastdist as fd
 from fastdist.managers.mpi import MPIManager
@@ -106,10 +106,11 @@ def test_removing_the_workers_ends_the_mpiexec_job(mpi):
     assert fd.workers() == [1]
 
 
-def test_worker_output_is_relayed_under_its_pid(mpi, capfd):
+def test_worker_output_is_relayed_under_its_pid(mpi):
     _, pids = mpi(2)
-    fd.remotecall_fetch(lambda: print("said by a rank", flush=True), pids[1])
-    seen = read_until(capfd, "said by a rank")
+    with collect_printed() as printed:
+        fd.remotecall_fetch(lambda: print("said by a rank", flush=True), pids[1])
+        seen = printed.wait_for("said by a rank")
     assert f"From worker {pids[1]}:\tsaid by a rank" in seen["out"], seen
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from support import read_until
+from support import collect_printed, read_until
 
 import fastdist as fd
 
@@ -41,18 +41,20 @@ def log_exception_on_worker(name):
         logging.getLogger(name).exception("division failed")
 
 
-def test_worker_stdout_reaches_master_stdout_prefixed(two_workers, capfd):
+def test_worker_stdout_reaches_master_stdout_prefixed(two_workers):
     w = two_workers[0]
-    fd.remotecall_fetch(say, w, "hello from the worker")
-    seen = read_until(capfd, "hello from the worker")
+    with collect_printed() as printed:
+        fd.remotecall_fetch(say, w, "hello from the worker")
+        seen = printed.wait_for("hello from the worker")
     assert f"From worker {w}:\thello from the worker\n" in seen["out"]
     assert "hello from the worker" not in seen["err"]
 
 
-def test_worker_stderr_reaches_master_stderr_prefixed(two_workers, capfd):
+def test_worker_stderr_reaches_master_stderr_prefixed(two_workers):
     w = two_workers[1]
-    fd.remotecall_fetch(say, w, "a warning line", "stderr")
-    seen = read_until(capfd, "a warning line", "err")
+    with collect_printed() as printed:
+        fd.remotecall_fetch(say, w, "a warning line", "stderr")
+        seen = printed.wait_for("a warning line", "err")
     assert f"From worker {w}:\ta warning line\n" in seen["err"]
     assert "a warning line" not in seen["out"]
 
@@ -64,11 +66,12 @@ def test_relay_works_with_capsys(two_workers, capsys):
     assert f"From worker {w}:\tseen by capsys" in seen["out"]
 
 
-def test_every_line_is_prefixed_and_in_order(two_workers, capfd):
+def test_every_line_is_prefixed_and_in_order(two_workers):
     w = two_workers[0]
     lines = [f"line {i}" for i in range(200)]
-    fd.remotecall_fetch(say_lines, w, lines)
-    seen = read_until(capfd, "line 199")
+    with collect_printed() as printed:
+        fd.remotecall_fetch(say_lines, w, lines)
+        seen = printed.wait_for("line 199")
     relayed = [ln for ln in seen["out"].splitlines() if ln.startswith(f"From worker {w}:")]
     assert relayed == [f"From worker {w}:\t{line}" for line in lines]
 
@@ -99,12 +102,12 @@ def test_output_before_an_awaited_result(two_workers, capfd):
     asyncio.run(main())
 
 
-def test_line_printed_just_before_exit_arrives(cluster, capfd):
+def test_line_printed_just_before_exit_arrives(cluster):
     (w,) = cluster.add(1)
-    fd.remote_do(say_then_exit, w, "last words")
-    seen = read_until(capfd, "last words (stderr)", "err")
-    if "last words" not in seen["out"]:
-        seen["out"] += read_until(capfd, "last words")["out"]
+    with collect_printed() as printed:
+        fd.remote_do(say_then_exit, w, "last words")
+        printed.wait_for("last words (stderr)", "err")
+        seen = printed.wait_for("last words")
     assert f"From worker {w}:\tlast words\n" in seen["out"]
     assert f"From worker {w}:\tlast words (stderr)\n" in seen["err"]
     deadline = time.monotonic() + 20

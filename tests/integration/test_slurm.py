@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from support import eventually
+from support import collect_printed, eventually
 
 import fastdist as fd
 from fastdist.managers.slurm import SlurmManager, srun_flags
@@ -40,7 +40,7 @@ def test_srun_flags_follow_the_keywords():
         SlurmManager(-1)
 
 
-def test_slurm_workers_are_one_job_step(cluster, slurm_cluster, capfd):
+def test_slurm_workers_are_one_job_step(cluster, slurm_cluster):
     manager = SlurmManager(3, partition=slurm_cluster.partition, overcommit=True, time="00:10:00")
     pids = fd.addprocs(manager)
     cluster.pids.extend(pids)
@@ -56,18 +56,13 @@ def test_slurm_workers_are_one_job_step(cluster, slurm_cluster, capfd):
     assert fd.remotecall_fetch(lambda: fd.remotecall_fetch(fd.myid, pids[2]), pids[0]) == pids[2]
     assert any(" fastdist " in line for line in squeue(slurm_cluster.env))
     # each task's output comes back under its own pid, stdout and stderr apart
-    for p in pids:
-        fd.remotecall_fetch(lambda: print(f"out of {fd.myid()}", flush=True), p)
-    fd.remotecall_fetch(lambda: print("err of task", file=sys.stderr, flush=True), pids[1])
-    seen = {"out": "", "err": ""}
-
-    def arrived():
-        out, err = capfd.readouterr()
-        seen["out"] += out
-        seen["err"] += err
-        return all(f"out of {p}" in seen["out"] for p in pids) and "err of task" in seen["err"]
-
-    assert eventually(arrived, 10), seen
+    with collect_printed() as printed:
+        for p in pids:
+            fd.remotecall_fetch(lambda: print(f"out of {fd.myid()}", flush=True), p)
+        fd.remotecall_fetch(lambda: print("err of task", file=sys.stderr, flush=True), pids[1])
+        for p in pids:
+            printed.wait_for(f"out of {p}")
+        seen = printed.wait_for("err of task", "err")
     for p in pids:
         assert f"From worker {p}:\tout of {p}" in seen["out"]
     assert f"From worker {pids[1]}:\terr of task" in seen["err"]
