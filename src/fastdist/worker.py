@@ -1,7 +1,8 @@
 """The worker entry point: `python -m fastdist.worker [--cookie C] [--bind-to host[:port]]`.
 
 Prints `fastdist_worker:PORT#HOST` and reads the cookie from stdin when it is
-not given; the work itself is in `fastdist.workerproc`. With `--join HOST:PORT`
+not given; the work itself is in `fastdist.workerproc`. With `--count N` it starts
+N workers on this host from one interpreter (`fastdist.hostspawn`). With `--join HOST:PORT`
 the worker instead joins a master's ElasticManager by itself (`fastdist.workerjoin`),
 its cookie from FASTDIST_COOKIE or stdin.
 """
@@ -18,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bind-to", help="host[:port] to listen on (default: all, any port)")
     parser.add_argument("--separate-stderr", action="store_true",
                         help="keep stderr apart from stdout (the master relays each)")
+    parser.add_argument("--count", type=int, default=1, metavar="N",
+                        help="start N workers on this host, forked from this process, "
+                             "their output lines labelled `INDEX: ` (one ssh session per host)")
     parser.add_argument("--join", metavar="HOST:PORT",
                         help="join the master listening there (an ElasticManager); the "
                              "cookie comes from FASTDIST_COOKIE or stdin")
@@ -35,6 +39,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.mpi:
         parser.error("--mpi goes with --join")
+    if args.count != 1:
+        if args.count < 1 or args.cookie:
+            parser.error("--count takes a positive number, and the cookie from stdin")
+        from fastdist.hostspawn import spawn_workers
+
+        spawn_workers(args.count, bind_to=args.bind_to, separate_stderr=args.separate_stderr)
+        return
     from fastdist.workerproc import start_worker
 
     start_worker(cookie=args.cookie, bind_to=args.bind_to,

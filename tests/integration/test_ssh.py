@@ -1,17 +1,18 @@
 """SSHManager against a real sshd (and two network-namespace hosts): machine specs, counts,
-tunnels, shared connections, output, launch errors, and that no worker outlives its
-master, its removal or its ssh session."""
+tunnels, shared connections, one session per host, output, launch errors, and that no
+worker outlives its master, its removal or its ssh session."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import textwrap
 import time
 
 import pytest
-from support import eventually, workers_outlive_a_crashed_master
+from support import collect_printed, eventually, workers_outlive_a_crashed_master
 from support import os_alive as alive
 
 import fastdist as fd
@@ -202,19 +203,13 @@ def test_multiplex_shares_one_connection(ssh_cluster):
         "the shared connection outlived its workers"
 
 
-def test_output_and_stderr_are_relayed_separately(ssh_cluster, capfd):
+def test_output_and_stderr_are_relayed_separately(ssh_cluster):
     (pid,) = ssh_cluster.add()
-    fd.remotecall_fetch(lambda: print("out over ssh", flush=True), pid)
-    fd.remotecall_fetch(lambda: print("err over ssh", file=sys.stderr, flush=True), pid)
-    seen = {"out": "", "err": ""}
-
-    def arrived():
-        out, err = capfd.readouterr()
-        seen["out"] += out
-        seen["err"] += err
-        return "out over ssh" in seen["out"] and "err over ssh" in seen["err"]
-
-    assert eventually(arrived, 10)
+    with collect_printed() as printed:
+        fd.remotecall_fetch(lambda: print("out over ssh", flush=True), pid)
+        fd.remotecall_fetch(lambda: print("err over ssh", file=sys.stderr, flush=True), pid)
+        printed.wait_for("out over ssh")
+        seen = printed.wait_for("err over ssh", "err")
     assert f"From worker {pid}:\tout over ssh" in seen["out"]
     assert f"From worker {pid}:\terr over ssh" in seen["err"]
     assert "err over ssh" not in seen["out"]
@@ -289,19 +284,117 @@ def test_worker_whose_ssh_session_dies_exits(ssh_cluster, capfd):
 MASTER_SCRIPT = """
 import json, os, sys
 import fastdist as fd
-pids = fd.addprocs([({spec!r}, 2)], sshflags={flags!r}, tunnel={tunnel!r})
+pids = fd.addprocs([({spec!r}, 2)], sshflags={flags!r}, tunnel={tunnel!r},
+                   one_session={one_session!r})
 print(json.dumps([fd.remotecall_fetch(os.getpid, p) for p in pids]), flush=True)
 sys.stdin.readline()
 os._exit(1)  # a crash: nobody removes the workers
 """
 
 
-@pytest.mark.parametrize("tunnel", [False, True])
-def test_workers_exit_when_the_master_dies(sshd_server, tunnel):
+@pytest.mark.parametrize("tunnel, one_session", [(False, False), (True, False), (False, True)])
+def test_workers_exit_when_the_master_dies(sshd_server, tunnel, one_session):
     script = MASTER_SCRIPT.format(spec=spec_of(sshd_server), flags=flags_without_port(sshd_server),
-                                  tunnel=tunnel)
+                                  tunnel=tunnel, one_session=one_session)
     assert not workers_outlive_a_crashed_master(script, exit_timeout=30, gone_timeout=20), \
         "remote workers outlived their master"
+
+
+# -- one_session: one ssh session per host, its workers forked there -------------------------
+
+
+def parent_of(ospid: int) -> int:
+    with open(f"/proc/{ospid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_a_hosts_workers_come_from_one_session_and_one_launcher(ssh_cluster):
+    pids = ssh_cluster.add([(ssh_cluster.spec, 3)], one_session=True)
+    assert len(pids) == 3 and set(pids) <= set(fd.workers())
+    assert [fd.remotecall_fetch(fd.myid, p) for p in pids] == pids
+    ospids = [fd.remotecall_fetch(os.getpid, p) for p in pids]
+    assert len(set(ospids)) == 3 and os.getpid() not in ospids
+    # One ssh process for all three, and one launcher that forked them.
+    sessions = {peer_config(p).process for p in pids}
+    assert len(sessions) == 1
+    launchers = {parent_of(o) for o in ospids}
+    assert len(launchers) == 1
+    launcher = launchers.pop()
+    assert "--count 3" in cmdline(launcher)
+    cookie = fd.cluster_cookie()
+    assert all(cookie not in cmdline(o) for o in [launcher, *ospids])
+    assert cookie not in cmdline(sessions.pop().pid)
+    # Ordinary workers: they reach each other, and run calls side by side.
+    assert fd.remotecall_fetch(lambda: fd.remotecall_fetch(fd.myid, pids[2]), pids[0]) == pids[2]
+    assert sorted(fd.pmap(lambda _: fd.myid(), range(30))) != []
+
+
+def test_each_workers_output_is_relayed_as_its_own(ssh_cluster):
+    pids = ssh_cluster.add([(ssh_cluster.spec, 2)], one_session=True)
+    with collect_printed() as printed:
+        for p in pids:
+            fd.remotecall_fetch(lambda: print(f"out of {fd.myid()}", flush=True), p)
+            fd.remotecall_fetch(lambda: print(f"err of {fd.myid()}", file=sys.stderr,
+                                              flush=True), p)
+        for p in pids:
+            printed.wait_for(f"out of {p}")
+            seen = printed.wait_for(f"err of {p}", "err")
+    for p in pids:
+        assert f"From worker {p}:\tout of {p}" in seen["out"]
+        assert f"From worker {p}:\terr of {p}" in seen["err"]
+        assert f"err of {p}" not in seen["out"]
+
+
+def test_through_a_tunnel(ssh_cluster):
+    pids = ssh_cluster.add([(ssh_cluster.spec, 2)], one_session=True, tunnel=True)
+    assert [fd.remotecall_fetch(fd.myid, p) for p in pids] == pids
+    assert all(peer_config(p).forward for p in pids)
+
+
+def test_a_worker_that_dies_leaves_alone_and_the_session_ends_with_the_last(ssh_cluster):
+    pids = ssh_cluster.add([(ssh_cluster.spec, 3)], one_session=True)
+    ospids = [fd.remotecall_fetch(os.getpid, p) for p in pids]
+    session = peer_config(pids[0]).process
+    launcher = parent_of(ospids[0])
+    os.kill(ospids[0], signal.SIGKILL)
+    with pytest.raises(fd.ProcessExitedException):
+        fd.remotecall_fetch(fd.myid, pids[0])
+    assert eventually(lambda: pids[0] not in fd.workers(), 10)
+    assert [fd.remotecall_fetch(fd.myid, p) for p in pids[1:]] == pids[1:]
+    assert session.poll() is None
+    fd.rmprocs(pids[1], waitfor=30)
+    assert fd.remotecall_fetch(fd.myid, pids[2]) == pids[2]
+    assert session.poll() is None, "the session ended while a worker of it was left"
+    fd.rmprocs(pids[2], waitfor=30)
+    assert eventually(lambda: session.poll() is not None, 15), "the session outlived its workers"
+    assert eventually(lambda: not any(alive(o) for o in [launcher, *ospids]), 15)
+
+
+def test_all_its_workers_leave_when_the_session_dies(ssh_cluster, capfd):
+    pids = ssh_cluster.add([(ssh_cluster.spec, 2)], one_session=True)
+    ospids = [fd.remotecall_fetch(os.getpid, p) for p in pids]
+    peer_config(pids[0]).process.kill()
+    assert eventually(lambda: not set(pids) & set(fd.workers()), 15)
+    assert eventually(lambda: not any(alive(o) for o in ospids), 15)
+    for p in pids:
+        with pytest.raises(fd.ProcessExitedException):
+            fd.remotecall_fetch(fd.myid, p)
+    assert "ssh session" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["auth", "no-fastdist"])
+def test_a_failed_launch_is_a_clear_error(ssh_cluster, case):
+    srv = ssh_cluster.srv
+    machines, kw, words = {
+        "auth": ([(spec_of(srv, "nobody"), 2)], {}, "Permission denied"),
+        "no-fastdist": ([(ssh_cluster.spec, 2)], {"exeflags": ["-I", "-S"]}, "No module named"),
+    }[case]
+    before = fd.workers()
+    with pytest.raises(fd.ClusterError) as info:
+        ssh_cluster.add(machines, one_session=True, **kw)
+    message = str(info.value)
+    assert "127.0.0.1" in message and words in message, message
+    assert fd.workers() == before
 
 
 # -- IPv6 ---------------------------------------------------------------------------------

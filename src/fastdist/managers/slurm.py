@@ -11,26 +11,21 @@ into the error when a launch fails.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
-import time
 from typing import Any
 
 from fastdist.exceptions import ClusterError
 from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.labelled import LabelledOutput, wait_reported
 from fastdist.managers.process import (
     escalate_exit,
-    print_err,
     send_cookie,
     worker_command,
     worker_environment,
 )
 from fastdist.node import worker_timeout
-
-# How many of srun's own lines (and each task's early stderr) a launch error quotes.
-ERROR_TAIL_LINES = 12
 
 
 def srun_flags(options: dict[str, Any]) -> list[str]:
@@ -92,9 +87,7 @@ class SlurmManager(ClusterManager):
         self.srun_options = srun_options
         self.srun: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
-        self._pids: dict[int, int] = {}  # task -> pid, once registered
-        self._early_stderr: dict[int, list[str]] = {}  # task -> lines before it joined
-        self._srun_said: list[str] = []
+        self._output: LabelledOutput | None = None
         self._live = 0
 
     def __repr__(self) -> str:
@@ -134,32 +127,20 @@ class SlurmManager(ClusterManager):
             raise ClusterError("cannot launch Slurm workers: srun is not on PATH") from None
         self.srun = proc
         send_cookie(proc, params["cookie"])  # srun hands its stdin to every task
-        writers: list[int] = []
-        configs: list[WorkerConfig] = []
-        for task in range(self.np):
-            r, w = os.pipe()
-            writers.append(w)
-            configs.append(WorkerConfig(
-                io=open(r, "rb", buffering=0),  # noqa: SIM115 - the framework closes it
-                count=1, exename=params.get("exename"),
-                exeflags=params.get("exeflags"), environ=params.get("env"),
-                enable_threaded_blas=params.get("enable_threaded_blas"),
-                userdata={"task": task, "srun": proc}))
-        threading.Thread(target=self._split_stdout, args=(proc, writers),
-                         name="fastdist-srun-stdout", daemon=True).start()
-        threading.Thread(target=self._relay_stderr, args=(proc,),
-                         name="fastdist-srun-stderr", daemon=True).start()
+        assert proc.stdout is not None and proc.stderr is not None
+        output = self._output = LabelledOutput(proc.stdout, proc.stderr, self.np,
+                                               "fastdist-srun", on_stderr_end=proc.wait)
+        configs = [WorkerConfig(io=output.streams[task], count=1,
+                                exename=params.get("exename"),
+                                exeflags=params.get("exeflags"), environ=params.get("env"),
+                                enable_threaded_blas=params.get("enable_threaded_blas"),
+                                userdata={"task": task, "srun": proc})
+                   for task in range(self.np)]
         with launch_ntfy:
             launched.extend(configs)
             self._live = len(configs)
             launch_ntfy.notify_all()
-        deadline = time.monotonic() + worker_timeout() + 5
-        while time.monotonic() < deadline and proc.poll() is None:
-            if all(c.port is not None for c in configs):
-                return
-            time.sleep(0.01)
-        time.sleep(0.05)  # the last address may have been read just as srun exited
-        reported = sum(c.port is not None for c in configs)
+        reported = wait_reported(configs, proc)
         if reported == self.np:
             return
         if proc.poll() is None:
@@ -171,70 +152,14 @@ class SlurmManager(ClusterManager):
             why = (f"srun exited with code {proc.returncode} before {self.np - reported} of "
                    f"{self.np} workers reported")
         raise ClusterError(f"cannot launch Slurm workers ({' '.join(argv[:argv.index('--label')])}"
-                           f" ...): {why}{self._said()}")
-
-    def _said(self) -> str:
-        with self._lock:
-            lines = list(self._srun_said[-ERROR_TAIL_LINES:])
-            for task, early in sorted(self._early_stderr.items()):
-                lines += [f"task {task}: {line}" for line in early[-ERROR_TAIL_LINES:]]
-        return ("; it said: " + " | ".join(lines)) if lines else ""
-
-    def _split_stdout(self, proc: subprocess.Popen[bytes], writers: list[int]) -> None:
-        """srun's labelled stdout -> one pipe per task (the WorkerConfig.io streams)."""
-        assert proc.stdout is not None
-        try:
-            for raw in proc.stdout:
-                labelled = _split_label(raw)
-                if labelled is None:
-                    continue
-                task, line = labelled
-                if 0 <= task < len(writers) and writers[task] >= 0:
-                    line = line if line.endswith(b"\n") else line + b"\n"
-                    try:
-                        os.write(writers[task], line)
-                    except OSError:
-                        # the framework stopped reading (it gave up on that worker)
-                        os.close(writers[task])
-                        writers[task] = -1
-        finally:
-            for w in writers:
-                if w >= 0:
-                    os.close(w)
-            proc.stdout.close()
-
-    def _relay_stderr(self, proc: subprocess.Popen[bytes]) -> None:
-        """Task stderr becomes `From worker N:` lines; srun's own lines are passed on."""
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            text = raw.decode(errors="replace").rstrip("\n")
-            labelled = _split_label(raw)
-            with self._lock:
-                if labelled is None:
-                    self._srun_said.append(text)
-                    out = text
-                else:
-                    task = labelled[0]
-                    line = labelled[1].decode(errors="replace").rstrip("\n")
-                    pid = self._pids.get(task)
-                    if pid is None:
-                        self._early_stderr.setdefault(task, []).append(line)
-                        continue
-                    out = f"From worker {pid}:\t{line}"
-            print_err(out)
-        proc.stderr.close()
-        proc.wait()  # reap srun whenever the step ends, however it ends
+                           f" ...): {why}{output.said()}")
 
     def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
         """`register`: relay its task's stderr under its pid; `deregister`: when the
         last worker is gone, make sure srun (the job step) ends too."""
         task = config.userdata.get("task") if isinstance(config.userdata, dict) else None
-        if op == "register" and task is not None:
-            with self._lock:
-                self._pids[task] = pid
-                early = self._early_stderr.pop(task, [])
-            for line in early:
-                print_err(f"From worker {pid}:\t{line}")
+        if op == "register" and task is not None and self._output is not None:
+            self._output.joined(task, pid)
         elif op == "deregister":
             with self._lock:
                 self._live -= 1
@@ -243,11 +168,3 @@ class SlurmManager(ClusterManager):
                 threading.Thread(target=escalate_exit, args=(self.srun,), daemon=True,
                                  name="fastdist-srun-reap").start()
 
-
-def _split_label(raw: bytes) -> tuple[int, bytes] | None:
-    """srun --label puts the task number before each line, right-aligned: b" 3: text"."""
-    head, sep, rest = raw.partition(b":")
-    head = head.strip()
-    if not sep or not head.isdigit():
-        return None
-    return int(head), rest[1:] if rest.startswith(b" ") else rest

@@ -7,6 +7,9 @@ stdout (the `WorkerConfig.io`), and ssh's stderr stays a separate pipe whose
 lines the master relays as the worker's stderr. With `tunnel=True` the master
 reaches each worker through an `ssh -L` forward on localhost; with
 `multiplex=True` all sessions to a host share one ssh connection (ControlMaster).
+With `one_session=True` a host's workers share one session instead: it runs
+`python -m fastdist.worker --count N`, which forks them (`fastdist.hostspawn`), and
+their output comes back labelled and is split per worker (`managers.labelled`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 from fastdist import node as _node
 from fastdist.exceptions import ClusterError, ProcessExitedException
 from fastdist.managers.base import ClusterManager, WorkerConfig
+from fastdist.managers.labelled import LabelledOutput, wait_reported
 from fastdist.managers.process import BLAS_THREAD_VARS, escalate_exit, print_err, send_cookie
 from fastdist.managers.sshhost import (
     Machine,
@@ -168,6 +172,8 @@ class SSHManager(ClusterManager):
 
     Keywords (through `addprocs`): `tunnel` (reach workers through `ssh -L`
     forwards on localhost), `multiplex` (share one ssh connection per host),
+    `one_session` (one ssh session per host, which forks that host's workers from
+    one interpreter: much faster for many workers per host; see `fastdist.hostspawn`),
     `sshflags` (extra ssh arguments, a string or a sequence), `max_parallel`
     (ssh launches in flight per host, default 10), `ssh` (the ssh program),
     `dir` (working directory; default: the master's, when it exists there),
@@ -193,7 +199,8 @@ class SSHManager(ClusterManager):
         [2, 3, 4, 5, 6, 7, 8]
     """
 
-    keywords = frozenset({"tunnel", "multiplex", "sshflags", "max_parallel", "ssh"})
+    keywords = frozenset({"tunnel", "multiplex", "sshflags", "max_parallel", "ssh",
+                          "one_session"})
 
     def __init__(self, machines: Any) -> None:
         if isinstance(machines, str):
@@ -271,11 +278,15 @@ class SSHManager(ClusterManager):
         max_parallel = int(params.get("max_parallel") or DEFAULT_MAX_PARALLEL)
         if max_parallel < 1:
             return [f"max_parallel must be at least 1, not {max_parallel}"]
-        command = self._remote_command(machine, params)
+        one_session = bool(params.get("one_session")) and int(count) > 1
+        command = self._remote_command(machine, params, int(count) if one_session else 1)
         argv = [params.get("ssh") or "ssh", "-T", "-a", "-x", *flags,
                 "-o", "ClearAllForwardings=yes", machine.destination, command]
         results: list[str | None] = []
-        if count:
+        if one_session:
+            results = [self._launch_session(machine, int(count), argv, flags, params,
+                                            launched, launch_ntfy)]
+        elif count:
             with ThreadPoolExecutor(max_workers=min(max_parallel, int(count)),
                                     thread_name_prefix="fastdist-ssh") as pool:
                 results = list(pool.map(
@@ -361,14 +372,16 @@ class SSHManager(ClusterManager):
                                f"(exit code {proc.returncode}): {why or out!r}")
         return int(out)
 
-    def _remote_command(self, machine: Machine, params: dict[str, Any]) -> str:
-        """The POSIX shell command ssh runs: cd, exports, exec the worker."""
+    def _remote_command(self, machine: Machine, params: dict[str, Any], count: int) -> str:
+        """The POSIX shell command ssh runs: cd, exports, exec the worker (or, for
+        `count` > 1, the launcher that forks `count` of them)."""
         exename = str(params.get("exename") or sys.executable)
         exeflags = _flags(params.get("exeflags"))
         host, port = _listen_on(machine)
         bind = bracket(host) + (f":{port}" if port is not None else "")
         worker = " ".join(shlex.quote(a) for a in (
-            exename, *exeflags, "-m", "fastdist.worker", "--bind-to", bind, "--separate-stderr"))
+            exename, *exeflags, "-m", "fastdist.worker", "--bind-to", bind, "--separate-stderr",
+            *(["--count", str(count)] if count > 1 else [])))
         lines = []
         directory = params.get("dir")
         if directory is not None:
@@ -422,25 +435,10 @@ class SSHManager(ClusterManager):
             os.close(err_w)
         stderr = _StderrRelay(err_r)
         send_cookie(proc, params["cookie"])  # down ssh's stdin to the remote worker
-        with self._lock:
-            hostname = self._hostnames.get(machine.spec)
-        config = WorkerConfig(
-            io=proc.stdout, process=proc, ospid=None, host=machine.host,
-            bind_addr=machine.bind_addr, tunnel=bool(params.get("tunnel")),
-            multiplex=bool(params.get("multiplex")), sshflags=tuple(flags), count=1,
-            max_parallel=int(params.get("max_parallel") or DEFAULT_MAX_PARALLEL),
-            exename=params.get("exename"), exeflags=params.get("exeflags"),
-            environ=params.get("env"), enable_threaded_blas=params.get("enable_threaded_blas"),
-            userdata={"machine": machine.spec, "destination": machine.destination,
-                      "ssh": params.get("ssh") or "ssh", "listen": _listen_on(machine)[0],
-                      "hostname": hostname if machine.bind_addr is None else None})
+        config = self._worker_config(machine, flags, params, proc, proc.stdout)
         with self._lock:
             self._stderr[id(config)] = stderr
-        path = _control_path(config)
-        if path is not None:
-            self._hold_master(path, +1)
-        threading.Thread(target=self._watch_session, args=(config, proc),
-                         name="fastdist-ssh-watch", daemon=True).start()
+        self._watch([config], proc)
         with launch_ntfy:
             launched.append(config)
             launch_ntfy.notify_all()
@@ -459,6 +457,68 @@ class SSHManager(ClusterManager):
             return None
         return _describe_ssh_failure(self._where(machine), proc.returncode,
                                      stderr.early_text())
+
+    def _launch_session(self, machine: Machine, count: int, argv: list[str],
+                        flags: list[str], params: dict[str, Any], launched: list[WorkerConfig],
+                        launch_ntfy: threading.Condition) -> str | None:
+        """Start one ssh session whose launcher forks the host's `count` workers
+        (`one_session`); wait until they report. Returns an error or None."""
+        # stderr is a pipe of our own, not proc.stderr: the framework relays a worker's
+        # process.stderr as that worker's, and this one carries all of them, labelled.
+        err_r, err_w = os.pipe()
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=err_w, start_new_session=True)
+        except BaseException:
+            os.close(err_r)
+            raise
+        finally:
+            os.close(err_w)
+        send_cookie(proc, params["cookie"])  # the launcher reads it once, for all
+        assert proc.stdout is not None
+        output = LabelledOutput(proc.stdout, open(err_r, "rb"), count,  # noqa: SIM115
+                                "fastdist-ssh-session")
+        configs = [self._worker_config(machine, flags, params, proc, output.streams[task],
+                                       task=task, session=output)
+                   for task in range(count)]
+        self._watch(configs, proc)
+        with launch_ntfy:
+            launched.extend(configs)
+            launch_ntfy.notify_all()
+        reported = wait_reported(configs, proc)
+        if reported == count:
+            return None
+        if proc.poll() is None:
+            threading.Thread(target=escalate_exit, args=(proc, 0.0), daemon=True).start()
+            return (f"{count - reported} of {count} workers did not report from "
+                    f"{self._where(machine)} within {_worker_timeout():g} s "
+                    f"(FASTDIST_WORKER_TIMEOUT){output.said()}")
+        return _describe_ssh_failure(self._where(machine), proc.returncode,
+                                     output.said().removeprefix("; it said: "))
+
+    def _worker_config(self, machine: Machine, flags: list[str], params: dict[str, Any],
+                       proc: subprocess.Popen[bytes], io: Any, **userdata: Any) -> WorkerConfig:
+        with self._lock:
+            hostname = self._hostnames.get(machine.spec)
+        return WorkerConfig(
+            io=io, process=proc, ospid=None, host=machine.host,
+            bind_addr=machine.bind_addr, tunnel=bool(params.get("tunnel")),
+            multiplex=bool(params.get("multiplex")), sshflags=tuple(flags), count=1,
+            max_parallel=int(params.get("max_parallel") or DEFAULT_MAX_PARALLEL),
+            exename=params.get("exename"), exeflags=params.get("exeflags"),
+            environ=params.get("env"), enable_threaded_blas=params.get("enable_threaded_blas"),
+            userdata={"machine": machine.spec, "destination": machine.destination,
+                      "ssh": params.get("ssh") or "ssh", "listen": _listen_on(machine)[0],
+                      "hostname": hostname if machine.bind_addr is None else None,
+                      **userdata})
+
+    def _watch(self, configs: list[WorkerConfig], proc: subprocess.Popen[bytes]) -> None:
+        """Hold the host's shared connection for this session, and watch the session."""
+        path = _control_path(configs[0])
+        if path is not None:
+            self._hold_master(path, +1)
+        threading.Thread(target=self._watch_session, args=(configs, proc),
+                         name="fastdist-ssh-watch", daemon=True).start()
 
     # -- connecting ----------------------------------------------------------------------
 
@@ -563,6 +623,9 @@ class SSHManager(ClusterManager):
                 stderr = self._stderr.get(id(config))
             if stderr is not None:
                 stderr.joined(pid)
+            session = config.userdata.get("session")
+            if session is not None:
+                session.joined(config.userdata["task"], pid)
         elif op == "deregister":
             with self._lock:
                 tunnel = self._tunnels.pop(pid, None)
@@ -574,38 +637,41 @@ class SSHManager(ClusterManager):
                     self._cancel_forward(config, forward)
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
-        """Ask the worker to exit (EXIT message), then end its ssh session if it lingers."""
+        """Ask the worker to exit (EXIT message), then end its ssh session if it lingers
+        (a session shared by several workers ends when they have all gone)."""
         with self._lock:
             self._exiting.add(pid)
         super().kill(pid, config)
         proc = config.process
-        if proc is not None:
+        if proc is not None and config.userdata.get("session") is None:
             threading.Thread(target=escalate_exit, args=(proc,), daemon=True,
                              name=f"fastdist-ssh-reap-{pid}").start()
 
-    def _watch_session(self, config: WorkerConfig, proc: subprocess.Popen[bytes]) -> None:
-        """Wait for one ssh session to end. A worker whose session ends leaves the cluster
-        (and so exits: a worker never outlives its connection to the master); the
-        session's hold on the host's shared connection is released."""
+    def _watch_session(self, configs: list[WorkerConfig],
+                       proc: subprocess.Popen[bytes]) -> None:
+        """Wait for one ssh session to end. The workers whose session ends leave the
+        cluster (and so exit: a worker never outlives its connection to the master);
+        the session's hold on the host's shared connection is released."""
         code = proc.wait()
-        path = _control_path(config)
+        path = _control_path(configs[0])
         if path is not None:
             self._hold_master(path, -1)
-        with self._lock:
-            pid = self._pids.pop(id(config), None)
-            self._stderr.pop(id(config), None)
-            asked = pid in self._exiting
-            self._exiting.discard(pid)
-        n = _node.peek()
-        if pid is None or n is None:
-            return
-        p = n.peers.get(pid)
-        if p is None or p.config is not config or p.conn is None or p.conn.is_closed:
-            return
-        if not asked:
-            print(f"fastdist: worker {pid}'s ssh session to {config.host} ended "
-                  f"(exit code {code}); removing it", file=sys.stderr, flush=True)
-        p.conn.close(ProcessExitedException(pid))
+        for config in configs:
+            with self._lock:
+                pid = self._pids.pop(id(config), None)
+                self._stderr.pop(id(config), None)
+                asked = pid in self._exiting
+                self._exiting.discard(pid)
+            n = _node.peek()
+            if pid is None or n is None:
+                continue
+            p = n.peers.get(pid)
+            if p is None or p.config is not config or p.conn is None or p.conn.is_closed:
+                continue
+            if not asked:
+                print(f"fastdist: worker {pid}'s ssh session to {config.host} ended "
+                      f"(exit code {code}); removing it", file=sys.stderr, flush=True)
+            p.conn.close(ProcessExitedException(pid))
 
     def _hold_master(self, path: str, delta: int) -> None:
         """Count the sessions using a shared connection; close it when none is left."""
