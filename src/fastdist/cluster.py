@@ -153,8 +153,9 @@ def addprocs(np: int | None = None, /, *, restrict: bool = True, dir: _Path | No
 
 @overload
 def addprocs(machines: _Machine | Sequence[_Machine], /, *, tunnel: bool = False,
-             multiplex: bool = False, sshflags: _Flags = (), max_parallel: int = 10,
-             ssh: str = "ssh", dir: _Path | None = None, exename: _Path | None = None,
+             multiplex: bool = False, one_session: bool = False, sshflags: _Flags = (),
+             max_parallel: int = 10, ssh: str = "ssh", dir: _Path | None = None,
+             exename: _Path | None = None,
              exeflags: _Flags = (), topology: _Topology = "all_to_all", lazy: bool = True,
              enable_threaded_blas: bool = False,
              env: Mapping[str, str] | None = None) -> list[int]: ...

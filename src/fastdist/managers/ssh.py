@@ -15,7 +15,6 @@ their output comes back labelled and is split per worker (`managers.labelled`).
 from __future__ import annotations
 
 import os
-import select
 import shlex
 import shutil
 import signal
@@ -31,7 +30,7 @@ from fastdist import node as _node
 from fastdist.exceptions import ClusterError, ProcessExitedException
 from fastdist.managers.base import ClusterManager, WorkerConfig
 from fastdist.managers.labelled import LabelledOutput, wait_reported
-from fastdist.managers.process import BLAS_THREAD_VARS, escalate_exit, print_err, send_cookie
+from fastdist.managers.process import BLAS_THREAD_VARS, escalate_exit, send_cookie
 from fastdist.managers.sshhost import (
     Machine,
     bracket,
@@ -40,14 +39,13 @@ from fastdist.managers.sshhost import (
     resolvable,
     ssh_hostname,
 )
+from fastdist.managers.sshsession import ERROR_TAIL_NBYTES, ControlMaster, StderrRelay, read_tail
 
 # Julia's default: sshd's MaxStartups lets 10 unauthenticated connections in at once.
 DEFAULT_MAX_PARALLEL = 10
 # Variables a remote worker gets from the master unless `env` says otherwise
 # (Julia passes JULIA_WORKER_TIMEOUT the same way).
 FORWARDED_VARIABLES = ("FASTDIST_WORKER_TIMEOUT", "FASTDIST_HEARTBEAT_TIMEOUT")
-# How much of ssh's stderr a launch error quotes.
-ERROR_TAIL_NBYTES = 2000
 
 
 def _flags(value: Any) -> list[str]:
@@ -60,106 +58,6 @@ def _flags(value: Any) -> list[str]:
 
 def _worker_timeout() -> float:
     return _node.worker_timeout()
-
-
-class _ControlMaster:
-    """One ssh connection per host that the workers' sessions share (multiplex=True)."""
-
-    def __init__(self, ssh: str, flags: list[str], destination: str, path: str) -> None:
-        self.path = path
-        self.users = 0
-        self.lock = threading.Lock()
-        self.proc = subprocess.Popen(
-            [ssh, "-T", "-a", "-x", "-N", *flags, "-o", "ControlMaster=yes",
-             "-o", f"ControlPath={path}", destination],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True)
-
-    def wait_ready(self, timeout: float) -> None:
-        """Block until the control socket answers; raise with ssh's words if it never does."""
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.path):
-            if self.proc.poll() is not None:
-                said = _read_tail(self.proc.stderr)
-                self.close()
-                raise ClusterError(said or f"ssh exited with code {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                self.close()
-                raise ClusterError(f"the shared ssh connection was not up within {timeout:g} s")
-            time.sleep(0.01)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
-def _read_tail(stream: Any, timeout: float = 1.0) -> str:
-    """What is left to read on a dead process's pipe (bounded: a grandchild may hold it)."""
-    if stream is None:
-        return ""
-    data = b""
-    deadline = time.monotonic() + timeout
-    try:
-        fd = stream.fileno()
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
-    except (OSError, ValueError):
-        pass
-    return data[-ERROR_TAIL_NBYTES:].decode(errors="replace").strip()
-
-
-class _StderrRelay:
-    """Reads one ssh session's stderr to its end: kept (bounded) until the worker joins,
-    for the launch error; then printed as the worker's stderr, `From worker N:`."""
-
-    KEEP_LINES = 50
-
-    def __init__(self, fd: int) -> None:
-        self.pid: int | None = None
-        self.early: list[str] = []
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        threading.Thread(target=self._run, args=(fd,), name="fastdist-ssh-stderr",
-                         daemon=True).start()
-
-    def _run(self, fd: int) -> None:
-        with open(fd, "rb") as stream:
-            for raw in stream:
-                line = raw.decode(errors="replace").rstrip("\n")
-                with self.lock:
-                    pid = self.pid
-                    if pid is None:
-                        self.early.append(line)
-                        del self.early[:-self.KEEP_LINES]
-                        continue
-                print_err(f"From worker {pid}:\t{line}")
-        self.done.set()
-
-    def joined(self, pid: int) -> None:
-        with self.lock:
-            self.pid = pid
-            early, self.early = self.early, []
-        for line in early:
-            print_err(f"From worker {pid}:\t{line}")
-
-    def early_text(self, timeout: float = 1.0) -> str:
-        """What the session said before joining (waits briefly for its end)."""
-        self.done.wait(timeout)
-        with self.lock:
-            return "\n".join(self.early).strip()[-ERROR_TAIL_NBYTES:]
 
 
 class SSHManager(ClusterManager):
@@ -229,12 +127,12 @@ class SSHManager(ClusterManager):
             if parsed.bind_port is not None and (n == "auto" or int(n) > 1):
                 raise ValueError(f"{spec!r} names a bind port: only one worker can listen on it")
         self._lock = threading.Lock()
-        self._masters: dict[str, _ControlMaster] = {}
+        self._masters: dict[str, ControlMaster] = {}
         self._control_dir: str | None = None
         self._tunnels: dict[int, tuple[Any, str]] = {}  # pid -> (ssh process or None, forward)
         self._tunnel_sems: dict[str, threading.Semaphore] = {}
         self._pids: dict[int, int] = {}  # id(config) -> pid, once registered
-        self._stderr: dict[int, _StderrRelay] = {}  # id(config) -> its session's stderr
+        self._stderr: dict[int, StderrRelay] = {}  # id(config) -> its session's stderr
         self._exiting: set[int] = set()  # pids asked to exit: their session ending is no news
         self._hostnames: dict[str, str] = {}  # spec -> the machine ssh goes to (`ssh -G`)
         self._resolvable: dict[str, bool] = {}  # name -> whether this machine can look it up
@@ -339,7 +237,7 @@ class SSHManager(ClusterManager):
                 # short: a Unix socket path is limited to ~100 bytes
                 self._control_dir = tempfile.mkdtemp(prefix="fd-ssh-")
             path = os.path.join(self._control_dir, f"cm{len(self._masters)}")
-            master = _ControlMaster(params.get("ssh") or "ssh", flags, machine.destination, path)
+            master = ControlMaster(params.get("ssh") or "ssh", flags, machine.destination, path)
             self._masters[key] = master
         try:
             master.wait_ready(_worker_timeout())
@@ -433,7 +331,7 @@ class SSHManager(ClusterManager):
             raise
         finally:
             os.close(err_w)
-        stderr = _StderrRelay(err_r)
+        stderr = StderrRelay(err_r)
         send_cookie(proc, params["cookie"])  # down ssh's stdin to the remote worker
         config = self._worker_config(machine, flags, params, proc, proc.stdout)
         with self._lock:
@@ -597,7 +495,7 @@ class SSHManager(ClusterManager):
                     self._tunnels[pid] = (proc, forward)
                 return sock
             if proc is not None:
-                last = _read_tail(proc.stderr) or f"ssh exited with code {proc.returncode}"
+                last = read_tail(proc.stderr) or f"ssh exited with code {proc.returncode}"
                 _stop(proc)
             else:
                 self._cancel_forward(config, forward)
