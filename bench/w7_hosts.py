@@ -8,7 +8,8 @@ every worker imports this module to find them.
 
 - W7a: from `addprocs` to every worker having answered a call — over SSH with
   the default `max_parallel` (10), with `max_parallel` = the number of workers,
-  and with `multiplex=True`; and workers joining an `ElasticManager`, started
+  with `multiplex=True`, and with `one_session=True` (one session per host that
+  forks the host's workers); and workers joining an `ElasticManager`, started
   through `ip netns exec` as a batch system would start them. Each repetition
   also records the CPU time that every process involved spent (the master and
   its children, the sshds and everything under them).
@@ -45,7 +46,8 @@ TEXT = (
     "with its own sshd), 2 → 8 → 32 of them, spread evenly over the hosts (2 workers: 2 "
     "hosts). **W7a** (seconds, lower is better): from `addprocs` to every worker having "
     "answered a call, over SSH (`max_parallel` 10, the default, and = n; and "
-    "`multiplex=True`), and for workers joining an `ElasticManager` (started with `ip netns "
+    "`multiplex=True`, and `one_session=True`: one session per host, which forks that "
+    "host's workers), and for workers joining an `ElasticManager` (started with `ip netns "
     "exec`, as a batch system would); the note gives the CPU time all the processes involved "
     "spent (master, ssh, sshd, workers). **W7b**: `pmap` of 100,000 trivial elements "
     "(`batch_size='auto'`) over the workers, elements/s (higher is better), and the master's "
@@ -204,6 +206,8 @@ def w7a_ssh(fd, rec, hosts, n, reps, measure_row):
         variants.append(("ssh all", f"over SSH, max_parallel={n}", {"max_parallel": n}))
     variants.append(("ssh multiplex", f"over SSH, multiplex=True, max_parallel={n}",
                      {"multiplex": True, "max_parallel": n}))
+    variants.append(("ssh one session", "over SSH, one_session=True (one session per host)",
+                     {"one_session": True}))
     for i, (key, label, kw) in enumerate(variants):
         last = i == len(variants) - 1
         cpu = []
@@ -363,7 +367,8 @@ def targets(results, _row, _missing, median, fmt_value):
     out = []
     name = f"W7 (a) 32 workers over SSH answering ≤ {START_TARGET_SECONDS:g} s"
     rows = [r for r in (_row(results, "W7", "fastdist", k)
-                        for k in ("start ssh 32", "start ssh all 32", "start ssh multiplex 32"))
+                        for k in ("start ssh 32", "start ssh all 32", "start ssh multiplex 32",
+                                  "start ssh one session 32"))
             if r is not None and median(r) is not None]
     if rows:
         best = min(rows, key=median)
@@ -414,7 +419,8 @@ def render_scaling_chart(results, path):
     panels = [
         ("W7a: workers started and answering (s)", [
             ("start ssh", "SSH, max_parallel=10"), ("start ssh all", "SSH, max_parallel=n"),
-            ("start ssh multiplex", "SSH, multiplex"), ("start elastic", "ElasticManager")]),
+            ("start ssh multiplex", "SSH, multiplex"),
+            ("start ssh one session", "SSH, one_session"), ("start elastic", "ElasticManager")]),
         ("W7b: pmap of trivial elements (M elements/s)", [
             ("pmap", "batch_size='auto'"), ("pmap one batch", "one batch per worker")]),
         ("W7b: master CPU per element (ns)", [

@@ -446,6 +446,8 @@ def test_auto_batch_size(ws):
     auto = pmap_scheduling.auto_batch_size
     assert auto(10_000, 2) == 1250 and auto(100, 4) == 6 and auto(5, 4) == 1 and auto(0, 2) == 1
     assert auto(10**9, 2) == pmap_scheduling.AUTO_MAX_FIRST_BATCH
+    # Up to 8 workers 4 batches each, then fewer: at most about 32 in the first round.
+    assert [auto(96_000, n) for n in (8, 16, 32, 64)] == [3000, 3000, 3000, 1500]
     assert fd.pmap(lambda x: x, range(1000), batch_size="auto") == list(range(1000))
     assert fd.pmap(lambda x: x, (i for i in range(1000)), batch_size="auto") == list(range(1000))
 

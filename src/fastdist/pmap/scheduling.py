@@ -39,6 +39,20 @@ each holding 1/AUTO_FIRST_ROUND of the worker's share of the input (the chunks o
 ends early once it has run `AUTO_BATCH_SECONDS` on its worker, so a slow function
 is found out after an element or a few rather than after a whole share."""
 
+AUTO_FIRST_ROUND_BATCHES = 32
+"""... and at most about this many batches in all: with many workers, the first round
+sends fewer batches to each (one each from 32 workers up). A batch's fixed cost
+(a round trip, a wake-up of its worker, the master's share of both) is paid per
+batch, and 4 per worker over 32 workers on a small machine halved the rate of a
+map of quick elements; each batch still ends on its time budget, so a slow function
+is found out as early."""
+
+
+def first_round(nworkers: int) -> int:
+    """How many batches `batch_size="auto"` sends each of `nworkers` workers at first."""
+    return max(1, min(AUTO_FIRST_ROUND, AUTO_FIRST_ROUND_BATCHES // max(1, nworkers)))
+
+
 AUTO_MAX_FIRST_BATCH = 10_000
 """... (so that a long input is not pulled into memory all at once before anything
 is timed)."""
@@ -69,14 +83,16 @@ REMOTE_POOL_POLL_SECONDS = 0.25
 def auto_batch_size(nelements: int, nworkers: int) -> int:
     """The first batch size `batch_size="auto"` picks for `nelements` over `nworkers`.
 
-    `AUTO_FIRST_ROUND` batches per worker (as `multiprocessing.Pool.map` chunks),
-    at most `AUTO_MAX_FIRST_BATCH` elements each.
+    `first_round(nworkers)` batches per worker (4, as `multiprocessing.Pool.map`
+    chunks, for up to 8 workers), at most `AUTO_MAX_FIRST_BATCH` elements each.
 
     Example:
         >>> auto_batch_size(10_000, 2), auto_batch_size(100, 4), auto_batch_size(5, 4)
         (1250, 6, 1)
+        >>> auto_batch_size(100_000, 32)
+        3125
     """
-    per = nelements // (max(1, nworkers) * AUTO_FIRST_ROUND)
+    per = nelements // (max(1, nworkers) * first_round(nworkers))
     return max(1, min(AUTO_MAX_FIRST_BATCH, per))
 
 
@@ -101,8 +117,9 @@ class AutoSize:
 
     def __init__(self, first: int, total: int | None, nworkers: int) -> None:
         self.first = first
-        # Never fewer than 4 batches per worker (multiprocessing.Pool's rule).
-        self.largest = (max(first, total // (AUTO_FIRST_ROUND * max(1, nworkers)))
+        # Never fewer batches per worker than the first round sent (multiprocessing.Pool's
+        # rule of 4, for up to 8 workers).
+        self.largest = (max(first, total // (first_round(nworkers) * max(1, nworkers)))
                         if total is not None
                         else self.MAX_UNKNOWN_TOTAL)
         self.seconds: float | None = None  # per element, on a worker
