@@ -23,10 +23,10 @@ Port of Distributed.jl `pmap.jl`. Three things differ in how, not in what:
   with a CachingPool); each call names it by a small key. An importable one goes
   by name in every call, as remotecall sends it.
 * `batch_size="auto"` starts as `multiprocessing.Pool.map` chunks the input, four
-  batches per worker sent at once, but each ends early on its worker once it has
-  run a few milliseconds; later batches are sized from how long elements took
-  and how big they are. (Julia's first batches are of at most 100 elements, and
-  stay so.)
+  batches per worker (fewer past 8 workers, about 32 in all) sent at once, but
+  each ends early on its worker once it has run a few milliseconds; later
+  batches are sized from how long elements took and how big they are. (Julia's
+  first batches are of at most 100 elements, and stay so.)
 
 `on_error` and `retry_check` run on the calling process and see the original
 exception (the `RemoteException`'s cause, or `ProcessExitedException` when the
@@ -90,8 +90,9 @@ def pmap(
             `AbstractWorkerPool`; a proxy of one made elsewhere works too).
         distributed: False runs `f` in local threads (`asyncmap`), one per worker.
         batch_size: elements per call (1: each element is a call of its own), or
-            ``"auto"``: at first four batches per worker, sent at once, each
-            ending early on its worker once it has run `AUTO_BATCH_SECONDS` (see
+            ``"auto"``: at first four batches per worker (fewer past 8 workers:
+            `AUTO_FIRST_ROUND_BATCHES` in all), sent at once, each ending early on
+            its worker once it has run `AUTO_BATCH_SECONDS` (see
             `AUTO_FIRST_ROUND`); then batches sized from how long elements took
             and how big they are.
             A batch runs its elements one after the other on one worker.
