@@ -46,8 +46,8 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Callable, Generator
+from typing import Any, NoReturn
 
 FORKSERVER_ENV = "FASTDIST_FORKSERVER"
 # Below the default AF_UNIX send buffer (about 208 KiB), which bounds one SEQPACKET
@@ -509,50 +509,38 @@ class _Server:
 
     def become_worker(self, msg: dict[str, Any], fds: list[int]) -> None:
         """In the child: turn into `python -m fastdist.worker`; never returns."""
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.sock.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
-            for fd in fds:
-                if fd > 2:
-                    os.close(fd)
-            try:
-                os.chdir(msg["cwd"])
-            except OSError as exc:
-                print(f"fastdist worker: cannot enter {msg['cwd']!r}: {exc}", file=sys.stderr,
-                      flush=True)
-                return
-            # os.environ's clear/update call unsetenv/putenv, so C libraries (BLAS) see it too.
-            os.environ.clear()
-            os.environ.update(msg["env"])
-            cwd = os.getcwd()
-            sys.path[:] = [cwd, *_pythonpath_entries(msg["env"].get("PYTHONPATH", "")),
-                           *self.path_tail]
-            # Directory listings cached by this server may predate files the master made.
-            importlib.invalidate_caches()
-            worker = _become_main("fastdist.worker")
-            sys.argv[:] = [str(worker.__file__), "--bind-to", msg["bind"],
-                           *(["--separate-stderr"] if msg["separate_stderr"] else [])]
-            worker.main(sys.argv[1:])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # noqa: BLE001 - never fall back into the server's loop
-            import traceback
+        run_child(lambda: self._worker_main(msg, fds))
 
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+    def _worker_main(self, msg: dict[str, Any], fds: list[int]) -> None:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.sock.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        try:
+            os.chdir(msg["cwd"])
+        except OSError as exc:
+            print(f"fastdist worker: cannot enter {msg['cwd']!r}: {exc}", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(1) from None
+        # os.environ's clear/update call unsetenv/putenv, so C libraries (BLAS) see it too.
+        os.environ.clear()
+        os.environ.update(msg["env"])
+        cwd = os.getcwd()
+        sys.path[:] = [cwd, *_pythonpath_entries(msg["env"].get("PYTHONPATH", "")),
+                       *self.path_tail]
+        # Directory listings cached by this server may predate files the master made.
+        importlib.invalidate_caches()
+        worker = _become_main("fastdist.worker")
+        sys.argv[:] = [str(worker.__file__), "--bind-to", msg["bind"],
+                       *(["--separate-stderr"] if msg["separate_stderr"] else [])]
+        worker.main(sys.argv[1:])
 
     def shutdown(self) -> None:
         """The master is gone: give workers a moment to see it, then kill and reap the rest."""
@@ -586,6 +574,28 @@ def _pythonpath_entries(pythonpath: str) -> list[str]:
     if not pythonpath:
         return []
     return [os.path.abspath(p) for p in pythonpath.split(os.pathsep)]
+
+
+def run_child(body: Callable[[], None]) -> NoReturn:
+    """In a forked child: run `body`, then end the process with its exit code (0,
+    or SystemExit's; 1 after printing any other exception). Never returns: a child
+    must not fall back into its parent's loop."""
+    code = 1
+    try:
+        body()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - printed; the child ends either way
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def _become_main(module: str) -> types.ModuleType:

@@ -24,6 +24,8 @@ import signal
 import sys
 from collections.abc import Callable
 
+from fastdist.forkserver import run_child
+
 __all__ = ["spawn_workers"]
 
 
@@ -65,8 +67,8 @@ def spawn_workers(count: int, *, bind_to: str | None, separate_stderr: bool) -> 
 def _become_worker(start_worker: Callable[..., None], cookie: str, bind_to: str | None,
                    separate_stderr: bool, out_w: int, err_w: int) -> None:
     """In a forked child: run as one worker on these pipes; never returns."""
-    code = 1
-    try:
+
+    def body() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -78,19 +80,8 @@ def _become_worker(start_worker: Callable[..., None], cookie: str, bind_to: str 
             os.close(err_w)
         start_worker(cookie=cookie, close_stdin=False, bind_to=bind_to,
                      stderr_to_stdout=not separate_stderr)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - never fall back into the launcher's loop
-        import traceback
 
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+    run_child(body)
 
 
 def _relay(pipes: dict[int, tuple[int, int]]) -> None:

@@ -318,19 +318,9 @@ class SSHManager(ClusterManager):
                     params: dict[str, Any], launched: list[WorkerConfig],
                     launch_ntfy: threading.Condition) -> str | None:
         """Start one ssh session; wait until its worker reports. Returns an error or None."""
-        # A new session: Ctrl-C at the master's terminal interrupts calls through
-        # messages, it does not kill the ssh sessions (Julia's `detach`).
         # ssh's stderr is read here, not by the framework: before the worker joins it
         # explains a failed launch, afterwards it is the worker's stderr.
-        err_r, err_w = os.pipe()
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=err_w, start_new_session=True)
-        except BaseException:
-            os.close(err_r)
-            raise
-        finally:
-            os.close(err_w)
+        proc, err_r = _start_session(argv)
         stderr = StderrRelay(err_r)
         send_cookie(proc, params["cookie"])  # down ssh's stdin to the remote worker
         config = self._worker_config(machine, flags, params, proc, proc.stdout)
@@ -361,17 +351,8 @@ class SSHManager(ClusterManager):
                         launch_ntfy: threading.Condition) -> str | None:
         """Start one ssh session whose launcher forks the host's `count` workers
         (`one_session`); wait until they report. Returns an error or None."""
-        # stderr is a pipe of our own, not proc.stderr: the framework relays a worker's
-        # process.stderr as that worker's, and this one carries all of them, labelled.
-        err_r, err_w = os.pipe()
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=err_w, start_new_session=True)
-        except BaseException:
-            os.close(err_r)
-            raise
-        finally:
-            os.close(err_w)
+        # The session's stderr carries all of its workers' stderr, labelled.
+        proc, err_r = _start_session(argv)
         send_cookie(proc, params["cookie"])  # the launcher reads it once, for all
         assert proc.stdout is not None
         output = LabelledOutput(proc.stdout, open(err_r, "rb"), count,  # noqa: SIM115
@@ -650,6 +631,25 @@ def _listen_on(machine: Machine) -> tuple[str, int | None]:
     # an alias's HostName to an address its machine does not own (NAT, a port forward):
     # listening everywhere avoids both.
     return "0.0.0.0", None
+
+
+def _start_session(argv: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+    """Start an ssh session: the process, and the read end of its stderr.
+
+    Its stderr is a pipe of our own, not `proc.stderr`, which the framework would
+    relay as the worker's from the start: the manager reads it (a launch error
+    quotes it). A new session: Ctrl-C at the master's terminal interrupts calls
+    through messages, it does not kill the ssh sessions (Julia's `detach`)."""
+    err_r, err_w = os.pipe()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=err_w, start_new_session=True)
+    except BaseException:
+        os.close(err_r)
+        raise
+    finally:
+        os.close(err_w)
+    return proc, err_r
 
 
 def _describe_ssh_failure(where: str, code: int | None, stderr: str) -> str:
