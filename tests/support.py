@@ -185,3 +185,12 @@ def bytes_sent() -> dict[int, int]:
     import fastdist as fd
 
     return {w: s["bytes_sent"] + s["shm_bytes_sent"] for w, s in fd.stats()["peers"].items()}
+
+
+def netns_flags(net: Any) -> list[str]:
+    """ssh flags that log in to every host of the `netns_hosts` fixture."""
+    flags = []
+    for h in net.hosts:
+        flags += ["-i", h.sshd.key_path]
+    return flags + ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                    "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import scipy.linalg
-from support import eventually, os_alive, wait_until
+from support import eventually, netns_flags, os_alive, wait_until
 
 import fastdist as fd
 from fastdist.sharedarray import _part
@@ -398,19 +398,11 @@ def test_sigkilled_worker_and_master_leave_nothing_behind():
 # -- another host ------------------------------------------------------------------------------
 
 
-def _netns_flags(net) -> list[str]:
-    flags = []
-    for h in net.hosts:
-        flags += ["-i", h.sshd.key_path]
-    return flags + ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                    "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
-
-
 @pytest.mark.timeout(240)
 def test_a_process_on_another_host_is_refused_by_name(cluster, netns_hosts):
     h0 = netns_hosts.hosts[0]
     (local,) = cluster.add(1)
-    (remote,) = fd.addprocs([f"{h0.sshd.user}@{h0.addr}"], sshflags=_netns_flags(netns_hosts))
+    (remote,) = fd.addprocs([f"{h0.sshd.user}@{h0.addr}"], sshflags=netns_flags(netns_hosts))
     cluster.pids.append(remote)
     assert remote not in fd.procs(1)
     with pytest.raises(ValueError, match=f"process {remote} is on another host"):

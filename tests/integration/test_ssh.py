@@ -12,7 +12,12 @@ import textwrap
 import time
 
 import pytest
-from support import collect_printed, eventually, workers_outlive_a_crashed_master
+from support import (
+    collect_printed,
+    eventually,
+    netns_flags,
+    workers_outlive_a_crashed_master,
+)
 from support import os_alive as alive
 
 import fastdist as fd
@@ -425,14 +430,6 @@ def test_ipv6_machine_in_brackets(cluster, sshd_v6):
 
 
 # -- several hosts: network namespaces ---------------------------------------------------
-
-
-def netns_flags(net) -> list[str]:
-    flags = []
-    for h in net.hosts:
-        flags += ["-i", h.sshd.key_path]
-    return flags + ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                    "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
 
 
 def test_workers_on_two_hosts_reach_each_other_directly(cluster, netns_hosts):
