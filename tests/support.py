@@ -194,3 +194,29 @@ def netns_flags(net: Any) -> list[str]:
         flags += ["-i", h.sshd.key_path]
     return flags + ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                     "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+
+
+def closed_by_peer(sock: Any, timeout: float) -> bool:
+    """True if the peer closes `sock` within `timeout` s (whatever it sent first)."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def recv_exact(sock: Any, n: int) -> bytes:
+    """Exactly `n` bytes from `sock`; EOFError if it closes first."""
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data

@@ -20,7 +20,7 @@ import threading
 import time
 
 import pytest
-from support import eventually, wait_until
+from support import closed_by_peer, eventually, recv_exact, wait_until
 
 import fastdist as fd
 from fastdist._core import _wire
@@ -226,30 +226,6 @@ def test_a_joining_worker_unpickles_nothing_from_a_master_without_the_cookie(joi
     fake.close()
     assert b"bad cookie" in proc.stderr.read()
     assert not marker.exists()
-
-
-def recv_exact(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def closed_by_peer(sock, timeout):
-    sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if not sock.recv(65536):
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
-    return False
 
 
 # -- joined workers at work ---------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import wait_until
+from support import closed_by_peer, recv_exact, wait_until
 
 import fastdist as fd
 from fastdist import transport
@@ -76,31 +76,6 @@ def target(cluster):
 def any_target(cluster, request):
     (w,) = cluster.add(1)
     return Target(w, via=request.param)
-
-
-def closed_by_peer(sock, timeout):
-    """True if the peer closes `sock` within `timeout` s (whatever it sent first)."""
-    sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if not sock.recv(65536):
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
-    return False
-
-
-def recv_exact(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
 
 
 def mac(cookie, tag, first, second):
