@@ -65,7 +65,6 @@ def watch_sigint_arrivals(on_arrival: Callable[[], None]) -> None:
 
     def watch() -> None:
         block_sigint()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {CALL_INTERRUPT})
         poller = select.poll()
         poller.register(read_end, select.POLLIN)
         while True:

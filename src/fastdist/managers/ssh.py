@@ -332,17 +332,11 @@ class SSHManager(ClusterManager):
             launch_ntfy.notify_all()
         # The launch counts as in flight (for max_parallel) until its address line is
         # read; the framework sets config.port when it is.
-        deadline = time.monotonic() + _worker_timeout() + 5
-        while config.port is None and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if config.port is not None:
+        if wait_reported([config], proc):
             return None
         if proc.poll() is None:
             return (f"no worker reported from {self._where(machine)} within "
                     f"{_worker_timeout():g} s (FASTDIST_WORKER_TIMEOUT)")
-        time.sleep(0.05)  # the address may have been read just as ssh exited
-        if config.port is not None:
-            return None
         return _describe_ssh_failure(self._where(machine), proc.returncode,
                                      stderr.early_text())
 
