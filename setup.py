@@ -1,5 +1,5 @@
 """Build the compiled modules: the core (fastdist._core: _wire, _keepalive, _msgloop,
-_shm) and the fast path (fastdist._fastpath: _runqueue, _calls)."""
+_shm) and the fast path (fastdist._fastpath: _runqueue, _calls, _packed)."""
 
 import os
 
@@ -27,7 +27,7 @@ extensions = [
         extra_compile_args=extra,
     )
     for package, names in (("_core", ("_wire", "_keepalive", "_msgloop", "_shm")),
-                           ("_fastpath", ("_runqueue", "_calls")))
+                           ("_fastpath", ("_runqueue", "_calls", "_packed")))
     for name in names
 ]
 

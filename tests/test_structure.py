@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     }),
     ("compiled fast path", {
         "fastdist._fastpath", "fastdist._fastpath._runqueue", "fastdist._fastpath._calls",
+        "fastdist._fastpath._packed",
     }),
     ("protocol and transport", {
         "fastdist.protocol", "fastdist.protocol.messages", "fastdist.protocol.handshake",

@@ -36,6 +36,7 @@ from fastdist.pmap.scheduling import (
     Tries,
     Unit,
 )
+from fastdist.pmap.worker import batch_results
 from fastdist.signals import sigint_absorbed
 from fastdist.workerpool import AbstractWorkerPool, WorkerPool
 
@@ -320,6 +321,7 @@ class Engine:
                 self._element_failed(unit.start + i, args, value, w)
         elif unit.batched:
             seconds, value, failed = value
+            value = batch_results(value)
             if self.sizing is not None:
                 self.sizing.observe(len(value), seconds, call.reply_nbytes())
             self._adapt_depth(seconds)

@@ -3,6 +3,8 @@ its place (pmap's calls name these functions; engine.py sends them).
 
 A batch may carry a budget: it then ends early once the time so far says the next
 element would not fit, and returns the results of a prefix (`run_elements`).
+A batch of plain numbers travels packed (_fastpath/_packed.pyx), and so do its
+results when they are plain numbers: `_run_remote_batch` unpacks and packs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from fastdist._fastpath._packed import pack, unpack
 from fastdist.exceptions import CapturedException, RemoteException
 from fastdist.node import Node
 from fastdist.protocol import serialize
@@ -65,26 +68,47 @@ def _timed(f: Callable[..., Any], item: Any, star: bool) -> tuple[float, Any]:
     return time.perf_counter() - start, value
 
 
-def _run_batch(token: Any, batch: Sequence[Any], star: bool, budget: float | None = None
-               ) -> tuple[float, list[Any], list[int]]:
+Batch = Sequence[Any] | bytes
+"""A batch as it travels: its elements, or the packed list of them (`pack`)."""
+
+
+def _run_batch(token: Any, batch: Batch, star: bool, budget: float | None = None
+               ) -> tuple[float, list[Any] | bytes, list[int]]:
     """On a worker: a batch, element by element; a failure is kept in its place.
 
-    Returns how long it took (it sizes `batch_size="auto"` batches), the results,
-    and where the failures are, so that the caller need not look at every result.
-    With a `budget` (seconds), the batch may end early: see `run_elements`."""
-    return run_elements(cached_entry(token).func, batch, star, None, budget)
+    Returns how long it took (it sizes `batch_size="auto"` batches), the results
+    (packed when they are plain numbers), and where the failures are, so that the
+    caller need not look at every result. With a `budget` (seconds), the batch may
+    end early: see `run_elements`."""
+    return _run_remote_batch(cached_entry(token).func, batch, star, budget)
 
 
-def _run_batch_keyed(owner: int, key: int, batch: Sequence[Any], star: bool,
-                     budget: float | None = None) -> tuple[float, list[Any], list[int]]:
+def _run_batch_keyed(owner: int, key: int, batch: Batch, star: bool,
+                     budget: float | None = None) -> tuple[float, list[Any] | bytes, list[int]]:
     """`_run_batch` for a function already on this worker, named by its cache key."""
     return _run_batch(CachedFunction(owner, key, None), batch, star, budget)
 
 
-def _run_batch_named(fname: bytes, batch: Sequence[Any], star: bool,
-                     budget: float | None = None) -> tuple[float, list[Any], list[int]]:
+def _run_batch_named(fname: bytes, batch: Batch, star: bool,
+                     budget: float | None = None) -> tuple[float, list[Any] | bytes, list[int]]:
     """`_run_batch` for a function that travels by name, `fname` its pickle."""
-    return run_elements(serialize.loads_function(fname), batch, star, None, budget)
+    return _run_remote_batch(serialize.loads_function(fname), batch, star, budget)
+
+
+def _run_remote_batch(f: Callable[..., Any], batch: Batch, star: bool,
+                      budget: float | None) -> tuple[float, list[Any] | bytes, list[int]]:
+    """`run_elements` on a worker, for a batch that may come packed; results that
+    are all plain numbers go back packed (`batch_results` reads them)."""
+    if type(batch) is bytes:
+        batch = unpack(batch)
+    took, out, failed = run_elements(f, batch, star, None, budget)
+    packed = None if failed else pack(out)
+    return took, (out if packed is None else packed), failed
+
+
+def batch_results(out: list[Any] | bytes) -> list[Any]:
+    """On the caller: the results of a batch as `_run_remote_batch` sent them."""
+    return unpack(out) if isinstance(out, bytes) else out
 
 
 def run_elements(f: Callable[..., Any], batch: Sequence[Any], star: bool,

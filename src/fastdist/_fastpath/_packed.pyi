@@ -1,0 +1,9 @@
+"""Types of the compiled module `_packed.pyx` (see its docstrings)."""
+
+from typing import Any
+
+MIN_PACKED: int
+
+def pack(values: Any) -> bytes | None: ...
+def is_packed(data: Any) -> bool: ...
+def unpack(data: bytes) -> list[Any]: ...

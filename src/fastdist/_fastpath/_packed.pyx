@@ -1,0 +1,137 @@
+"""Lists of plain numbers as packed 8-byte words: how a pmap batch of ints or
+floats, and its results, travel.
+
+Pickle writes a list of ints at ~9 ns an element and reads it back at ~18 ns (an
+opcode, a push and an append each); a map of quick elements spends most of its
+CPU there, on the master and on every worker. Packed, the same list is a length
+check and a copy per element each way (~2 and ~5 ns). A list is packed only when
+every item is exactly `int` (in the signed 64-bit range) or exactly `float`: a
+bool, an int subclass, a big int or a mix of types leaves it a list, and unpacked
+it is equal to what was packed, item for item and type for type.
+
+Layout: an 8-byte header (b"FDpk", the kind, three zero bytes), then one
+little-endian word per item: two's-complement ints or IEEE 754 doubles.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.long cimport PyLong_FromLongLong
+from cpython.ref cimport Py_INCREF
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy
+
+import sys
+
+cdef extern from "Python.h":
+    long long PyLong_AsLongLongAndOverflow(object obj, int *overflow) except? -1
+
+cdef extern from *:
+    uint64_t __builtin_bswap64(uint64_t x) nogil
+
+cdef enum:
+    HEADER = 8  # bytes before the first word
+cdef char KIND_INT = b"q"
+cdef char KIND_FLOAT = b"d"
+cdef bint _BIG_ENDIAN = sys.byteorder == "big"
+
+MIN_PACKED = 16
+"""Shorter lists stay lists: pickle is as quick for them, and a call of one
+element keeps its arguments readable in a trace."""
+
+
+cdef inline void _put(char *at, uint64_t word) noexcept nogil:
+    if _BIG_ENDIAN:
+        word = __builtin_bswap64(word)
+    memcpy(at, &word, 8)
+
+
+cdef inline uint64_t _get(const char *at) noexcept nogil:
+    cdef uint64_t word
+    memcpy(&word, at, 8)
+    if _BIG_ENDIAN:
+        word = __builtin_bswap64(word)
+    return word
+
+
+def pack(object values):
+    """`values` packed (bytes), or None when it is not a list of at least
+    `MIN_PACKED` exact ints in the 64-bit range, or exact floats. The look stops at
+    the first item that does not fit."""
+    if type(values) is not list:
+        return None
+    cdef list items = <list>values
+    cdef Py_ssize_t n = len(items), i
+    if n < MIN_PACKED:
+        return None
+    cdef type kind = type(items[0])
+    if kind is not int and kind is not float:
+        return None
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, HEADER + 8 * n)
+    cdef char *p = PyBytes_AS_STRING(out)
+    memcpy(p, b"FDpk\0\0\0\0", HEADER)
+    cdef int overflow = 0
+    cdef int64_t v
+    cdef double d
+    cdef uint64_t word
+    cdef object x
+    if kind is int:
+        p[4] = KIND_INT
+        for i in range(n):
+            x = items[i]
+            if type(x) is not int:
+                return None
+            v = PyLong_AsLongLongAndOverflow(x, &overflow)
+            if overflow:
+                return None
+            _put(p + HEADER + 8 * i, <uint64_t>v)
+    else:
+        p[4] = KIND_FLOAT
+        for i in range(n):
+            x = items[i]
+            if type(x) is not float:
+                return None
+            d = PyFloat_AS_DOUBLE(x)
+            memcpy(&word, &d, 8)
+            _put(p + HEADER + 8 * i, word)
+    return out
+
+
+def is_packed(object data):
+    """Whether `data` is what `pack` makes (the header; `unpack` checks the rest)."""
+    return (type(data) is bytes and PyBytes_GET_SIZE(data) >= HEADER
+            and (<bytes>data)[:4] == b"FDpk")
+
+
+def unpack(bytes data):
+    """The list `pack` packed into `data`.
+
+    Raises:
+        ValueError: `data` is not a packed list (its header or its length)."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data), i, n
+    cdef const char *p = PyBytes_AS_STRING(data)
+    if (size < HEADER or (size - HEADER) % 8 or _differs4(p, b"FDpk")
+            or p[5] or p[6] or p[7] or (p[4] != KIND_INT and p[4] != KIND_FLOAT)):
+        raise ValueError("not a packed list of numbers")
+    n = (size - HEADER) // 8
+    cdef list out = PyList_New(n)
+    cdef object x
+    cdef uint64_t word
+    cdef double d
+    if p[4] == KIND_INT:
+        for i in range(n):
+            x = PyLong_FromLongLong(<int64_t>_get(p + HEADER + 8 * i))
+            Py_INCREF(x)
+            PyList_SET_ITEM(out, i, x)  # (steals the reference taken above)
+    else:
+        for i in range(n):
+            word = _get(p + HEADER + 8 * i)
+            memcpy(&d, &word, 8)
+            x = PyFloat_FromDouble(d)
+            Py_INCREF(x)
+            PyList_SET_ITEM(out, i, x)
+    return out
+
+
+cdef inline bint _differs4(const char *a, const char *b) noexcept nogil:
+    return a[0] != b[0] or a[1] != b[1] or a[2] != b[2] or a[3] != b[3]

@@ -1,0 +1,93 @@
+"""Packed lists of numbers (_fastpath/_packed.pyx): what is packed, what is left a
+list, that unpacking gives back equal items of the same types, and that a bad
+buffer is refused rather than read past its end."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastdist._fastpath._packed import MIN_PACKED, is_packed, pack, unpack
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+def same_items(a: list, b: list) -> bool:
+    """Equal item by item, of the same type, and floats bit for bit (-0.0, nan)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if type(x) is not type(y):
+            return False
+        if type(x) is float:
+            if struct.pack("<d", x) != struct.pack("<d", y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@given(st.lists(INT64, min_size=MIN_PACKED, max_size=300))
+def test_ints_come_back_equal(values):
+    packed = pack(values)
+    assert is_packed(packed) and len(packed) == 8 + 8 * len(values)
+    assert same_items(unpack(packed), values)
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=MIN_PACKED,
+                max_size=300))
+def test_floats_come_back_bit_for_bit(values):
+    assert same_items(unpack(pack(values)), values)
+
+
+def test_signed_zero_nan_and_the_int64_edges():
+    floats = [-0.0, 0.0, math.nan, math.inf, -math.inf, 5e-324] * 3
+    back = unpack(pack(floats))
+    assert same_items(back, floats) and math.copysign(1.0, back[0]) == -1.0
+    ints = [-(2**63), 2**63 - 1, -1, 0, 1] * 4
+    assert same_items(unpack(pack(ints)), ints)
+
+
+class Int(int):
+    pass
+
+
+@pytest.mark.parametrize("values", [
+    [1] * (MIN_PACKED - 1),                      # short: pickle is as quick
+    [True] * MIN_PACKED,                         # bools stay bools
+    [1] * (MIN_PACKED - 1) + [True],
+    [Int(1)] * MIN_PACKED,                       # a subclass keeps its type
+    [1] * (MIN_PACKED - 1) + [2**63],            # past int64
+    [1] * (MIN_PACKED - 1) + [-(2**63) - 1],
+    [1] * (MIN_PACKED - 1) + [1.0],              # mixed
+    [1.0] * (MIN_PACKED - 1) + [1],
+    [1.0] * (MIN_PACKED - 1) + [None],
+    ["a"] * MIN_PACKED,
+    tuple(range(MIN_PACKED)),                    # only lists
+    [(1, 2)] * MIN_PACKED,
+])
+def test_anything_else_stays_a_list(values):
+    assert pack(values) is None
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"FDpk", b"FDpkq\0\0", b"FDpkq\0\0\0\1", b"FDpkq\0\0\0" + b"\0" * 7,
+    b"FDpkx\0\0\0" + b"\0" * 8, b"FDpkq\0\1\0" + b"\0" * 8, b"XDpkq\0\0\0" + b"\0" * 8,
+])
+def test_a_bad_buffer_is_refused(data):
+    with pytest.raises(ValueError, match="not a packed list"):
+        unpack(data)
+
+
+def test_an_empty_packed_list_is_an_empty_list():
+    assert unpack(b"FDpkq\0\0\0") == [] and unpack(b"FDpkd\0\0\0") == []
+
+
+def test_is_packed_looks_at_the_header_only():
+    assert is_packed(pack(list(range(MIN_PACKED))))
+    assert not is_packed(b"FDp") and not is_packed(bytearray(b"FDpkq\0\0\0"))
+    assert not is_packed([1, 2])
