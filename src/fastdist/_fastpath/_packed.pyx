@@ -15,7 +15,8 @@ little-endian word per item: two's-complement ints or IEEE 754 doubles.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
-from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.list cimport PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.ref cimport PyObject, Py_XDECREF
 from cpython.long cimport PyLong_FromLongLong
 from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t, uint64_t
@@ -25,6 +26,8 @@ import sys
 
 cdef extern from "Python.h":
     long long PyLong_AsLongLongAndOverflow(object obj, int *overflow) except? -1
+    ctypedef struct PyListObject:
+        PyObject **ob_item
 
 cdef extern from *:
     uint64_t __builtin_bswap64(uint64_t x) nogil
@@ -52,6 +55,10 @@ cdef inline uint64_t _get(const char *at) noexcept nogil:
     if _BIG_ENDIAN:
         word = __builtin_bswap64(word)
     return word
+
+
+cdef inline bint _differs4(const char *a, const char *b) noexcept nogil:
+    return a[0] != b[0] or a[1] != b[1] or a[2] != b[2] or a[3] != b[3]
 
 
 def pack(object values):
@@ -103,35 +110,61 @@ def is_packed(object data):
             and (<bytes>data)[:4] == b"FDpk")
 
 
+cdef Py_ssize_t _count(bytes data) except -1:
+    """How many items the packed list `data` holds; ValueError if it is not one."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
+    cdef const char *p = PyBytes_AS_STRING(data)
+    if (size < HEADER or (size - HEADER) % 8 or _differs4(p, b"FDpk")
+            or p[5] or p[6] or p[7] or (p[4] != KIND_INT and p[4] != KIND_FLOAT)):
+        raise ValueError("not a packed list of numbers")
+    return (size - HEADER) // 8
+
+
+cdef int _fill(list dest, Py_ssize_t start, bytes data, Py_ssize_t n) except -1:
+    """Put the `n` items of `data` into dest[start:start + n] (which exist), each
+    slot's old item released (a new list's slots are NULL)."""
+    cdef const char *p = PyBytes_AS_STRING(data)
+    cdef bint ints = p[4] == KIND_INT
+    cdef Py_ssize_t i
+    cdef object x
+    cdef uint64_t word
+    cdef double d
+    cdef PyObject **slots = (<PyListObject *>dest).ob_item + start
+    cdef PyObject *old
+    for i in range(n):
+        word = _get(p + HEADER + 8 * i)
+        if ints:
+            x = PyLong_FromLongLong(<int64_t>word)
+        else:
+            memcpy(&d, &word, 8)
+            x = PyFloat_FromDouble(d)
+        Py_INCREF(x)  # the list's reference
+        old = slots[i]
+        slots[i] = <PyObject *>x
+        Py_XDECREF(old)
+    return 0
+
+
 def unpack(bytes data):
     """The list `pack` packed into `data`.
 
     Raises:
         ValueError: `data` is not a packed list (its header or its length)."""
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(data), i, n
-    cdef const char *p = PyBytes_AS_STRING(data)
-    if (size < HEADER or (size - HEADER) % 8 or _differs4(p, b"FDpk")
-            or p[5] or p[6] or p[7] or (p[4] != KIND_INT and p[4] != KIND_FLOAT)):
-        raise ValueError("not a packed list of numbers")
-    n = (size - HEADER) // 8
+    cdef Py_ssize_t n = _count(data)
     cdef list out = PyList_New(n)
-    cdef object x
-    cdef uint64_t word
-    cdef double d
-    if p[4] == KIND_INT:
-        for i in range(n):
-            x = PyLong_FromLongLong(<int64_t>_get(p + HEADER + 8 * i))
-            Py_INCREF(x)
-            PyList_SET_ITEM(out, i, x)  # (steals the reference taken above)
-    else:
-        for i in range(n):
-            word = _get(p + HEADER + 8 * i)
-            memcpy(&d, &word, 8)
-            x = PyFloat_FromDouble(d)
-            Py_INCREF(x)
-            PyList_SET_ITEM(out, i, x)
+    _fill(out, 0, data, n)
     return out
 
 
-cdef inline bint _differs4(const char *a, const char *b) noexcept nogil:
-    return a[0] != b[0] or a[1] != b[1] or a[2] != b[2] or a[3] != b[3]
+def unpack_into(list dest, Py_ssize_t start, bytes data):
+    """Put the items `pack` packed into `data` at dest[start:], in place of what is
+    there (a map's results go straight to their slots, without a list of their
+    own); returns how many.
+
+    Raises:
+        ValueError: `data` is not a packed list, or dest is too short for it."""
+    cdef Py_ssize_t n = _count(data)
+    if start < 0 or start + n > PyList_GET_SIZE(dest):
+        raise ValueError(f"{n} items do not fit in a list of {len(dest)} from {start}")
+    _fill(dest, start, data, n)
+    return n

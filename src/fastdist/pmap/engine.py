@@ -36,7 +36,7 @@ from fastdist.pmap.scheduling import (
     Tries,
     Unit,
 )
-from fastdist.pmap.worker import batch_results
+from fastdist.pmap.worker import store_results
 from fastdist.signals import sigint_absorbed
 from fastdist.workerpool import AbstractWorkerPool, WorkerPool
 
@@ -321,17 +321,17 @@ class Engine:
                 self._element_failed(unit.start + i, args, value, w)
         elif unit.batched:
             seconds, value, failed = value
-            value = batch_results(value)
+            # The results go to their slots: unpacked straight there when they came
+            # packed (plain numbers, none failed), without a list of their own.
+            ran = store_results(self.results, unit.start, value)
             if self.sizing is not None:
-                self.sizing.observe(len(value), seconds, call.reply_nbytes())
+                self.sizing.observe(ran, seconds, call.reply_nbytes())
             self._adapt_depth(seconds)
-            self.results[unit.start:unit.start + len(value)] = value
-            if len(value) < len(unit.args):  # cut short on its budget
-                self._rests.append(Unit(unit.start + len(value), unit.args[len(value):],
-                                         True))
+            if ran < len(unit.args):  # cut short on its budget
+                self._rests.append(Unit(unit.start + ran, unit.args[ran:], True))
             for i in failed:
                 self._element_failed(unit.start + i, unit.args[i], value[i].exception(), w)
-            self._tick(len(value) - len(failed))
+            self._tick(ran - len(failed))
         else:
             seconds, value = value
             self._adapt_depth(seconds)

@@ -4,7 +4,8 @@ its place (pmap's calls name these functions; engine.py sends them).
 A batch may carry a budget: it then ends early once the time so far says the next
 element would not fit, and returns the results of a prefix (`run_elements`).
 A batch of plain numbers travels packed (_fastpath/_packed.pyx), and so do its
-results when they are plain numbers: `_run_remote_batch` unpacks and packs.
+results when they are plain numbers: `_run_remote_batch` unpacks and packs,
+`store_results` unpacks them on the caller.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from fastdist._fastpath._packed import pack, unpack
+from fastdist._fastpath._packed import pack, unpack, unpack_into
 from fastdist.exceptions import CapturedException, RemoteException
 from fastdist.node import Node
 from fastdist.protocol import serialize
@@ -106,9 +107,13 @@ def _run_remote_batch(f: Callable[..., Any], batch: Batch, star: bool,
     return took, (out if packed is None else packed), failed
 
 
-def batch_results(out: list[Any] | bytes) -> list[Any]:
-    """On the caller: the results of a batch as `_run_remote_batch` sent them."""
-    return unpack(out) if isinstance(out, bytes) else out
+def store_results(results: list[Any], start: int, out: list[Any] | bytes) -> int:
+    """On the caller: put the results of a batch, as `_run_remote_batch` sent them,
+    at results[start:]; returns how many there were."""
+    if isinstance(out, bytes):
+        return unpack_into(results, start, out)
+    results[start:start + len(out)] = out
+    return len(out)
 
 
 def run_elements(f: Callable[..., Any], batch: Sequence[Any], star: bool,

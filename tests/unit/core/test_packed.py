@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastdist._fastpath._packed import MIN_PACKED, is_packed, pack, unpack
+from fastdist._fastpath._packed import MIN_PACKED, is_packed, pack, unpack, unpack_into
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 
@@ -91,3 +91,29 @@ def test_is_packed_looks_at_the_header_only():
     assert is_packed(pack(list(range(MIN_PACKED))))
     assert not is_packed(b"FDp") and not is_packed(bytearray(b"FDpkq\0\0\0"))
     assert not is_packed([1, 2])
+
+
+def test_unpack_into_replaces_a_slice_in_place():
+    dest = [None] * 40
+    assert unpack_into(dest, 5, pack(list(range(100, 120)))) == 20
+    assert dest[:5] == [None] * 5 and dest[5:25] == list(range(100, 120))
+    assert dest[25:] == [None] * 15
+    assert unpack_into(dest, 0, pack([0.5] * 16)) == 16 and dest[:17] == [0.5] * 16 + [111]
+
+
+def test_unpack_into_releases_what_it_replaces():
+    import sys
+
+    marker = object()
+    dest = [marker] * 30
+    before = sys.getrefcount(marker)
+    unpack_into(dest, 10, pack(list(range(20))))
+    assert sys.getrefcount(marker) == before - 20
+
+
+@pytest.mark.parametrize("start", [-1, 11, 100])
+def test_unpack_into_refuses_what_does_not_fit(start):
+    dest = [None] * 30
+    with pytest.raises(ValueError, match="do not fit"):
+        unpack_into(dest, start, pack(list(range(20))))
+    assert dest == [None] * 30
