@@ -446,8 +446,9 @@ def test_auto_batch_size(ws):
     auto = pmap_scheduling.auto_batch_size
     assert auto(10_000, 2) == 1250 and auto(100, 4) == 6 and auto(5, 4) == 1 and auto(0, 2) == 1
     assert auto(10**9, 2) == pmap_scheduling.AUTO_MAX_FIRST_BATCH
-    # Up to 8 workers 4 batches each, then fewer: at most about 32 in the first round.
-    assert [auto(96_000, n) for n in (8, 16, 32, 64)] == [3000, 3000, 3000, 1500]
+    # Up to 4 workers 4 batches each, then fewer: at most 16 in the first round.
+    assert [auto(96_000, n) for n in (2, 4, 5, 8, 16, 32, 64)] == [
+        10_000, 6000, 6400, 6000, 6000, 6000, 6000]
     assert fd.pmap(lambda x: x, range(1000), batch_size="auto") == list(range(1000))
     assert fd.pmap(lambda x: x, (i for i in range(1000)), batch_size="auto") == list(range(1000))
 
@@ -507,6 +508,20 @@ def test_a_batch_of_ints_travels_packed(ws, monkeypatch):
     monkeypatch.setattr(pmap_calls, "_travelling", spy)
     assert fd.pmap(lambda x: x + 1, range(4000), batch_size=500) == list(range(1, 4001))
     assert len(seen) == 8 and all(type(b) is bytes for b in seen)
+
+
+def _slow_myid(x):
+    time.sleep(0.02)
+    return fd.myid()
+
+
+def test_workers_past_the_first_round_start_when_it_returns(ws, monkeypatch):
+    """More workers than first-round batches: the first batches end on their budget
+    after an element of a slow function, and the rest goes to every worker."""
+    monkeypatch.setattr(pmap_scheduling, "AUTO_FIRST_ROUND_BATCHES", 1)
+    assert pmap_scheduling.auto_batch_size(40, 2) == 40  # one batch: one worker idle at first
+    where = fd.pmap(_slow_myid, range(40), batch_size="auto")
+    assert set(where) == set(ws)
 
 
 def _calls_sent(ws, before):

@@ -23,7 +23,7 @@ Port of Distributed.jl `pmap.jl`. Three things differ in how, not in what:
   with a CachingPool); each call names it by a small key. An importable one goes
   by name in every call, as remotecall sends it.
 * `batch_size="auto"` starts as `multiprocessing.Pool.map` chunks the input, four
-  batches per worker (fewer past 8 workers, about 32 in all) sent at once, but
+  batches per worker (fewer past 4 workers, 16 at most in all) sent at once, but
   each ends early on its worker once it has run a few milliseconds; later
   batches are sized from how long elements took and how big they are. (Julia's
   first batches are of at most 100 elements, and stay so.)

@@ -39,13 +39,17 @@ each holding 1/AUTO_FIRST_ROUND of the worker's share of the input (the chunks o
 ends early once it has run `AUTO_BATCH_SECONDS` on its worker, so a slow function
 is found out after an element or a few rather than after a whole share."""
 
-AUTO_FIRST_ROUND_BATCHES = 32
-"""... and at most about this many batches in all: with many workers, the first round
-sends fewer batches to each (one each from 32 workers up). A batch's fixed cost
-(a round trip, a wake-up of its worker, the master's share of both) is paid per
-batch, and 4 per worker over 32 workers on a small machine halved the rate of a
-map of quick elements; each batch still ends on its time budget, so a slow function
-is found out as early."""
+AUTO_FIRST_ROUND_BATCHES = 16
+"""... and at most this many batches in all: with many workers, the first round
+sends fewer batches to each, then one to each of the first 16. A batch's fixed
+cost — a round trip, a wake-up of its worker (whose caches another process may
+have taken meanwhile), the master's share of both — is paid per batch: on the
+2-core machine of bench/RESULTS.md, 100,000 quick elements over 32 workers ran
+about 1.2x faster in 16 batches than in 32 (W7b), and over 8 workers 1.1x faster
+than in 32. The price, with more workers than this: the others start when the
+first batches come back, which for a slow function is after its first element
+(each batch still ends on its time budget, so a slow function is found out as
+early)."""
 
 
 def first_round(nworkers: int) -> int:
@@ -84,15 +88,17 @@ def auto_batch_size(nelements: int, nworkers: int) -> int:
     """The first batch size `batch_size="auto"` picks for `nelements` over `nworkers`.
 
     `first_round(nworkers)` batches per worker (4, as `multiprocessing.Pool.map`
-    chunks, for up to 8 workers), at most `AUTO_MAX_FIRST_BATCH` elements each.
+    chunks, for up to 4 workers), `AUTO_FIRST_ROUND_BATCHES` at most in all, of at
+    most `AUTO_MAX_FIRST_BATCH` elements each.
 
     Example:
         >>> auto_batch_size(10_000, 2), auto_batch_size(100, 4), auto_batch_size(5, 4)
         (1250, 6, 1)
-        >>> auto_batch_size(100_000, 32)
-        3125
+        >>> auto_batch_size(96_000, 8), auto_batch_size(96_000, 32)
+        (6000, 6000)
     """
-    per = nelements // (max(1, nworkers) * first_round(nworkers))
+    nbatches = min(max(1, nworkers) * first_round(nworkers), AUTO_FIRST_ROUND_BATCHES)
+    per = nelements // nbatches
     return max(1, min(AUTO_MAX_FIRST_BATCH, per))
 
 
