@@ -52,6 +52,8 @@ def warm_up(ws):
         for _ in range(3):
             assert fd.remotecall_fetch(fd.myid, w) == w
     assert set(fd.pmap(lambda _: fd.myid(), range(40))) <= {1, *ws}
+    # and a map whose batches of ints travel packed (_fastpath/_packed.pyx)
+    assert fd.pmap(lambda x: x + 1, range(400), batch_size="auto") == list(range(1, 401))
 
 
 def started_channel():
@@ -89,6 +91,57 @@ def test_a_quick_call_is_answered_while_a_long_one_runs(warm):
         assert fd.remotecall_fetch(fd.myid, w) == w
         assert time.monotonic() - t < 0.5
         assert slow.fetch(timeout=10) is None
+
+
+def nap(x, seconds):
+    time.sleep(seconds)
+    return x + 1
+
+
+def map_in_thread(f, xs, w, **kw):
+    """pmap(f, xs) on worker `w` alone, in a thread: (thread, what it returned or raised)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fd.pmap(f, xs, pool=fd.WorkerPool([w]), **kw)
+        except BaseException as exc:  # noqa: BLE001 - looked at by the test
+            outcome["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, outcome
+
+
+@pytest.mark.timeout(90)
+def test_a_packed_map_batch_running_past_the_heartbeat_timeout_is_a_long_call(warm):
+    """A batch of plain ints travels packed and runs as one call in the map's lane:
+    its elements together run past the heartbeat timeout, the worker answers quick
+    calls meanwhile and lives; then an interrupt ends such a batch at once."""
+    from fastdist._fastpath._packed import pack
+
+    w = warm[0]
+    xs = list(range(32))
+    assert pack(xs) is not None
+    per = 2.5 * HEARTBEAT / len(xs)
+    t, outcome = map_in_thread(lambda x: nap(x, per), xs, w, batch_size=len(xs))
+    time.sleep(0.5)
+    for _ in range(3):
+        alive_and_answering(w)
+        time.sleep(HEARTBEAT / 2)
+    t.join(timeout=30)
+    assert outcome == {"value": [x + 1 for x in xs]}
+    ospid = fd.remotecall_fetch(os.getpid, w)
+
+    t, outcome = map_in_thread(lambda x: nap(x, 30), xs, w, batch_size=len(xs))
+    time.sleep(0.5)  # inside the batch's first element
+    started = time.monotonic()
+    fd.interrupt(w)
+    t.join(timeout=15)
+    assert time.monotonic() - started < 2.0
+    assert isinstance(outcome.get("error"), fd.RemoteException), outcome
+    assert isinstance(outcome["error"].__cause__, KeyboardInterrupt)
+    alive_and_answering(w, ospid)
 
 
 def hold_the_gil(seconds):
