@@ -15,10 +15,9 @@ little-endian word per item: two's-complement ints or IEEE 754 doubles.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
-from cpython.list cimport PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
-from cpython.ref cimport PyObject, Py_XDECREF
+from cpython.list cimport PyList_GET_SIZE, PyList_New
 from cpython.long cimport PyLong_FromLongLong
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy
 
@@ -121,16 +120,18 @@ cdef Py_ssize_t _count(bytes data) except -1:
 
 
 cdef int _fill(list dest, Py_ssize_t start, bytes data, Py_ssize_t n) except -1:
-    """Put the `n` items of `data` into dest[start:start + n] (which exist), each
-    slot's old item released (a new list's slots are NULL)."""
+    """Put the `n` items of `data` into dest[start:start + n] (which exist). What the
+    slots held (nothing in a new list, None in a map's results) is released once
+    all are written: releasing an object may run code (a __del__, or the garbage
+    collector making a new int may), which must not find the list half-written."""
     cdef const char *p = PyBytes_AS_STRING(data)
     cdef bint ints = p[4] == KIND_INT
     cdef Py_ssize_t i
     cdef object x
     cdef uint64_t word
     cdef double d
-    cdef PyObject **slots = (<PyListObject *>dest).ob_item + start
     cdef PyObject *old
+    cdef list replaced = []
     for i in range(n):
         word = _get(p + HEADER + 8 * i)
         if ints:
@@ -138,9 +139,14 @@ cdef int _fill(list dest, Py_ssize_t start, bytes data, Py_ssize_t n) except -1:
         else:
             memcpy(&d, &word, 8)
             x = PyFloat_FromDouble(d)
+        # (Making x may have run a collection, and code with it: look again.)
+        if start + i >= PyList_GET_SIZE(dest):
+            raise RuntimeError("the list changed size while it was being filled")
         Py_INCREF(x)  # the list's reference
-        old = slots[i]
-        slots[i] = <PyObject *>x
+        old = (<PyListObject *>dest).ob_item[start + i]
+        (<PyListObject *>dest).ob_item[start + i] = <PyObject *>x
+        if old != NULL and old != <PyObject *>None:
+            replaced.append(<object>old)
         Py_XDECREF(old)
     return 0
 
