@@ -72,6 +72,9 @@ cdef extern from *:
     int __ATOMIC_RELAXED
 
 
+include "_parcopy.pxi"
+
+
 cdef inline uint64_t _load_state(char* base) noexcept nogil:
     return __atomic_load_n(<uint64_t*>base, __ATOMIC_ACQUIRE)
 
@@ -207,7 +210,7 @@ cdef class Outbox:
             PyObject_GetBuffer(b, &view, PyBUF_SIMPLE)
             try:
                 with nogil:
-                    memcpy(seg.base + offset, view.buf, <size_t>view.len)
+                    _parallel_copy(seg.base + offset, <const char*>view.buf, <size_t>view.len)
             finally:
                 PyBuffer_Release(&view)
             descriptors.append(DESCRIPTOR.pack(self.pid, seg.fd, seg.seg_id, seg.size,

@@ -38,6 +38,22 @@ def test_a_buffer_arrives_as_a_view_of_the_shared_segment():
     assert out.nsegments == 2
 
 
+@pytest.mark.parametrize("nbytes", [
+    (2 << 20) - 1, 4 << 20, (4 << 20) + 1, 8_000_000, (12 << 20) + 4095, (33 << 20) + 7])
+def test_a_large_buffer_copied_in_pieces_arrives_whole(nbytes):
+    """Buffers of many megabytes are copied by a few threads at once (_parcopy.pxi):
+    every byte lands where it belongs, whatever the size's remainders, and next to
+    the buffers around it."""
+    out, inbox = _shm.Outbox(), _shm.Inbox()
+    rng = np.random.default_rng(nbytes)
+    big = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    small = np.arange(1000, dtype=np.uint8)
+    got = send(out, inbox, small, big, small[::-1].copy())
+    assert [len(memoryview(g)) for g in got] == [1000, nbytes, 1000]
+    assert bytes(got[0]) == small.tobytes() and bytes(got[2]) == small[::-1].tobytes()
+    assert np.array_equal(np.frombuffer(got[1], dtype=np.uint8), big)
+
+
 def test_a_frames_buffers_share_one_segment_until_all_are_let_go():
     out, inbox = _shm.Outbox(max_segments=1), _shm.Inbox()
     parts = [np.full(n, float(n)) for n in (3, 100_000, 17, 250_000)]
