@@ -1,6 +1,6 @@
 # A large copy split over a few threads (included by _shm.pyx).
 #
-# One core copies about 7 GB/s on the machines we measure; two copy about 12
+# On the machine of bench/RESULTS.md one core copies about 7 GB/s, two about 12
 # (memory is not the limit for one thread). A buffer of many megabytes going into
 # shared memory is on the critical path of its call, so its copy takes the idle
 # cores as well: pieces of at least PARALLEL_COPY_PIECE bytes, one per core, at

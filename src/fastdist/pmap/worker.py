@@ -99,7 +99,7 @@ def _run_batch_named(fname: bytes, batch: Batch, star: bool,
 def _run_remote_batch(f: Callable[..., Any], batch: Batch, star: bool,
                       budget: float | None) -> tuple[float, list[Any] | bytes, list[int]]:
     """`run_elements` on a worker, for a batch that may come packed; results that
-    are all plain numbers go back packed (`batch_results` reads them)."""
+    are all plain numbers go back packed (`store_results` reads them)."""
     if type(batch) is bytes:
         batch = unpack(batch)
     took, out, failed = run_elements(f, batch, star, None, budget)
