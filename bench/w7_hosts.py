@@ -57,7 +57,8 @@ TEXT = (
     "array to every worker — a `remotecall` to each with the array as its argument, and a "
     "closure holding it through a `CachingPool` — GB/s summed over the workers (higher is "
     "better). The chart "
-    "(`w7_scaling.png`) draws each against the number of workers.\n\n"
+    "(`w7_scaling.png`) draws each against the number of workers; where each stops "
+    "scaling on this machine, and why, is in `bench/README.md` (W7).\n\n"
     "![W7 scaling](w7_scaling.png)"
 )
 
