@@ -146,6 +146,13 @@ class Printed:
         return {"out": self.out, "err": self.err}
 
 
+# Every tee stays alive to the end of the session: CPython's print() holds a
+# borrowed reference to sys.stdout while it writes, so a relay thread printing as
+# the block ends (and sys.stdout is set back) would write into a freed tee
+# (CPython issue 130163).
+_TEES_KEPT: list[_Tee] = []
+
+
 @contextmanager
 def collect_printed() -> Iterator[Printed]:
     """Keep what this process prints while the block runs — worker output relayed by
@@ -156,6 +163,7 @@ def collect_printed() -> Iterator[Printed]:
     it reads) loses its line. Used inside a test's body, as pytest sets sys.stdout
     and sys.stderr again as each phase of a test starts."""
     out, err = _Tee(sys.stdout), _Tee(sys.stderr)
+    _TEES_KEPT.extend((out, err))
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     try:

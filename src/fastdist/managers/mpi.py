@@ -177,26 +177,28 @@ class MPIManager(JoinedConnect, ClusterManager):
     def _relay(self, stream: IO[bytes], name: str) -> None:
         """mpiexec's output: a rank's tagged line as its worker's, the rest as it is."""
         by_rank = {rank: pid for pid, rank in self.ranks.items()}
-        for raw in stream:
-            tagged = _OMPI_TAG.match(raw)
-            text = raw[tagged.end():] if tagged else raw
-            line = text.decode(errors="replace").rstrip("\n")
-            to = name
-            if tagged:
-                to = tagged.group(2).decode()
-                rank = int(tagged.group(1))
-                if rank not in by_rank:
-                    by_rank = {r: p for p, r in self.ranks.items()}
-                who = f"worker {by_rank[rank]}" if rank in by_rank else f"MPI rank {rank}"
-                line = f"From {who}:\t{line}"
-            with self._lock:
-                self._said.append(line)
-                del self._said[:-ERROR_TAIL_LINES]
-            if to == "stderr":
-                print_err(line)
-            else:
-                print(line, flush=True)
-        stream.close()
+        try:
+            for raw in stream:
+                tagged = _OMPI_TAG.match(raw)
+                text = raw[tagged.end():] if tagged else raw
+                line = text.decode(errors="replace").rstrip("\n")
+                to = name
+                if tagged:
+                    to = tagged.group(2).decode()
+                    rank = int(tagged.group(1))
+                    if rank not in by_rank:
+                        by_rank = {r: p for p, r in self.ranks.items()}
+                    who = f"worker {by_rank[rank]}" if rank in by_rank else f"MPI rank {rank}"
+                    line = f"From {who}:\t{line}"
+                with self._lock:
+                    self._said.append(line)
+                    del self._said[:-ERROR_TAIL_LINES]
+                if to == "stderr":
+                    print_err(line)
+                else:
+                    print(line, flush=True)
+        finally:
+            stream.close()  # (also when printing failed: the pipe is not left to the GC)
         if name == "stderr" and self.process is not None:
             self.process.wait()  # reap mpiexec whenever the job ends, however it ends
 
