@@ -100,25 +100,27 @@ class LabelledOutput:
             stdout.close()
 
     def _relay_stderr(self, stderr: IO[bytes]) -> None:
-        for raw in stderr:
-            text = raw.decode(errors="replace").rstrip("\n")
-            labelled = split_label(raw)
-            with self._lock:
-                if labelled is None:
-                    self._own.append(text)
-                    out = text
-                else:
-                    task = labelled[0]
-                    line = labelled[1].decode(errors="replace").rstrip("\n")
-                    pid = self._pids.get(task)
-                    if pid is None:
-                        self._early.setdefault(task, []).append(line)
-                        continue
-                    out = f"From worker {pid}:\t{line}"
-            print_err(out)
-        stderr.close()
-        if self._on_stderr_end is not None:
-            self._on_stderr_end()
+        try:
+            for raw in stderr:
+                text = raw.decode(errors="replace").rstrip("\n")
+                labelled = split_label(raw)
+                with self._lock:
+                    if labelled is None:
+                        self._own.append(text)
+                        out = text
+                    else:
+                        task = labelled[0]
+                        line = labelled[1].decode(errors="replace").rstrip("\n")
+                        pid = self._pids.get(task)
+                        if pid is None:
+                            self._early.setdefault(task, []).append(line)
+                            continue
+                        out = f"From worker {pid}:\t{line}"
+                print_err(out)
+        finally:
+            stderr.close()  # (also when printing failed: the pipe is not left to the GC)
+            if self._on_stderr_end is not None:
+                self._on_stderr_end()
 
 
 def wait_reported(configs: list[WorkerConfig], proc: subprocess.Popen[bytes]) -> int:
