@@ -103,12 +103,6 @@ def pack(object values):
     return out
 
 
-def is_packed(object data):
-    """Whether `data` is what `pack` makes (the header; `unpack` checks the rest)."""
-    return (type(data) is bytes and PyBytes_GET_SIZE(data) >= HEADER
-            and (<bytes>data)[:4] == b"FDpk")
-
-
 cdef Py_ssize_t _count(bytes data) except -1:
     """How many items the packed list `data` holds; ValueError if it is not one."""
     cdef Py_ssize_t size = PyBytes_GET_SIZE(data)
