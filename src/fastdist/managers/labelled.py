@@ -22,7 +22,8 @@ from fastdist.managers.base import WorkerConfig
 from fastdist.managers.process import print_err
 from fastdist.node import worker_timeout
 
-# How many of the launcher's own lines (and each task's early stderr) an error quotes.
+# How many of a launcher's own lines (and each task's early stderr) a launch error
+# quotes (srun, a host's launcher, mpiexec).
 ERROR_TAIL_LINES = 12
 
 

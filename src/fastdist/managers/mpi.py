@@ -28,6 +28,7 @@ from fastdist import node as _node
 from fastdist.exceptions import ClusterError
 from fastdist.managers.base import ClusterManager, WorkerConfig
 from fastdist.managers.joining import JoinedConnect, JoinListener
+from fastdist.managers.labelled import ERROR_TAIL_LINES
 from fastdist.managers.process import (
     EXIT_GRACE_SECONDS,
     escalate_exit,
@@ -41,8 +42,6 @@ from fastdist.workerjoin import leave_mpi_job
 # How long the ranks being removed wait for the others to leave too (rmprocs of all
 # the job's workers sends them within milliseconds of each other).
 LEAVE_GRACE_SECONDS = 2.0
-# How many of mpiexec's own lines a launch error quotes.
-ERROR_TAIL_LINES = 12
 # Open MPI's --tag-output prefix: "[jobid,rank]<stdout>:" (or <stderr>:).
 _OMPI_TAG = re.compile(rb"^\[\d+,(\d+)\]<(stdout|stderr)>:\s?")
 

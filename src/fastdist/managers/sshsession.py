@@ -96,17 +96,19 @@ class StderrRelay:
                          daemon=True).start()
 
     def _run(self, fd: int) -> None:
-        with open(fd, "rb") as stream:
-            for raw in stream:
-                line = raw.decode(errors="replace").rstrip("\n")
-                with self.lock:
-                    pid = self.pid
-                    if pid is None:
-                        self.early.append(line)
-                        del self.early[:-self.KEEP_LINES]
-                        continue
-                print_err(f"From worker {pid}:\t{line}")
-        self.done.set()
+        try:
+            with open(fd, "rb") as stream:
+                for raw in stream:
+                    line = raw.decode(errors="replace").rstrip("\n")
+                    with self.lock:
+                        pid = self.pid
+                        if pid is None:
+                            self.early.append(line)
+                            del self.early[:-self.KEEP_LINES]
+                            continue
+                    print_err(f"From worker {pid}:\t{line}")
+        finally:
+            self.done.set()  # (also when printing failed: early_text need not wait it out)
 
     def joined(self, pid: int) -> None:
         with self.lock:
