@@ -65,8 +65,11 @@ def collect_worker_output(grace: float | None = None) -> None:
     """Let every worker finish its calls (up to `grace` seconds), then print what
     they wrote and handle what they logged. Never raises; returns within about
     `grace` + 2 seconds."""
-    if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+    interrupted = isinstance(getattr(sys, "last_value", None), KeyboardInterrupt)
+    if interrupted:
         _ignore_sigint_from_now_on()
+    if grace is None:
+        grace = 0.0 if interrupted else exit_grace()
     asked: list[int] = []
     try:
         _settle_workers(grace, asked)
@@ -87,15 +90,12 @@ def _ignore_sigint_from_now_on() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _settle_workers(grace: float | None, asked: list[int]) -> None:
+def _settle_workers(grace: float, asked: list[int]) -> None:
     """Send `_settle` to every worker (adding each to `asked`) and wait for the
     replies, until the grace and the margin have passed."""
     n = _node.peek()
     if n is None or n.myid != 1:
         return
-    if grace is None:
-        grace = 0.0 if isinstance(getattr(sys, "last_value", None), KeyboardInterrupt) \
-            else exit_grace()
     futures: list[Future] = []
     for pid in n.worker_pids():
         try:
