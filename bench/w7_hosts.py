@@ -92,6 +92,7 @@ class Hosts:
     def __enter__(self):
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         from services.netns import NetnsHosts
+        from support import netns_flags
 
         self.net = NetnsHosts(NHOSTS).start()
         try:
@@ -99,10 +100,7 @@ class Hosts:
         except BaseException:
             self.net.stop()
             raise
-        hosts = self.net.hosts
-        self.flags = [f for h in hosts for f in ("-i", h.sshd.key_path)] + [
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+        self.flags = netns_flags(self.net)
         return self
 
     def __exit__(self, *exc):
