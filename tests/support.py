@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -228,3 +229,18 @@ def recv_exact(sock: Any, n: int) -> bytes:
             raise EOFError(f"closed after {len(data)} of {n} bytes")
         data += chunk
     return data
+
+
+def same_items(a: list[Any], b: list[Any]) -> bool:
+    """Equal item by item, of the same type, and floats bit for bit (-0.0, nan)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if type(x) is not type(y):
+            return False
+        if type(x) is float:
+            if struct.pack("<d", x) != struct.pack("<d", y):
+                return False
+        elif x != y:
+            return False
+    return True

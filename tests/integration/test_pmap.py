@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 from _module_workers import os_pid, shared_workers, wait_gone
-from support import bytes_sent
+from support import bytes_sent, same_items
 
 import fastdist as fd
 from fastdist.pmap import calls as pmap_calls
@@ -469,24 +469,20 @@ def _fails_on_7(x):
     return x * 2
 
 
-def _same(a, b):
-    return len(a) == len(b) and all(type(x) is type(y) and x == y for x, y in zip(a, b))
-
-
 @pytest.mark.parametrize("batch_size", [50, "auto"])
 def test_batches_of_numbers_keep_values_and_types(ws, batch_size):
     """Batches of plain ints or floats travel packed, their results too when they are
     plain numbers: what comes back is what runs here, type for type."""
     ints = list(range(-3, 1000))
-    assert _same(fd.pmap(_typed, ints, batch_size=batch_size), [_typed(x) for x in ints])
+    assert same_items(fd.pmap(_typed, ints, batch_size=batch_size), [_typed(x) for x in ints])
     floats = [x / 3 for x in range(500)] + [-0.0, float("inf")]
-    assert _same(fd.pmap(lambda x: x, floats, batch_size=batch_size), floats)
+    assert same_items(fd.pmap(lambda x: x, floats, batch_size=batch_size), floats)
     bools = [x % 3 == 0 for x in range(500)]
-    assert _same(fd.pmap(lambda x: x, bools, batch_size=batch_size), bools)
+    assert same_items(fd.pmap(lambda x: x, bools, batch_size=batch_size), bools)
     big = [2**63 - 1, -(2**63), 2**63] * 100
-    assert _same(fd.pmap(lambda x: x, big, batch_size=batch_size), big)
+    assert same_items(fd.pmap(lambda x: x, big, batch_size=batch_size), big)
     mixed = [x if x % 5 else float(x) for x in range(500)]
-    assert _same(fd.pmap(lambda x: x, mixed, batch_size=batch_size), mixed)
+    assert same_items(fd.pmap(lambda x: x, mixed, batch_size=batch_size), mixed)
     # A failure in a batch of numbers: its results come back as a list, in place.
     out = fd.pmap(_fails_on_7, range(1000), batch_size=batch_size, on_error=lambda e: -1)
     assert out == [-1 if x % 100 == 7 else x * 2 for x in range(1000)]

@@ -5,30 +5,15 @@ buffer is refused rather than read past its end."""
 from __future__ import annotations
 
 import math
-import struct
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import same_items
 
 from fastdist._fastpath._packed import MIN_PACKED, pack, unpack, unpack_into
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
-
-
-def same_items(a: list, b: list) -> bool:
-    """Equal item by item, of the same type, and floats bit for bit (-0.0, nan)."""
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if type(x) is not type(y):
-            return False
-        if type(x) is float:
-            if struct.pack("<d", x) != struct.pack("<d", y):
-                return False
-        elif x != y:
-            return False
-    return True
 
 
 @given(st.lists(INT64, min_size=MIN_PACKED, max_size=300))
